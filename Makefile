@@ -1,0 +1,40 @@
+# One task runner: README, .ci/run and humans call these targets.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+export PATH := $(CURDIR)/$(BIN):$(PATH)
+CONFIG ?= config.example.toml
+
+.PHONY: install test test-fast lint run bench clean
+
+$(BIN)/appliance: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[test]'
+	touch $@
+
+install: $(BIN)/appliance
+
+# Tests need PostgreSQL and Redis (TEST_PG_DSN, TEST_REDIS_URL; default 127.0.0.1); they start
+# their own S3-compatible server (moto) on a free port.
+test: install lint
+	$(BIN)/pytest
+
+test-fast: install
+	$(BIN)/pytest -m "not process"
+
+lint: install
+	$(BIN)/ruff check appliance tests bench scripts
+	$(BIN)/ruff format --check appliance tests bench scripts
+	$(BIN)/mypy
+
+# Runs the appliance with $(CONFIG) against local PostgreSQL and Redis. When the config's
+# s3.endpoint_url is a local address, a moto S3 server is started there first.
+run: install
+	APPLIANCE_CONFIG=$(CONFIG) $(BIN)/python scripts/devrun.py
+
+bench: install
+	@echo "benchmarks arrive with the messaging core (bench/)"
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

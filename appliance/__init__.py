@@ -1,0 +1,3 @@
+"""The messaging appliance."""
+
+__version__ = "0.1.0"

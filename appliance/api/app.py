@@ -1,0 +1,75 @@
+"""The composition root: `create_app(config)` wires routes, lifespan, errors and middleware.
+
+granian calls it as a factory with no argument in each worker process, so it loads the config
+itself then; tests pass one in.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+import structlog
+from litestar import Litestar
+from litestar.datastructures import State
+from litestar.openapi import OpenAPIConfig
+
+from appliance import __version__, logs, metrics
+from appliance.api import health
+from appliance.api.access import access_layer
+from appliance.api.errors import EXCEPTION_HANDLERS
+from appliance.config import Config, load_config
+from appliance.heartbeat import run_heartbeat
+from appliance.resources import open_resources
+
+log = structlog.get_logger()
+
+
+def _lifespan(config: Config):  # type: ignore[no-untyped-def]
+    @asynccontextmanager
+    async def lifespan(app: Litestar) -> AsyncIterator[None]:
+        stop = asyncio.Event()
+        async with open_resources(config, "api") as res:
+            app.state.resources = res
+            app.state.shutting_down = False
+            beats = asyncio.create_task(
+                run_heartbeat(
+                    res.redis,
+                    res.keys,
+                    "api",
+                    config.appliance.instance,
+                    config.appliance.heartbeat_interval,
+                    stop,
+                )
+            )
+            log.info("api_ready", bind=config.api.bind, port=config.api.port)
+            try:
+                yield
+            finally:
+                app.state.shutting_down = True
+                stop.set()
+                await beats
+                metrics.process_exited()
+
+    return lifespan
+
+
+def create_app(config: Config | None = None) -> Litestar:
+    if config is None:
+        config = load_config()
+        logs.configure("api", config.appliance.log_level, config.appliance.log_format)
+    app = Litestar(
+        route_handlers=[*health.ROUTES],
+        lifespan=[_lifespan(config)],
+        exception_handlers=EXCEPTION_HANDLERS,
+        request_max_body_size=config.api.max_body_bytes,
+        openapi_config=OpenAPIConfig(
+            title="Messaging appliance", version=__version__, path="/schema"
+        ),
+        state=State({"shutting_down": False}),
+        logging_config=None,
+        debug=False,
+    )
+    app.asgi_handler = access_layer(app.asgi_handler, config.api.max_body_bytes)
+    return app

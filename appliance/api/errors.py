@@ -1,0 +1,74 @@
+"""The one mapping from exceptions to HTTP: `{"error": {"code", "message", "field"}}`."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import structlog
+from litestar import Request, Response
+from litestar.exceptions import HTTPException, ValidationException
+from litestar.status_codes import HTTP_500_INTERNAL_SERVER_ERROR
+from litestar.types import ExceptionHandlersMap
+
+from appliance.errors import ApplianceError
+
+log = structlog.get_logger()
+
+_CODES = {
+    400: "invalid",
+    401: "unauthorized",
+    403: "forbidden",
+    404: "not_found",
+    405: "method_not_allowed",
+    409: "conflict",
+    413: "too_large",
+    415: "unsupported_media_type",
+    429: "rate_limited",
+    503: "unavailable",
+}
+
+
+def error_body(code: str, message: str, field: str | None = None) -> dict[str, Any]:
+    return {"error": {"code": code, "message": message, "field": field}}
+
+
+def error_response(status: int, code: str, message: str, field: str | None = None) -> Response[Any]:
+    return Response(error_body(code, message, field), status_code=status)
+
+
+def _validation_field(exc: ValidationException) -> tuple[str | None, str]:
+    """litestar puts `[{"key", "message", "source"}]` in `extra`; report the first one."""
+    if isinstance(exc.extra, list) and exc.extra and isinstance(exc.extra[0], dict):
+        first = exc.extra[0]
+        key = first.get("key")
+        message = first.get("message") or exc.detail
+        return (str(key) if key else None), str(message)
+    return None, exc.detail
+
+
+def handle_appliance_error(_: Request[Any, Any, Any], exc: ApplianceError) -> Response[Any]:
+    if exc.status >= 500:
+        log.error("request_failed", code=exc.code, error=exc.message)
+    return error_response(exc.status, exc.code, exc.message, exc.field)
+
+
+def handle_http_exception(_: Request[Any, Any, Any], exc: HTTPException) -> Response[Any]:
+    if isinstance(exc, ValidationException):
+        field, message = _validation_field(exc)
+        return error_response(400, "invalid", message, field)
+    response = error_response(exc.status_code, _CODES.get(exc.status_code, "error"), exc.detail)
+    if exc.headers:
+        response.headers.update(exc.headers)
+    return response
+
+
+def handle_unexpected(_: Request[Any, Any, Any], exc: Exception) -> Response[Any]:
+    log.error("unhandled_exception", exc_info=exc)
+    return error_response(HTTP_500_INTERNAL_SERVER_ERROR, "internal", "internal error")
+
+
+EXCEPTION_HANDLERS: ExceptionHandlersMap = {
+    ApplianceError: handle_appliance_error,
+    HTTPException: handle_http_exception,
+    Exception: handle_unexpected,
+}

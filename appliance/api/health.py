@@ -1,0 +1,51 @@
+"""Probes and metrics: `/livez`, `/readyz`, `/metrics` (no API auth; metrics may need a token)."""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+from typing import Any
+
+from litestar import Request, Response, get
+from litestar.datastructures import State
+from litestar.exceptions import NotAuthorizedException
+
+from appliance import metrics
+from appliance.checks import readiness
+from appliance.resources import Resources
+
+
+@get("/livez", sync_to_thread=False, include_in_schema=True)
+def livez() -> dict[str, str]:
+    """200 while this api process answers; checks nothing else."""
+    return {"status": "ok"}
+
+
+@get("/readyz")
+async def readyz(state: State) -> Response[dict[str, Any]]:
+    """200 only when every dependency, the schema and every enabled program's heartbeat are fine."""
+    res: Resources = state.resources
+    checks = [c.as_dict() for c in await readiness(res)]
+    ok = all(c["ok"] for c in checks)
+    if state.shutting_down:
+        checks.append(
+            {"name": "shutdown", "ok": False, "latency_ms": 0.0, "detail": "shutting down"}
+        )
+        ok = False
+    return Response(
+        {"status": "ok" if ok else "fail", "checks": checks}, status_code=200 if ok else 503
+    )
+
+
+@get("/metrics", media_type="text/plain; version=0.0.4")
+async def metrics_endpoint(request: Request[Any, Any, State], state: State) -> bytes:
+    """Prometheus text for all programs of this container."""
+    token = state.resources.config.api.metrics_token
+    if token is not None:
+        given = request.headers.get("authorization", "").removeprefix("Bearer ").encode()
+        if not hmac.compare_digest(given, token.get_secret_value().encode()):
+            raise NotAuthorizedException("metrics need `Authorization: Bearer <api.metrics_token>`")
+    return await asyncio.to_thread(metrics.render)
+
+
+ROUTES = [livez, readyz, metrics_endpoint]

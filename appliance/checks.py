@@ -1,0 +1,159 @@
+"""Dependency checks with latency, shared by `/readyz`, `appliance wait`, `status` and `doctor`.
+
+A check is an async callable returning a short detail string or raising; `run_check` turns it into
+a `CheckResult` under a timeout, so no check can hang a probe.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import redis.asyncio as aioredis
+from psycopg import Error as PgError
+from redis.exceptions import RedisError, ResponseError
+
+from appliance import heartbeat
+from appliance.config import Config
+from appliance.db.migrate import expected_version, schema_version
+from appliance.errors import ApplianceError
+from appliance.redis_keys import Keys
+from appliance.resources import ConnFactory, Resources
+from appliance.storage import Storage
+
+Check = Callable[[], Awaitable[str]]
+
+
+class CheckFailed(Exception):
+    """A dependency answered, but not as required."""
+
+
+@dataclass(frozen=True)
+class CheckResult:
+    name: str
+    ok: bool
+    latency_ms: float
+    detail: str
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+async def run_check(name: str, check: Check, timeout: float) -> CheckResult:
+    started = time.perf_counter()
+    try:
+        async with asyncio.timeout(timeout):
+            detail = await check()
+        ok = True
+    except TimeoutError:
+        ok, detail = False, f"no answer within {timeout:g}s"
+    except (CheckFailed, ApplianceError, PgError, RedisError, OSError) as exc:
+        ok, detail = False, str(exc) or type(exc).__name__
+    latency = round((time.perf_counter() - started) * 1000, 2)
+    return CheckResult(name, ok, latency, detail)
+
+
+def postgres_check(connection: ConnFactory) -> Check:
+    async def check() -> str:
+        async with connection() as conn:
+            await conn.execute("SELECT 1")
+        return "SELECT 1 ok"
+
+    return check
+
+
+def schema_check(connection: ConnFactory) -> Check:
+    async def check() -> str:
+        async with connection() as conn:
+            have = await schema_version(conn)
+        want = expected_version()
+        if have != want:
+            raise CheckFailed(f"schema version {have}, expected {want}: run `appliance migrate`")
+        return f"version {have}"
+
+    return check
+
+
+async def redis_persistence(redis: aioredis.Redis) -> str:
+    """aof, rdb, aof+rdb, none, or unknown (managed Redis often forbids CONFIG)."""
+    try:
+        raw: dict[Any, Any] = await redis.config_get("appendonly", "save")
+    except ResponseError:
+        return "unknown"
+    config = {
+        (k.decode() if isinstance(k, bytes) else k): (v.decode() if isinstance(v, bytes) else v)
+        for k, v in raw.items()
+    }
+    modes = []
+    if config.get("appendonly") == "yes":
+        modes.append("aof")
+    if config.get("save"):
+        modes.append("rdb")
+    return "+".join(modes) or "none"
+
+
+def redis_check(redis: aioredis.Redis, require_persistence: bool) -> Check:
+    async def check() -> str:
+        await redis.ping()
+        persistence = await redis_persistence(redis)
+        if require_persistence and persistence == "none":
+            raise CheckFailed("Redis has no persistence (redis.require_persistence = true)")
+        return f"PING ok, persistence={persistence}"
+
+    return check
+
+
+def s3_check(storage: Storage, missing_ok: bool = False) -> Check:
+    """HeadBucket; with `missing_ok`, S3 answering without the bucket passes (init creates it)."""
+
+    async def check() -> str:
+        if await storage.bucket_exists():
+            return f"bucket {storage.bucket} ok"
+        if missing_ok:
+            return f"S3 answers; bucket {storage.bucket} missing (storage init creates it)"
+        raise CheckFailed(f"bucket {storage.bucket} does not exist: run `appliance storage init`")
+
+    return check
+
+
+def heartbeat_check(redis: aioredis.Redis, keys: Keys, config: Config) -> Check:
+    """Each enabled program of this instance has a heartbeat younger than its TTL."""
+
+    async def check() -> str:
+        beats = await heartbeat.read_all(redis, keys)
+        mine = {b.program: b for b in beats if b.instance == config.appliance.instance}
+        limit = heartbeat.ttl_for(config.appliance.heartbeat_interval)
+        stale = [p for p in config.appliance.roles if p not in mine or mine[p].age > limit]
+        if stale:
+            raise CheckFailed(f"no fresh heartbeat from {', '.join(stale)}")
+        return ", ".join(f"{p} {mine[p].age:.1f}s" for p in config.appliance.roles)
+
+    return check
+
+
+def dependency_checks(
+    config: Config,
+    connection: ConnFactory,
+    redis: aioredis.Redis,
+    storage: Storage,
+    bucket_missing_ok: bool = False,
+) -> dict[str, Check]:
+    return {
+        "postgres": postgres_check(connection),
+        "redis": redis_check(redis, config.redis.require_persistence),
+        "s3": s3_check(storage, bucket_missing_ok),
+    }
+
+
+async def readiness(res: Resources) -> list[CheckResult]:
+    """All readiness checks, concurrently, each under `[api] check_timeout`."""
+    checks = dependency_checks(res.config, res.connection, res.redis, res.storage)
+    checks["schema"] = schema_check(res.connection)
+    checks["heartbeats"] = heartbeat_check(res.redis, res.keys, res.config)
+    timeout = res.config.api.check_timeout
+    return list(
+        await asyncio.gather(*(run_check(name, fn, timeout) for name, fn in checks.items()))
+    )

@@ -1,0 +1,171 @@
+"""The typed configuration: one frozen model per TOML section.
+
+Every section forbids unknown keys. Secrets are `SecretStr` so they never print by accident; each
+secret may instead come from a file (`<key>_file`), which the loader resolves before validation.
+Every field here must be documented in config.example.toml (a test enforces it).
+"""
+
+from __future__ import annotations
+
+import re
+import socket
+from typing import Annotated, Literal
+
+from croniter import croniter
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
+
+Program = Literal["api", "worker", "flusher", "scheduler"]
+PROGRAMS: tuple[Program, ...] = ("api", "worker", "flusher", "scheduler")
+
+Seconds = Annotated[float, Field(gt=0, le=3600)]
+_BUCKET = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
+_PREFIX = re.compile(r"^[A-Za-z0-9_.:-]{1,64}$")
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ApplianceSection(Section):
+    roles: list[Program] = Field(default_factory=lambda: list(PROGRAMS), min_length=1)
+    instance: str = Field(default_factory=socket.gethostname, min_length=1, max_length=128)
+    run_dir: str = "/tmp/appliance"  # noqa: S108 - runtime sockets and markers, per container
+    wait_timeout: Seconds = 60.0
+    stop_timeout: Seconds = 20.0
+    heartbeat_interval: Seconds = 5.0
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    log_format: Literal["auto", "json", "console"] = "auto"
+
+    @field_validator("roles")
+    @classmethod
+    def _unique_roles(cls, roles: list[Program]) -> list[Program]:
+        if len(set(roles)) != len(roles):
+            raise ValueError("roles must not repeat a program")
+        return roles
+
+
+class ApiSection(Section):
+    bind: str = "0.0.0.0"  # noqa: S104 - a container listens on all interfaces
+    port: int = Field(default=8080, ge=1, le=65535)
+    workers: int = Field(default=1, ge=1, le=64)
+    max_body_bytes: int = Field(default=1_048_576, ge=1024, le=64 * 1_048_576)
+    check_timeout: Seconds = 2.0
+    metrics_token: SecretStr | None = None
+
+
+class PostgresSection(Section):
+    dsn: SecretStr = SecretStr("postgresql://appliance@127.0.0.1:5432/appliance")
+    pool_min: int = Field(default=1, ge=0, le=100)
+    pool_max: int = Field(default=10, ge=1, le=200)
+    connect_timeout: Seconds = 5.0
+
+    @field_validator("dsn")
+    @classmethod
+    def _dsn_scheme(cls, dsn: SecretStr) -> SecretStr:
+        if not dsn.get_secret_value().startswith(("postgresql://", "postgres://")):
+            raise ValueError("must be a postgresql:// URL")
+        return dsn
+
+    @model_validator(mode="after")
+    def _pool_bounds(self) -> PostgresSection:
+        if self.pool_min > self.pool_max:
+            raise ValueError("pool_min must not exceed pool_max")
+        return self
+
+
+class RedisSection(Section):
+    url: SecretStr = SecretStr("redis://127.0.0.1:6379/0")
+    key_prefix: str = "appliance"
+    require_persistence: bool = False
+    connect_timeout: Seconds = 5.0
+
+    @field_validator("url")
+    @classmethod
+    def _url_scheme(cls, url: SecretStr) -> SecretStr:
+        if not url.get_secret_value().startswith(("redis://", "rediss://", "unix://")):
+            raise ValueError("must be a redis://, rediss:// or unix:// URL")
+        return url
+
+    @field_validator("key_prefix")
+    @classmethod
+    def _prefix_chars(cls, prefix: str) -> str:
+        if not _PREFIX.match(prefix):
+            raise ValueError("must be 1-64 characters of A-Z a-z 0-9 _ . : -")
+        return prefix
+
+
+class S3Section(Section):
+    endpoint_url: str = ""
+    region: str = "us-east-1"
+    bucket: str = "appliance"
+    path_style: bool = False
+    access_key_id: str = ""
+    secret_access_key: SecretStr | None = None
+    create_bucket: bool = True
+    timeout: Seconds = 5.0
+
+    @field_validator("bucket")
+    @classmethod
+    def _bucket_name(cls, bucket: str) -> str:
+        if not _BUCKET.match(bucket) or ".." in bucket:
+            raise ValueError("must be a valid S3 bucket name (3-63 of a-z 0-9 . -)")
+        return bucket
+
+    @field_validator("endpoint_url")
+    @classmethod
+    def _endpoint(cls, url: str) -> str:
+        if url and not url.startswith(("http://", "https://")):
+            raise ValueError("must be empty (AWS) or an http:// or https:// URL")
+        return url
+
+    @model_validator(mode="after")
+    def _keys_pair(self) -> S3Section:
+        if bool(self.access_key_id) != (self.secret_access_key is not None):
+            raise ValueError(
+                "access_key_id and secret_access_key go together (or neither, for the "
+                "default credential chain)"
+            )
+        return self
+
+
+class WorkerSection(Section):
+    concurrency: int = Field(default=10, ge=1, le=1000)
+    poll_interval: Seconds = 5.0
+    job_timeout: Seconds = 300.0
+    heartbeat_timeout: Seconds = 30.0
+
+
+class SegmentsSection(Section):
+    shards: int = Field(default=16, ge=1, le=1024)
+
+
+class Schedule(Section):
+    enabled: bool = True
+    cron: str
+
+    @field_validator("cron")
+    @classmethod
+    def _valid_cron(cls, expr: str) -> str:
+        if not croniter.is_valid(expr):
+            raise ValueError("must be a 5-field cron expression (UTC)")
+        return expr
+
+
+class PruneJobLogSchedule(Schedule):
+    cron: str = "17 * * * *"
+    keep_days: int = Field(default=7, ge=1, le=3650)
+
+
+class SchedulesSection(Section):
+    prune_job_log: PruneJobLogSchedule = Field(default_factory=PruneJobLogSchedule)
+
+
+class Config(Section):
+    appliance: ApplianceSection = Field(default_factory=ApplianceSection)
+    api: ApiSection = Field(default_factory=ApiSection)
+    postgres: PostgresSection = Field(default_factory=PostgresSection)
+    redis: RedisSection = Field(default_factory=RedisSection)
+    s3: S3Section = Field(default_factory=S3Section)
+    worker: WorkerSection = Field(default_factory=WorkerSection)
+    segments: SegmentsSection = Field(default_factory=SegmentsSection)
+    schedules: SchedulesSection = Field(default_factory=SchedulesSection)

@@ -1,0 +1,1 @@
+"""PostgreSQL plumbing: the pool factory and migrations."""

@@ -1,0 +1,1 @@
+"""Diagnostics: the job round trip `appliance doctor` uses to prove the worker answers."""

@@ -1,0 +1,102 @@
+"""Program heartbeats in Redis: a key per program and instance, refreshed well inside its TTL.
+
+`/readyz`, `appliance status` and `doctor` read them; a program whose key expired is not running
+(or is stuck: a blocked event loop stops its heartbeat too).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+import os
+import time
+from dataclasses import dataclass
+
+import redis.asyncio as aioredis
+import structlog
+from redis.exceptions import RedisError
+
+from appliance import metrics
+from appliance.redis_keys import Keys
+
+log = structlog.get_logger()
+
+
+@dataclass(frozen=True)
+class Heartbeat:
+    program: str
+    instance: str
+    pid: int
+    ts: float
+    started: float
+
+    @property
+    def age(self) -> float:
+        return max(0.0, time.time() - self.ts)
+
+
+def ttl_for(interval: float) -> int:
+    return max(2, math.ceil(interval * 3))
+
+
+async def beat(
+    redis: aioredis.Redis, keys: Keys, program: str, instance: str, interval: float, started: float
+) -> None:
+    metrics.sample_process(program)
+    metrics.PROGRAM_UP.labels(program).set(1)
+    payload = {"pid": os.getpid(), "ts": time.time(), "started": started}
+    await redis.set(keys.heartbeat(program, instance), json.dumps(payload), ex=ttl_for(interval))
+    metrics.HEARTBEATS.labels(program).inc()
+
+
+async def run_heartbeat(
+    redis: aioredis.Redis,
+    keys: Keys,
+    program: str,
+    instance: str,
+    interval: float,
+    stop: asyncio.Event,
+) -> None:
+    """Beat every `interval` seconds until `stop`; Redis errors are logged and retried."""
+    started = time.time()
+    failing = False
+    while not stop.is_set():
+        try:
+            await beat(redis, keys, program, instance, interval, started)
+            if failing:
+                log.info("heartbeat_recovered", program=program)
+            failing = False
+        except (RedisError, OSError) as exc:
+            if not failing:
+                log.warning("heartbeat_failed", program=program, error=str(exc))
+            failing = True
+        try:
+            await asyncio.wait_for(stop.wait(), timeout=interval)
+        except TimeoutError:
+            continue
+    try:
+        await redis.delete(keys.heartbeat(program, instance))
+    except (RedisError, OSError):
+        log.warning("heartbeat_clear_failed", program=program)
+
+
+async def read_all(redis: aioredis.Redis, keys: Keys) -> list[Heartbeat]:
+    """Every live heartbeat of this deployment, across instances."""
+    prefix = keys.heartbeat_prefix()
+    names = [name async for name in redis.scan_iter(match=prefix + "*", count=500)]
+    if not names:
+        return []
+    values = await redis.mget(names)
+    beats = []
+    for name, raw in zip(names, values, strict=True):
+        if raw is None:
+            continue
+        program, _, instance = name.decode()[len(prefix) :].partition(":")
+        data = json.loads(raw)
+        beats.append(
+            Heartbeat(
+                program, instance, int(data["pid"]), float(data["ts"]), float(data["started"])
+            )
+        )
+    return sorted(beats, key=lambda b: (b.program, b.instance))

@@ -1,0 +1,123 @@
+"""Prometheus metrics shared by all four programs (prometheus-client multiprocess mode).
+
+Each program writes its samples into `PROMETHEUS_MULTIPROC_DIR` (under `[appliance] run_dir`);
+the api's `/metrics` merges them, so one endpoint serves the whole container. The variable must be
+set before prometheus_client is imported: `appliance run` and start.sh set it (see `multiproc_dir`).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import resource
+from pathlib import Path
+
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+    multiprocess,
+)
+
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
+_LIVE_FILE = re.compile(r"^gauge_live\w+?_(\d+)\.db$")
+
+
+def multiproc_dir(run_dir: str) -> Path:
+    return Path(run_dir) / "metrics"
+
+
+HTTP_REQUESTS = Counter(
+    "appliance_http_requests_total", "HTTP requests", ["route", "method", "status"]
+)
+HTTP_LATENCY = Histogram(
+    "appliance_http_request_duration_seconds",
+    "HTTP request latency",
+    ["route", "method"],
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+)
+PROGRAM_UP = Gauge(
+    "appliance_program_up", "1 while the program runs", ["program"], multiprocess_mode="livemax"
+)
+PROGRAM_RSS = Gauge(
+    "appliance_process_resident_memory_bytes",
+    "Resident memory of the program's processes",
+    ["program"],
+    multiprocess_mode="livesum",
+)
+PROGRAM_CPU = Gauge(
+    "appliance_process_cpu_seconds",
+    "CPU seconds used by the program's live processes",
+    ["program"],
+    multiprocess_mode="livesum",
+)
+HEARTBEATS = Counter("appliance_heartbeats_total", "Heartbeats written", ["program"])
+JOBS = Counter("appliance_jobs_total", "Jobs run by the worker", ["entrypoint", "status"])
+JOB_DURATION = Histogram(
+    "appliance_job_duration_seconds",
+    "Job run time",
+    ["entrypoint"],
+    buckets=(0.01, 0.05, 0.1, 0.5, 1, 5, 30, 120, 600),
+)
+SCHEDULE_RUNS = Counter("appliance_schedule_runs_total", "Schedule runs", ["schedule", "status"])
+SCHEDULE_DURATION = Histogram(
+    "appliance_schedule_duration_seconds",
+    "Schedule run time",
+    ["schedule"],
+    buckets=(0.01, 0.1, 1, 10, 60, 600),
+)
+RETENTION_DELETED = Counter(
+    "appliance_retention_deleted_total", "Rows or objects deleted by retention", ["kind"]
+)
+S3_ERRORS = Counter("appliance_s3_errors_total", "S3 errors", ["operation"])
+
+
+def sample_process(program: str) -> None:
+    """Record this process's RSS and CPU time (called with each heartbeat)."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    PROGRAM_CPU.labels(program).set(usage.ru_utime + usage.ru_stime)
+    PROGRAM_RSS.labels(program).set(rss_bytes())
+
+
+def rss_bytes() -> int:
+    try:
+        pages = int(Path("/proc/self/statm").read_text().split()[1])
+    except (OSError, IndexError, ValueError):
+        # Not Linux: peak RSS is the best the standard library offers (kilobytes on Linux/BSD).
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return pages * os.sysconf("SC_PAGE_SIZE")
+
+
+def _reap_dead(directory: Path) -> None:
+    """Drop live-gauge files of processes that died without cleaning up (kill -9)."""
+    for entry in directory.iterdir():
+        match = _LIVE_FILE.match(entry.name)
+        if not match:
+            continue
+        pid = int(match[1])
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            multiprocess.mark_process_dead(pid, str(directory))
+        except PermissionError:
+            continue
+
+
+def render() -> bytes:
+    """Prometheus text for the whole container (or this process alone outside multiprocess mode)."""
+    directory = os.environ.get(MULTIPROC_ENV)
+    if not directory:
+        return generate_latest()
+    _reap_dead(Path(directory))
+    registry = CollectorRegistry()
+    multiprocess.MultiProcessCollector(registry, path=directory)
+    return generate_latest(registry)
+
+
+def process_exited() -> None:
+    """Remove this process's live gauges so they stop counting towards the container."""
+    directory = os.environ.get(MULTIPROC_ENV)
+    if directory:
+        multiprocess.mark_process_dead(os.getpid(), directory)

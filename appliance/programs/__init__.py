@@ -1,0 +1,1 @@
+"""The long-running programs supervisord starts: worker, flusher, scheduler (api is granian)."""
