@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 export PATH := $(CURDIR)/$(BIN):$(PATH)
 CONFIG ?= config.example.toml
 
-.PHONY: install test test-fast lint run bench clean
+.PHONY: install test test-fast lint run clean
 
 $(BIN)/appliance: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -24,17 +24,14 @@ test-fast: install
 	$(BIN)/pytest -m "not process"
 
 lint: install
-	$(BIN)/ruff check appliance tests bench scripts
-	$(BIN)/ruff format --check appliance tests bench scripts
+	$(BIN)/ruff check appliance tests scripts
+	$(BIN)/ruff format --check appliance tests scripts
 	$(BIN)/mypy
 
 # Runs the appliance with $(CONFIG) against local PostgreSQL and Redis. When the config's
 # s3.endpoint_url is a local address, a moto S3 server is started there first.
 run: install
 	APPLIANCE_CONFIG=$(CONFIG) $(BIN)/python scripts/devrun.py
-
-bench: install
-	@echo "benchmarks arrive with the messaging core (bench/)"
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

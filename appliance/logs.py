@@ -101,6 +101,8 @@ def configure(
             _renderer(fmt, stream),
         ],
         wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelName(level.upper())),
-        logger_factory=structlog.PrintLoggerFactory(stream),
+        # WriteLogger writes line and newline in one call (print() makes two), so lines of
+        # different programs cannot interleave in supervisord's merged stdout.
+        logger_factory=structlog.WriteLoggerFactory(stream),
         cache_logger_on_first_use=True,
     )

@@ -89,6 +89,7 @@ def access_layer(app: ASGIApp, max_body_bytes: int) -> ASGIApp:
                         path=scope["path"],
                         status=status,
                         duration_ms=round(elapsed * 1000, 2),
+                        request_id=request_id,
                     )
 
     return handle

@@ -8,8 +8,6 @@ from collections.abc import Coroutine
 from typing import Any, NoReturn, TypeVar
 
 import click
-from psycopg import Error as PgError
-from redis.exceptions import RedisError
 
 from appliance import logs
 from appliance.config import Config, load_config, scrub
@@ -39,6 +37,9 @@ def cli_config() -> Config:
 
 def run_async(coro: Coroutine[Any, Any, T]) -> T:
     """Run a command's coroutine; a dependency failure exits 1 with one clear line, no traceback."""
+    from psycopg import Error as PgError
+    from redis.exceptions import RedisError
+
     try:
         return asyncio.run(coro)
     except (PgError, RedisError, ApplianceError, OSError) as exc:

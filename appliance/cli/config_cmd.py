@@ -11,7 +11,6 @@ import click
 from appliance.cli.common import fail_config
 from appliance.config import PROGRAMS, config_path, load_config, redacted
 from appliance.errors import ConfigError
-from appliance.metrics import MULTIPROC_ENV, multiproc_dir
 
 
 @click.group()
@@ -46,6 +45,8 @@ def startenv() -> None:
         cfg = load_config()
     except ConfigError as exc:
         fail_config(exc)
+    from appliance.metrics import MULTIPROC_ENV, multiproc_dir
+
     run_dir = cfg.appliance.run_dir
     values = {
         "SUPERVISOR_RUN_DIR": run_dir,

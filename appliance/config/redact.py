@@ -6,7 +6,7 @@ import re
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
-from pydantic import SecretStr
+from pydantic import BaseModel, SecretStr
 
 from appliance.config.model import Config
 
@@ -34,8 +34,8 @@ def _plain(value: Any, key: str) -> Any:
     if isinstance(value, SecretStr):
         secret = value.get_secret_value()
         return redact_url(secret) if "://" in secret else MASK
-    if hasattr(value, "model_fields"):
-        return {name: _plain(getattr(value, name), name) for name in value.model_fields}
+    if isinstance(value, BaseModel):
+        return {name: _plain(getattr(value, name), name) for name in type(value).model_fields}
     if isinstance(value, list):
         return [_plain(v, key) for v in value]
     return value

@@ -1,0 +1,167 @@
+"""The harness: real PostgreSQL, Redis and an S3 API (moto server), isolated per run.
+
+PostgreSQL and Redis default to this machine's (override with TEST_PG_DSN, TEST_REDIS_URL).
+Each run gets its own database, Redis key prefix and bucket, and starts its own moto server on a
+free port, so runs never collide.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import subprocess
+import sys
+import uuid
+from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+import psycopg
+import pytest
+import redis
+from psycopg import sql
+
+from appliance.config import Config
+from appliance.resources import Resources, open_resources
+from tests.support import free_port, port_open, wait_for
+
+PG_ADMIN = os.environ.get("TEST_PG_DSN", "postgresql://postgres@127.0.0.1:5432/postgres")
+REDIS_URL = os.environ.get("TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
+RUN_ID = uuid.uuid4().hex[:10]
+
+
+def dsn_for(database: str) -> str:
+    parts = urlsplit(PG_ADMIN)
+    return urlunsplit(parts._replace(path=f"/{database}"))
+
+
+def create_database(name: str) -> str:
+    with psycopg.connect(PG_ADMIN, autocommit=True) as conn:
+        conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+    return dsn_for(name)
+
+
+def drop_database(name: str) -> None:
+    with psycopg.connect(PG_ADMIN, autocommit=True) as conn:
+        conn.execute(
+            sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name))
+        )
+
+
+@pytest.fixture(scope="session")
+def database() -> Iterator[str]:
+    """A database for this run (migrated by the tests that need it)."""
+    name = f"appliance_test_{RUN_ID}"
+    dsn = create_database(name)
+    yield dsn
+    drop_database(name)
+
+
+@pytest.fixture
+def fresh_database() -> Iterator[Callable[[], str]]:
+    """Factory of extra empty databases, dropped after the test."""
+    made: list[str] = []
+
+    def make() -> str:
+        name = f"appliance_test_{RUN_ID}_{len(made)}_{uuid.uuid4().hex[:6]}"
+        made.append(name)
+        return create_database(name)
+
+    yield make
+    for name in made:
+        drop_database(name)
+
+
+@pytest.fixture(scope="session")
+def redis_prefix() -> Iterator[str]:
+    prefix = f"t{RUN_ID}"
+    yield prefix
+    client = redis.Redis.from_url(REDIS_URL)
+    for key in client.scan_iter(match=f"{prefix}*", count=1000):
+        client.delete(key)
+    client.close()
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A moto S3 server of our own on a free port; its endpoint URL."""
+    port = free_port()
+    log = tmp_path_factory.mktemp("moto") / "moto.log"
+    with log.open("wb") as out:
+        proc = subprocess.Popen(
+            [str(Path(sys.executable).parent / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+    try:
+        wait_for(lambda: port_open(port) or proc.poll() is not None, 30, "moto server")
+        assert proc.poll() is None, log.read_text()
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+@pytest.fixture(scope="session")
+def base_settings(
+    database: str, redis_prefix: str, s3_server: str, tmp_path_factory: pytest.TempPathFactory
+) -> dict[str, Any]:
+    """The config tree every test starts from: this run's database, prefix and bucket."""
+    return {
+        "appliance": {
+            "instance": f"test-{RUN_ID}",
+            "run_dir": str(tmp_path_factory.mktemp("run")),
+            "heartbeat_interval": 1.0,
+            "stop_timeout": 5.0,
+            "wait_timeout": 10.0,
+            "log_format": "json",
+        },
+        "postgres": {"dsn": database, "pool_max": 4, "connect_timeout": 3.0},
+        "redis": {"url": REDIS_URL, "key_prefix": redis_prefix},
+        "s3": {
+            "endpoint_url": s3_server,
+            "bucket": f"test-{RUN_ID}",
+            "path_style": True,
+            "access_key_id": "test",
+            "secret_access_key": "test-secret",
+        },
+        "worker": {"poll_interval": 1.0},
+    }
+
+
+@pytest.fixture
+def settings(base_settings: dict[str, Any]) -> dict[str, Any]:
+    """A per-test deep copy of the base settings, free to modify."""
+    return copy.deepcopy(base_settings)
+
+
+@pytest.fixture
+def config(settings: dict[str, Any]) -> Config:
+    return Config.model_validate(settings)
+
+
+@pytest.fixture(scope="session")
+def migrated(database: str) -> str:
+    """The run's database with every migration applied (once per run)."""
+    import asyncio
+
+    from appliance.db.migrate import migrate
+
+    async def run() -> None:
+        conn = await psycopg.AsyncConnection.connect(database, autocommit=True)
+        try:
+            await migrate(conn)
+        finally:
+            await conn.close()
+
+    asyncio.run(run())
+    return database
+
+
+@pytest.fixture
+async def resources(config: Config, migrated: str) -> AsyncIterator[Resources]:
+    """Open pool, Redis client and S3 facade on the run's (migrated) services, bucket created."""
+    async with open_resources(config, "test") as res:
+        await res.storage.init()
+        yield res

@@ -1,0 +1,65 @@
+"""Test helpers: TOML writing for generated configs, free ports, waiting on conditions."""
+
+from __future__ import annotations
+
+import json
+import socket
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+
+def _value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return repr(value)
+    if isinstance(value, str):
+        return json.dumps(value)
+    if isinstance(value, list):
+        return "[" + ", ".join(_value(v) for v in value) + "]"
+    raise TypeError(f"cannot write {value!r} as TOML")
+
+
+def toml_text(tree: dict[str, Any], prefix: str = "") -> str:
+    """Enough TOML for config files: tables of scalars and lists, nested tables."""
+    lines = []
+    scalars = {k: v for k, v in tree.items() if not isinstance(v, dict)}
+    tables = {k: v for k, v in tree.items() if isinstance(v, dict)}
+    if prefix and scalars:
+        lines.append(f"[{prefix}]")
+    lines += [f"{k} = {_value(v)}" for k, v in scalars.items()]
+    for key, sub in tables.items():
+        lines.append(toml_text(sub, f"{prefix}.{key}" if prefix else key))
+    return "\n".join(lines) + "\n"
+
+
+def write_toml(path: Path, tree: dict[str, Any]) -> Path:
+    path.write_text(toml_text(tree))
+    return path
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def wait_for(condition: Callable[[], Any], timeout: float, what: str, interval: float = 0.1) -> Any:
+    """Poll until `condition()` is truthy; fail naming `what` after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        result = condition()
+        if result:
+            return result
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(interval)
+
+
+def port_open(port: int, host: str = "127.0.0.1") -> bool:
+    with socket.socket() as s:
+        s.settimeout(0.2)
+        return s.connect_ex((host, port)) == 0

@@ -1,0 +1,265 @@
+"""Worker, scheduler and heartbeats against real PostgreSQL and Redis; one program as a process."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+
+from appliance import heartbeat, jobs, metrics
+from appliance.config import Config
+from appliance.diagnostics.roundtrip import ping_worker
+from appliance.programs.scheduler import claim, next_tick, run_entry
+from appliance.programs.worker import run_worker
+from appliance.resources import Resources
+from appliance.schedules import SCHEDULES
+from tests.conftest import REDIS_URL
+from tests.support import wait_for, write_toml
+
+
+def sample(name: str, labels: dict[str, str]) -> float:
+    from prometheus_client import REGISTRY
+
+    return REGISTRY.get_sample_value(name, labels) or 0.0
+
+
+@pytest.fixture
+async def worker(resources: Resources) -> AsyncIterator[asyncio.Event]:
+    stop = asyncio.Event()
+    task = asyncio.create_task(run_worker(resources, stop))
+    yield stop
+    stop.set()
+    await asyncio.wait_for(task, 30)
+
+
+async def test_ping_round_trip_through_the_worker(
+    resources: Resources, worker: asyncio.Event
+) -> None:
+    before = sample("appliance_jobs_total", {"entrypoint": "diagnostics.ping", "status": "ok"})
+    answer = await ping_worker(resources, timeout=15)
+    assert answer["pid"] == os.getpid()
+    assert answer["instance"] == resources.config.appliance.instance
+    after = sample("appliance_jobs_total", {"entrypoint": "diagnostics.ping", "status": "ok"})
+    assert after == before + 1
+
+
+async def test_notify_wakes_an_idle_worker(settings: dict[str, Any], migrated: str) -> None:
+    """With a 10 s poll interval, only LISTEN/NOTIFY can start the job within a second."""
+    from appliance.resources import open_resources
+
+    settings["worker"]["poll_interval"] = 10.0
+    async with open_resources(Config.model_validate(settings), "test") as res:
+        stop = asyncio.Event()
+        task = asyncio.create_task(run_worker(res, stop))
+        await ping_worker(res, timeout=15)  # the worker is up and listening
+        await asyncio.sleep(0.5)  # idle, waiting on its poll timeout
+        latencies = []
+        for _ in range(3):
+            latencies.append((await ping_worker(res, timeout=15))["latency_ms"])
+            await asyncio.sleep(0.2)
+        stop.set()
+        await asyncio.wait_for(task, 30)
+    assert max(latencies) < 1000, latencies
+
+
+async def test_job_timeout_is_enforced(
+    settings: dict[str, Any], migrated: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from appliance.resources import open_resources
+
+    done = asyncio.Event()
+
+    async def slow(res: Resources, payload: bytes) -> None:
+        try:
+            await asyncio.sleep(30)
+        finally:
+            done.set()
+
+    monkeypatch.setitem(jobs.ENTRYPOINTS, "test.slow", slow)
+    settings["worker"]["job_timeout"] = 0.3
+    config = Config.model_validate(settings)
+    labels = {"entrypoint": "test.slow", "status": "timeout"}
+    before = sample("appliance_jobs_total", labels)
+    async with open_resources(config, "test") as res:
+        stop = asyncio.Event()
+        task = asyncio.create_task(run_worker(res, stop))
+        async with res.connection() as conn:
+            await jobs.enqueue(conn, "test.slow", b"{}")
+        await asyncio.wait_for(done.wait(), 15)
+        stop.set()
+        await asyncio.wait_for(task, 30)
+    assert sample("appliance_jobs_total", labels) == before + 1
+
+
+async def test_enqueue_rejects_unknown_entrypoint(resources: Resources) -> None:
+    async with resources.connection() as conn:
+        with pytest.raises(ValueError, match="unknown job entrypoint"):
+            await jobs.enqueue(conn, "no.such", b"")
+
+
+async def test_enqueue_inside_rolled_back_transaction_leaves_no_job(resources: Resources) -> None:
+    async with resources.connection() as conn:
+        cur = await conn.execute("SELECT count(*) FROM pgqueuer")
+        (before,) = await cur.fetchone() or (0,)
+        with pytest.raises(RuntimeError):
+            async with conn.transaction():
+                await jobs.enqueue(conn, "diagnostics.ping", b'{"token": "x"}')
+                raise RuntimeError("business step failed")
+        cur = await conn.execute("SELECT count(*) FROM pgqueuer")
+        assert await cur.fetchone() == (before,)
+
+
+async def test_schedule_tick_is_claimed_once(resources: Resources) -> None:
+    tick = datetime(2026, 1, 1, 3, 17, tzinfo=UTC)
+    results = await asyncio.gather(*(claim(resources, "test_claim", tick) for _ in range(5)))
+    assert sorted(results) == [False, False, False, False, True]
+
+
+def test_next_tick_is_utc_cron() -> None:
+    after = datetime(2026, 11, 23, 10, 30, tzinfo=UTC)
+    assert next_tick("17 * * * *", after) == datetime(2026, 11, 23, 11, 17, tzinfo=UTC)
+
+
+async def test_prune_job_log_deletes_only_old_rows_and_records_the_run(
+    resources: Resources,
+) -> None:
+    async with resources.connection() as conn:
+        await conn.execute(
+            "INSERT INTO pgqueuer_log (created, job_id, status, priority, entrypoint)"
+            " SELECT now() - make_interval(days => d), 1, 'successful', 0, 'test.prune'"
+            " FROM unnest(ARRAY[30, 20, 8, 6, 1, 0]) AS d"
+        )
+    entry = next(e for e in SCHEDULES if e.name == "prune_job_log")
+    tick = datetime.now(UTC).replace(microsecond=0)
+    await run_entry(resources, entry, tick)
+    async with resources.connection() as conn:
+        cur = await conn.execute(
+            "SELECT count(*) FROM pgqueuer_log WHERE entrypoint = 'test.prune'"
+        )
+        assert await cur.fetchone() == (3,)
+        cur = await conn.execute(
+            "SELECT status, counts, finished_at IS NOT NULL FROM schedule_runs"
+            " WHERE name = 'prune_job_log' AND tick = %s",
+            (tick,),
+        )
+        status, counts, finished = await cur.fetchone() or (None, None, None)
+    assert status == "ok"
+    assert counts["deleted"] >= 3
+    assert finished is True
+
+
+async def test_failed_schedule_run_is_recorded(
+    resources: Resources, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from appliance.schedules import Entry
+
+    async def broken(res: Resources) -> dict[str, int]:
+        raise RuntimeError("maintenance exploded")
+
+    entry = Entry("test_broken", lambda c: c.schedules.prune_job_log, broken)
+    tick = datetime.now(UTC).replace(microsecond=0)
+    await run_entry(resources, entry, tick)
+    async with resources.connection() as conn:
+        cur = await conn.execute(
+            "SELECT status, error FROM schedule_runs WHERE name = 'test_broken' AND tick = %s",
+            (tick,),
+        )
+        assert await cur.fetchone() == ("failed", "RuntimeError: maintenance exploded")
+
+
+async def test_heartbeat_written_with_ttl_and_cleared_on_stop(resources: Resources) -> None:
+    stop = asyncio.Event()
+    task = asyncio.create_task(
+        heartbeat.run_heartbeat(resources.redis, resources.keys, "flusher", "hb-test", 1.0, stop)
+    )
+    key = resources.keys.heartbeat("flusher", "hb-test")
+    for _ in range(50):
+        if await resources.redis.exists(key):
+            break
+        await asyncio.sleep(0.05)
+    ttl = await resources.redis.ttl(key)
+    assert 0 < ttl <= heartbeat.ttl_for(1.0)
+    beats = [b for b in await heartbeat.read_all(resources.redis, resources.keys)
+             if b.instance == "hb-test"]  # fmt: skip
+    assert [(b.program, b.pid) for b in beats] == [("flusher", os.getpid())]
+    assert beats[0].age < 2
+    stop.set()
+    await task
+    assert not await resources.redis.exists(key)
+
+
+def test_program_process_heartbeats_and_drains_on_sigterm(
+    settings: dict[str, Any], migrated: str, tmp_path: Path
+) -> None:
+    """`appliance run scheduler` as a real process: heartbeat in Redis, clean exit 0 on SIGTERM."""
+    settings["appliance"]["instance"] = "proc-test"
+    settings["appliance"]["run_dir"] = str(tmp_path / "run")
+    config_file = write_toml(tmp_path / "c.toml", settings)
+    env = {"APPLIANCE_CONFIG": str(config_file), "PATH": os.environ["PATH"]}
+    log = (tmp_path / "out.log").open("wb")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "appliance", "run", "scheduler"],
+        env=env, stdout=log, stderr=subprocess.STDOUT,
+    )  # fmt: skip
+    client = redis.Redis.from_url(REDIS_URL)
+    key = f"{settings['redis']['key_prefix']}:hb:scheduler:proc-test"
+    try:
+        wait_for(lambda: client.exists(key), 20, "scheduler heartbeat")
+        started = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=settings["appliance"]["stop_timeout"] + 5) == 0
+        assert time.monotonic() - started < settings["appliance"]["stop_timeout"]
+        assert not client.exists(key)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        log.close()
+        client.close()
+    lines = [json.loads(line) for line in (tmp_path / "out.log").read_text().splitlines()]
+    events = [line["event"] for line in lines]
+    assert "scheduler_ready" in events
+    assert "program_stopped" in events
+    assert all(line["process"] == "scheduler" for line in lines)
+    assert all({"ts", "level", "event", "process"} <= set(line) for line in lines)
+    # The multiprocess metrics directory got this program's samples.
+    assert any((tmp_path / "run" / "metrics").glob("counter_*.db"))
+    assert metrics.MULTIPROC_ENV  # the variable name the re-exec sets
+
+
+async def test_supervise_cancels_a_body_that_ignores_stop_after_the_drain_deadline(
+    settings: dict[str, Any], migrated: str
+) -> None:
+    from appliance.programs.runner import supervise
+
+    settings["appliance"]["stop_timeout"] = 0.5
+    settings["appliance"]["instance"] = "drain-test"
+    config = Config.model_validate(settings)
+    cancelled = asyncio.Event()
+
+    async def stubborn(res: Resources, stop: asyncio.Event) -> None:
+        try:
+            await asyncio.sleep(3600)  # never looks at `stop`
+        except asyncio.CancelledError:
+            cancelled.set()
+            raise
+
+    async def send_term() -> None:
+        await asyncio.sleep(0.5)
+        os.kill(os.getpid(), signal.SIGTERM)  # handled by supervise's loop signal handler
+
+    started = time.monotonic()
+    await asyncio.gather(supervise("flusher", config, stubborn), send_term())
+    assert cancelled.is_set()
+    assert time.monotonic() - started < 5
