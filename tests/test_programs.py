@@ -263,3 +263,28 @@ async def test_supervise_cancels_a_body_that_ignores_stop_after_the_drain_deadli
     await asyncio.gather(supervise("flusher", config, stubborn), send_term())
     assert cancelled.is_set()
     assert time.monotonic() - started < 5
+
+
+def test_program_that_cannot_connect_exits_1_with_a_json_traceback(
+    settings: dict[str, Any], tmp_path: Path
+) -> None:
+    from tests.support import free_port
+
+    settings["postgres"]["dsn"] = f"postgresql://postgres@127.0.0.1:{free_port()}/x"
+    settings["postgres"]["connect_timeout"] = 1.0
+    settings["appliance"]["run_dir"] = str(tmp_path / "run")
+    config_file = write_toml(tmp_path / "c.toml", settings)
+    done = subprocess.run(
+        [sys.executable, "-m", "appliance", "run", "worker"],
+        env={"APPLIANCE_CONFIG": str(config_file), "PATH": os.environ["PATH"]},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 1
+    lines = [json.loads(line) for line in done.stdout.splitlines()]
+    failed = [line for line in lines if line["event"] == "program_failed"]
+    assert len(failed) == 1
+    assert failed[0]["process"] == "worker"
+    assert "OperationalError" in failed[0]["exception"]
+    assert done.stderr == ""

@@ -7,8 +7,8 @@ itself then; tests pass one in.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Callable
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 
 import structlog
 from litestar import Litestar
@@ -26,7 +26,7 @@ from appliance.resources import open_resources
 log = structlog.get_logger()
 
 
-def _lifespan(config: Config):  # type: ignore[no-untyped-def]
+def _lifespan(config: Config) -> Callable[[Litestar], AbstractAsyncContextManager[None]]:
     @asynccontextmanager
     async def lifespan(app: Litestar) -> AsyncIterator[None]:
         stop = asyncio.Event()

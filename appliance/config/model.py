@@ -129,7 +129,8 @@ class S3Section(Section):
 
 
 class WorkerSection(Section):
-    concurrency: int = Field(default=10, ge=1, le=1000)
+    # pgqueuer dequeues in batches of half this and needs room for two batches, hence >= 2.
+    concurrency: int = Field(default=10, ge=2, le=1000)
     poll_interval: Seconds = 5.0
     job_timeout: Seconds = 300.0
     heartbeat_timeout: Seconds = 30.0

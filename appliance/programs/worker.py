@@ -67,7 +67,7 @@ async def run_worker(res: Resources, stop: asyncio.Event) -> None:
             qm.run(
                 dequeue_timeout=timedelta(seconds=section.poll_interval),
                 batch_size=max(1, section.concurrency // 2),
-                max_concurrent_tasks=section.concurrency if section.concurrency >= 2 else None,
+                max_concurrent_tasks=section.concurrency,
                 heartbeat_timeout=timedelta(seconds=section.heartbeat_timeout),
             )
         )
