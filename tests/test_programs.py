@@ -288,3 +288,21 @@ def test_program_that_cannot_connect_exits_1_with_a_json_traceback(
     assert failed[0]["process"] == "worker"
     assert "OperationalError" in failed[0]["exception"]
     assert done.stderr == ""
+
+
+async def test_scheduler_survives_postgres_being_unreachable(settings: dict[str, Any]) -> None:
+    import structlog
+
+    from appliance.programs.scheduler import run_tick
+    from appliance.resources import open_resources
+    from tests.support import free_port
+
+    settings["postgres"]["dsn"] = f"postgresql://postgres@127.0.0.1:{free_port()}/x"
+    settings["postgres"]["connect_timeout"] = 0.5
+    entry = next(e for e in SCHEDULES if e.name == "prune_job_log")
+    async with open_resources(Config.model_validate(settings), "test") as res:
+        with structlog.testing.capture_logs() as logs:
+            await run_tick(res, entry, datetime.now(UTC))
+    failed = [entry for entry in logs if entry["event"] == "schedule_tick_failed"]
+    assert len(failed) == 1
+    assert failed[0]["schedule"] == "prune_job_log"

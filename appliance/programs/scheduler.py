@@ -12,6 +12,7 @@ from datetime import UTC, datetime
 
 import structlog
 from croniter import croniter
+from psycopg import Error as PgError
 from psycopg.types.json import Jsonb
 
 from appliance import metrics
@@ -67,6 +68,16 @@ async def run_entry(res: Resources, entry: Entry, tick: datetime) -> None:
     )
 
 
+async def run_tick(res: Resources, entry: Entry, tick: datetime) -> None:
+    """One tick; PostgreSQL being unreachable loses this tick, not the scheduler."""
+    try:
+        await run_entry(res, entry, tick)
+    except (PgError, OSError) as exc:
+        log.error(
+            "schedule_tick_failed", schedule=entry.name, tick=tick.isoformat(), error=str(exc)
+        )
+
+
 async def run_scheduler(res: Resources, stop: asyncio.Event) -> None:
     enabled = [e for e in SCHEDULES if e.settings(res.config).enabled]
     now = datetime.now(UTC)
@@ -83,5 +94,5 @@ async def run_scheduler(res: Resources, stop: asyncio.Event) -> None:
                 pass
         tick = due[entry.name]
         due[entry.name] = next_tick(entry.settings(res.config).cron, tick)
-        await run_entry(res, entry, tick)
+        await run_tick(res, entry, tick)
     await stop.wait()
