@@ -6,7 +6,9 @@ set -uo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 conf="${SUPERVISOR_CONF:-$here/supervisor.conf}"
 
-appliance config check || exit 2
+# Each step's one-line human summary (stdout) is dropped: the container log is JSON lines, and the
+# steps log their outcome as JSON on stderr. Config problems stay plain lines, one per problem.
+appliance config check >/dev/null || exit 2
 startenv="$(appliance config startenv)" || exit 2
 eval "$startenv"
 
@@ -15,11 +17,11 @@ rm -f "$SUPERVISOR_RUN_DIR/fatal"
 # Metrics of a previous run describe processes that no longer exist.
 rm -rf "$PROMETHEUS_MULTIPROC_DIR" && mkdir -p "$PROMETHEUS_MULTIPROC_DIR" || exit 1
 
-appliance wait || exit 1
+appliance wait >/dev/null || exit 1
 if [ "${APPLIANCE_SKIP_MIGRATIONS:-0}" != "1" ]; then
-    appliance migrate || exit 1
+    appliance migrate >/dev/null || exit 1
 fi
-appliance storage init || exit 1
+appliance storage init >/dev/null || exit 1
 
 supervisord -c "$conf" &
 child=$!

@@ -50,35 +50,47 @@ async def beat(
     metrics.HEARTBEATS.labels(program).inc()
 
 
-async def run_heartbeat(
+async def start_heartbeat(
     redis: aioredis.Redis,
     keys: Keys,
     program: str,
     instance: str,
     interval: float,
     stop: asyncio.Event,
-) -> None:
-    """Beat every `interval` seconds until `stop`; Redis errors are logged and retried."""
+) -> asyncio.Task[None]:
+    """Beat once now, so readiness sees the program as soon as it starts, then every `interval`
+    seconds in the returned task until `stop`, which removes the key. Redis errors are logged
+    (once per outage) and retried; they never stop the program."""
     started = time.time()
     failing = False
-    while not stop.is_set():
+
+    async def once() -> None:
+        nonlocal failing
         try:
             await beat(redis, keys, program, instance, interval, started)
-            if failing:
-                log.info("heartbeat_recovered", program=program)
-            failing = False
         except (RedisError, OSError) as exc:
             if not failing:
                 log.warning("heartbeat_failed", program=program, error=str(exc))
             failing = True
+            return
+        if failing:
+            log.info("heartbeat_recovered", program=program)
+        failing = False
+
+    async def loop() -> None:
+        while True:
+            try:
+                await asyncio.wait_for(stop.wait(), timeout=interval)
+                break
+            except TimeoutError:
+                await once()
         try:
-            await asyncio.wait_for(stop.wait(), timeout=interval)
-        except TimeoutError:
-            continue
-    try:
-        await redis.delete(keys.heartbeat(program, instance))
-    except (RedisError, OSError):
-        log.warning("heartbeat_clear_failed", program=program)
+            await redis.delete(keys.heartbeat(program, instance))
+        except (RedisError, OSError):
+            log.warning("heartbeat_clear_failed", program=program)
+
+    await once()
+    return asyncio.create_task(loop())
 
 
 async def read_all(redis: aioredis.Redis, keys: Keys) -> list[Heartbeat]:

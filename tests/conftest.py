@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import os
+import shutil
 import subprocess
 import sys
 import uuid
@@ -165,3 +166,36 @@ async def resources(config: Config, migrated: str) -> AsyncIterator[Resources]:
     async with open_resources(config, "test") as res:
         await res.storage.init()
         yield res
+
+
+@pytest.fixture
+def private_redis(
+    tmp_path: Path,
+) -> Iterator[tuple[int, Callable[[], None], Callable[[], None]]]:
+    """A Redis of this test's own on a free port: (port, start, kill) for fault tests."""
+    binary = shutil.which("redis-server")
+    if binary is None:
+        pytest.fail("redis-server is needed for fault tests (apt-get install redis-server)")
+    port = free_port()
+    procs: list[subprocess.Popen[bytes]] = []
+
+    def start() -> None:
+        procs.append(
+            subprocess.Popen(
+                [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+                 "--appendonly", "no", "--dir", str(tmp_path)],
+                stdout=subprocess.DEVNULL,
+            )
+        )  # fmt: skip
+        wait_for(lambda: port_open(port), 10, "private redis")
+
+    def kill() -> None:
+        procs[-1].kill()
+        procs[-1].wait(10)
+
+    start()
+    yield port, start, kill
+    for proc in procs:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)

@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-import shutil
-import subprocess
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import pytest
@@ -16,7 +14,6 @@ from appliance.api.app import create_app
 from appliance.config import PROGRAMS, Config
 from appliance.heartbeat import beat
 from appliance.resources import Resources
-from tests.support import free_port, port_open, wait_for
 
 Client = AsyncTestClient[Any]
 
@@ -174,36 +171,6 @@ async def test_access_log_line_per_request_probes_excluded(client: Client) -> No
 
 
 # Fault test: a private Redis that dies while the api runs.
-
-
-@pytest.fixture
-def private_redis(tmp_path: Any) -> Iterator[tuple[int, Callable[[], None], Callable[[], None]]]:
-    binary = shutil.which("redis-server")
-    if binary is None:
-        pytest.fail("redis-server is needed for fault tests (apt-get install redis-server)")
-    port = free_port()
-    procs: list[subprocess.Popen[bytes]] = []
-
-    def start() -> None:
-        procs.append(
-            subprocess.Popen(
-                [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
-                 "--appendonly", "no", "--dir", str(tmp_path)],
-                stdout=subprocess.DEVNULL,
-            )
-        )  # fmt: skip
-        wait_for(lambda: port_open(port), 10, "private redis")
-
-    def kill() -> None:
-        procs[-1].kill()
-        procs[-1].wait(10)
-
-    start()
-    yield port, start, kill
-    for proc in procs:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(10)
 
 
 async def test_readyz_503_while_redis_is_down_then_recovers(

@@ -47,8 +47,12 @@ def test_wait_names_the_failing_dependency_after_retries(
     done = cli(config, "wait", "--timeout", "3")
     elapsed = time.monotonic() - started
     assert done.returncode == 1
-    assert "redis: not ready" in done.stderr
-    assert "postgres: not ready" not in done.stderr
+    not_ready = [
+        line["dependency"]
+        for line in log_lines(done.stderr)
+        if line["event"] == "dependency_not_ready"
+    ]
+    assert not_ready == ["redis"]
     attempts = [
         line["attempt"]
         for line in log_lines(done.stderr)
@@ -72,7 +76,8 @@ def test_storage_init_creates_bucket_and_refuses_when_not_allowed(
     settings["s3"]["create_bucket"] = False
     refused = cli(write_toml(tmp_path / "b.toml", settings), "storage", "init")
     assert refused.returncode == 1
-    assert "create_bucket is false" in refused.stderr
+    failed = [line for line in log_lines(refused.stderr) if line["event"] == "command_failed"]
+    assert "create_bucket is false" in failed[0]["error"]
 
 
 def test_status_json_reports_dependencies_schema_and_queue(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import subprocess
 import sys
 from collections.abc import Callable
@@ -131,6 +132,8 @@ def test_migrate_cli_reports_unreachable_database(tmp_path: Path) -> None:
         capture_output=True, text=True, timeout=60,
     )  # fmt: skip
     assert done.returncode == 1
-    assert done.stderr.startswith("error: ")
+    lines = [json.loads(line) for line in done.stderr.splitlines()]
+    assert [line["event"] for line in lines] == ["command_failed"]
+    assert "Connection refused" in lines[0]["error"]
     assert "Traceback" not in done.stderr
     assert "pw-secret" not in done.stderr + done.stdout

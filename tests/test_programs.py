@@ -180,14 +180,11 @@ async def test_failed_schedule_run_is_recorded(
 
 async def test_heartbeat_written_with_ttl_and_cleared_on_stop(resources: Resources) -> None:
     stop = asyncio.Event()
-    task = asyncio.create_task(
-        heartbeat.run_heartbeat(resources.redis, resources.keys, "flusher", "hb-test", 1.0, stop)
+    task = await heartbeat.start_heartbeat(
+        resources.redis, resources.keys, "flusher", "hb-test", 1.0, stop
     )
     key = resources.keys.heartbeat("flusher", "hb-test")
-    for _ in range(50):
-        if await resources.redis.exists(key):
-            break
-        await asyncio.sleep(0.05)
+    assert await resources.redis.exists(key), "the first beat is written before start returns"
     ttl = await resources.redis.ttl(key)
     assert 0 < ttl <= heartbeat.ttl_for(1.0)
     beats = [b for b in await heartbeat.read_all(resources.redis, resources.keys)
@@ -306,3 +303,39 @@ async def test_scheduler_survives_postgres_being_unreachable(settings: dict[str,
     failed = [entry for entry in logs if entry["event"] == "schedule_tick_failed"]
     assert len(failed) == 1
     assert failed[0]["schedule"] == "prune_job_log"
+
+
+async def test_heartbeat_rides_out_a_redis_outage(
+    settings: dict[str, Any], private_redis: tuple[int, Any, Any]
+) -> None:
+    import structlog
+
+    from appliance.config.model import RedisSection
+    from appliance.redis_keys import Keys, client
+
+    port, start, kill = private_redis
+    redis_client = client(
+        RedisSection.model_validate({"url": f"redis://127.0.0.1:{port}/0", "connect_timeout": 0.3}),
+        "test",
+    )
+    keys = Keys("hb-outage", 4)
+    stop = asyncio.Event()
+    try:
+        with structlog.testing.capture_logs() as logs:
+            task = await heartbeat.start_heartbeat(redis_client, keys, "worker", "i", 0.2, stop)
+            kill()
+            await asyncio.sleep(1.5)
+            start()
+            for _ in range(50):
+                if await redis_client.exists(keys.heartbeat("worker", "i")):
+                    break
+                await asyncio.sleep(0.1)
+            else:
+                pytest.fail("the heartbeat did not come back after Redis did")
+            stop.set()
+            await task
+    finally:
+        await redis_client.aclose()
+    events = [entry["event"] for entry in logs]
+    assert events.count("heartbeat_failed") == 1, events
+    assert "heartbeat_recovered" in events

@@ -20,7 +20,7 @@ from appliance.api import health
 from appliance.api.access import access_layer
 from appliance.api.errors import EXCEPTION_HANDLERS
 from appliance.config import Config, load_config
-from appliance.heartbeat import run_heartbeat
+from appliance.heartbeat import start_heartbeat
 from appliance.resources import open_resources
 
 log = structlog.get_logger()
@@ -33,15 +33,13 @@ def _lifespan(config: Config) -> Callable[[Litestar], AbstractAsyncContextManage
         async with open_resources(config, "api") as res:
             app.state.resources = res
             app.state.shutting_down = False
-            beats = asyncio.create_task(
-                run_heartbeat(
-                    res.redis,
-                    res.keys,
-                    "api",
-                    config.appliance.instance,
-                    config.appliance.heartbeat_interval,
-                    stop,
-                )
+            beats = await start_heartbeat(
+                res.redis,
+                res.keys,
+                "api",
+                config.appliance.instance,
+                config.appliance.heartbeat_interval,
+                stop,
             )
             log.info("api_ready", bind=config.api.bind, port=config.api.port)
             try:

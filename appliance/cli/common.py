@@ -8,9 +8,10 @@ from collections.abc import Coroutine
 from typing import Any, NoReturn, TypeVar
 
 import click
+import structlog
 
 from appliance import logs
-from appliance.config import Config, load_config, scrub
+from appliance.config import Config, load_config
 from appliance.errors import ApplianceError, ConfigError
 
 T = TypeVar("T")
@@ -43,7 +44,7 @@ def run_async(coro: Coroutine[Any, Any, T]) -> T:
     try:
         return asyncio.run(coro)
     except (PgError, RedisError, ApplianceError, OSError) as exc:
-        click.echo(f"error: {scrub(str(exc)) or type(exc).__name__}", err=True)
+        structlog.get_logger().error("command_failed", error=str(exc) or type(exc).__name__)
         sys.exit(1)
 
 

@@ -17,7 +17,7 @@ from appliance.db.migrate import migrate as apply_migrations
 from appliance.db.pool import connect
 from appliance.redis_keys import client
 from appliance.resources import direct_connection
-from appliance.storage import Storage, StorageError
+from appliance.storage import Storage
 
 log = structlog.get_logger()
 
@@ -75,7 +75,7 @@ def wait(timeout: float | None) -> None:
     results = run_async(_wait(config, deadline))
     failed = [r for r in results if not r.ok]
     for r in failed:
-        click.echo(f"{r.name}: not ready: {r.detail}", err=True)
+        log.error("dependency_not_ready", dependency=r.name, error=r.detail)
     if failed:
         sys.exit(1)
     click.echo("dependencies ready: " + ", ".join(r.name for r in results))
@@ -132,9 +132,6 @@ def storage() -> None:
 def init() -> None:
     """Create the bucket if allowed and missing, then prove write access."""
     config = cli_config()
-    try:
-        created = run_async(Storage.create(config.s3).init())
-    except StorageError as exc:
-        click.echo(f"storage: {exc.message}", err=True)
-        sys.exit(1)
+    created = run_async(Storage.create(config.s3).init())
+    log.info("storage_ready", bucket=config.s3.bucket, created=created)
     click.echo(f"bucket {config.s3.bucket} {'created' if created else 'exists'}; write access ok")

@@ -16,7 +16,7 @@ import structlog
 
 from appliance import metrics
 from appliance.config import Config, Program
-from appliance.heartbeat import run_heartbeat
+from appliance.heartbeat import start_heartbeat
 from appliance.resources import Resources, open_resources
 
 log = structlog.get_logger()
@@ -32,15 +32,13 @@ async def supervise(program: Program, config: Config, body: Body) -> None:
     log.info("program_starting", program=program, instance=config.appliance.instance)
     try:
         async with open_resources(config, program) as res:
-            beats = asyncio.create_task(
-                run_heartbeat(
-                    res.redis,
-                    res.keys,
-                    program,
-                    config.appliance.instance,
-                    config.appliance.heartbeat_interval,
-                    stop,
-                )
+            beats = await start_heartbeat(
+                res.redis,
+                res.keys,
+                program,
+                config.appliance.instance,
+                config.appliance.heartbeat_interval,
+                stop,
             )
             work = asyncio.create_task(body(res, stop))
             await asyncio.wait(
