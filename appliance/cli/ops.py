@@ -14,7 +14,6 @@ from appliance.cli.common import cli_config, run_async
 from appliance.config import Config
 from appliance.db.migrate import drift
 from appliance.db.migrate import migrate as apply_migrations
-from appliance.db.pool import connect
 from appliance.redis_keys import client
 from appliance.resources import direct_connection
 from appliance.storage import Storage
@@ -82,11 +81,8 @@ def wait(timeout: float | None) -> None:
 
 
 async def _migrate(config: Config) -> list[str]:
-    conn = await connect(config.postgres, "migrate")
-    try:
+    async with direct_connection(config, "migrate")() as conn:
         return [f"{m.version:04d}_{m.name}" for m in await apply_migrations(conn)]
-    finally:
-        await conn.close()
 
 
 @click.command()
@@ -104,11 +100,8 @@ def db() -> None:
 
 
 async def _drift(config: Config) -> list[str]:
-    conn = await connect(config.postgres, "verify")
-    try:
+    async with direct_connection(config, "verify")() as conn:
         return await drift(conn)
-    finally:
-        await conn.close()
 
 
 @db.command()

@@ -89,29 +89,39 @@ def _print_status(data: dict[str, Any]) -> None:
         click.echo(
             f"  {d['name']:<10} {mark(d['ok']):<4} {d['latency_ms']:>8.1f} ms  {d['detail']}"
         )
-    if "schema" in data:
-        click.echo(f"schema: version {data['schema']} (expected {data['expected_schema']})")
-    click.echo("programs:")
-    for p in data.get("programs", []):
-        click.echo(
-            f"  {p['program']:<10} {p['instance']:<20} pid {p['pid']:<7} "
+    if "schema" not in data:
+        click.echo("(programs, queue and schedules show once every dependency answers)")
+        return
+    click.echo(f"schema: version {data['schema']} (expected {data['expected_schema']})")
+    _section(
+        "programs",
+        [
+            f"{p['program']:<10} {p['instance']:<20} pid {p['pid']:<7} "
             f"heartbeat {p['heartbeat_age_s']}s ago, up {p['uptime_s']}s"
-        )
-    if not data.get("programs"):
-        click.echo("  (no heartbeats)")
-    click.echo("queue:")
-    for q in data.get("queue", []):
-        click.echo(f"  {q['entrypoint']:<24} {q['status']:<10} {q['jobs']}")
-    if not data.get("queue"):
-        click.echo("  (empty)")
-    click.echo("schedules (last run):")
-    for s in data.get("schedules", []):
-        click.echo(
-            f"  {s['schedule']:<16} {s['tick']} {s['status']} {s['duration_s']}s "
+            for p in data.get("programs", [])
+        ],
+        "no heartbeats",
+    )
+    _section(
+        "queue",
+        [f"{q['entrypoint']:<24} {q['status']:<10} {q['jobs']}" for q in data.get("queue", [])],
+        "empty",
+    )
+    _section(
+        "schedules (last run)",
+        [
+            f"{s['schedule']:<16} {s['tick']} {s['status']} {s['duration_s']}s "
             f"{json.dumps(s['counts'])}"
-        )
-    if not data.get("schedules"):
-        click.echo("  (none yet)")
+            for s in data.get("schedules", [])
+        ],
+        "none yet",
+    )
+
+
+def _section(title: str, rows: list[str], empty: str) -> None:
+    click.echo(f"{title}:")
+    for row in rows or [f"({empty})"]:
+        click.echo(f"  {row}")
 
 
 @click.command()
