@@ -1,4 +1,4 @@
-"""The worker: pgqueuer on its own autocommit connection, woken by LISTEN/NOTIFY.
+"""The worker: pgqueuer on its own autocommit connections, woken by LISTEN/NOTIFY.
 
 Each entrypoint runs under `[worker] job_timeout` (pgqueuer has no per-job timeout) and is counted
 and timed by entrypoint and status.
@@ -13,11 +13,12 @@ from datetime import timedelta
 from typing import Any
 
 import structlog
-from pgqueuer import Job, PsycopgDriver, QueueManager
+from pgqueuer import Job, QueueManager
 from pgqueuer.queries import Queries
 
 from appliance import metrics
 from appliance.db.pool import connect
+from appliance.db.queue_driver import SplitDriver
 from appliance.jobs import ENTRYPOINTS, Handler
 from appliance.resources import Resources
 
@@ -59,8 +60,9 @@ def _wrap(
 async def run_worker(res: Resources, stop: asyncio.Event) -> None:
     section = res.config.worker
     conn = await connect(res.config.postgres, "worker")
+    listen = await connect(res.config.postgres, "worker-listen")
     try:
-        qm = QueueManager(Queries(PsycopgDriver(conn)))
+        qm = QueueManager(Queries(SplitDriver(conn, listen)))
         for name, handler in ENTRYPOINTS.items():
             qm.entrypoint(name)(_wrap(res, name, handler))
         runner = asyncio.create_task(
@@ -79,4 +81,5 @@ async def run_worker(res: Resources, stop: asyncio.Event) -> None:
         # pgqueuer waits for running jobs; the runner's drain deadline bounds that wait.
         await runner
     finally:
+        await listen.close()
         await conn.close()
