@@ -240,17 +240,17 @@ def test_redacted_hides_every_secret() -> None:
     config = Config.model_validate(
         {
             "postgres": {"dsn": "postgresql://app:pg-pass@db:5432/app"},
-            "redis": {"url": "redis://:redis-pass@cache:6379/0"},
+            "redis": {"url": "redis://:redis-p@ss@cache:6379/0"},
             "s3": {"access_key_id": "AKIA", "secret_access_key": "s3-pass"},
             "api": {"metrics_token": "metrics-pass"},
         }
     )
     shown = json.dumps(redacted(config))
-    for secret in ("pg-pass", "redis-pass", "s3-pass", "metrics-pass"):
+    for secret in ("pg-pass", "redis-p", "ss@cache", "s3-pass", "metrics-pass"):
         assert secret not in shown
     plain = redacted(config)
     assert plain["postgres"]["dsn"] == "postgresql://app:***@db:5432/app"
-    assert plain["redis"]["url"] == "redis://:***@cache:6379/0"
+    assert plain["redis"]["url"] == "redis://:***@cache:6379/0", "a raw @ in a password too"
     assert plain["s3"]["secret_access_key"] == "***"
     assert plain["api"]["metrics_token"] == "***"
 
