@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 export PATH := $(CURDIR)/$(BIN):$(PATH)
 CONFIG ?= config.example.toml
 
-.PHONY: install test test-fast lint run clean
+.PHONY: install test test-fast lint run bench clean
 
 $(BIN)/appliance: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -24,14 +24,20 @@ test-fast: install
 	$(BIN)/pytest -m "not process"
 
 lint: install
-	$(BIN)/ruff check appliance tests scripts
-	$(BIN)/ruff format --check appliance tests scripts
+	$(BIN)/ruff check appliance tests scripts bench
+	$(BIN)/ruff format --check appliance tests scripts bench
 	$(BIN)/mypy
 
 # Runs the appliance with $(CONFIG) against local PostgreSQL and Redis. When the config's
 # s3.endpoint_url is a local address, a moto S3 server is started there first.
 run: install
 	APPLIANCE_CONFIG=$(CONFIG) $(BIN)/python scripts/devrun.py
+
+# Benchmarks print their figures with a same-run reference; results live in docs/benchmarks.md.
+# They use the database, Redis and bucket of $(CONFIG) (migrated first).
+bench: install
+	APPLIANCE_CONFIG=$(CONFIG) $(BIN)/appliance migrate
+	APPLIANCE_CONFIG=$(CONFIG) $(BIN)/python bench/job_pickup.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -120,6 +120,15 @@ def test_doctor_fails_the_job_line_with_a_hint_when_no_worker_runs(
         assert any(line.split()[:2] == [name, "ok"] for line in lines), done.stdout
     assert any(line.split()[:2] == ["jobs", "FAIL"] for line in lines), done.stdout
     assert "hint: the worker did not answer" in done.stdout
+    # The unanswered ping was taken back, not left for a worker that starts later.
+    import psycopg
+
+    with psycopg.connect(migrated) as conn:
+        row = conn.execute(
+            "SELECT count(*) FROM pgqueuer WHERE entrypoint = 'diagnostics.ping'"
+            " AND status = 'queued'"
+        ).fetchone()
+    assert row == (0,)
 
 
 def test_doctor_reports_bad_config_first(tmp_path: Path) -> None:

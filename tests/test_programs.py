@@ -55,10 +55,10 @@ async def test_ping_round_trip_through_the_worker(
 
 
 async def test_notify_wakes_an_idle_worker(settings: dict[str, Any], migrated: str) -> None:
-    """With a 30 s poll interval, only LISTEN/NOTIFY can start jobs within half a second.
+    """With a 30 s poll interval, only LISTEN/NOTIFY can start each of three jobs within 10 s.
 
-    pgqueuer's own single-connection driver needed 1-2 s here (its watcher held the connection);
-    the worker's SplitDriver LISTENs on a connection of its own.
+    How fast it is (about 10 ms, against 1-2 s for pgqueuer's single-connection driver) is
+    measured by bench/job_pickup.py, not asserted here.
     """
     from appliance.resources import open_resources
 
@@ -73,7 +73,7 @@ async def test_notify_wakes_an_idle_worker(settings: dict[str, Any], migrated: s
             latencies.append((await ping_worker(res, timeout=15))["latency_ms"])
         stop.set()
         await asyncio.wait_for(task, 30)
-    assert max(latencies) < 500, latencies
+    assert max(latencies) < 10_000, latencies
 
 
 async def test_job_timeout_is_enforced(
@@ -265,29 +265,51 @@ async def test_supervise_cancels_a_body_that_ignores_stop_after_the_drain_deadli
     assert time.monotonic() - started < 5
 
 
-def test_program_that_cannot_connect_exits_1_with_a_json_traceback(
+def test_worker_rides_out_unreachable_postgres_and_stops_cleanly(
     settings: dict[str, Any], tmp_path: Path
 ) -> None:
+    """No PostgreSQL: the worker logs and retries with back-off instead of exiting (which would
+    make supervisord give up on it and stop the whole container), and still stops on SIGTERM."""
     from tests.support import free_port
 
     settings["postgres"]["dsn"] = f"postgresql://postgres@127.0.0.1:{free_port()}/x"
     settings["postgres"]["connect_timeout"] = 1.0
     settings["appliance"]["run_dir"] = str(tmp_path / "run")
     config_file = write_toml(tmp_path / "c.toml", settings)
-    done = subprocess.run(
-        [sys.executable, "-m", "appliance", "run", "worker"],
-        env={"APPLIANCE_CONFIG": str(config_file), "PATH": os.environ["PATH"]},
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    assert done.returncode == 1
-    lines = [json.loads(line) for line in done.stdout.splitlines()]
-    failed = [line for line in lines if line["event"] == "program_failed"]
-    assert len(failed) == 1
-    assert failed[0]["process"] == "worker"
-    assert "OperationalError" in failed[0]["exception"]
-    assert done.stderr == ""
+    out = tmp_path / "out.log"
+    with out.open("wb") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "appliance", "run", "worker"],
+            env={"APPLIANCE_CONFIG": str(config_file), "PATH": os.environ["PATH"]},
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+        try:
+            wait_for(lambda: out.read_text().count("worker_disconnected") >= 2, 30, "2 retries")
+            assert proc.poll() is None, out.read_text()
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(timeout=15) == 0, out.read_text()
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    lines = [json.loads(line) for line in out.read_text().splitlines()]
+    retries = [line for line in lines if line["event"] == "worker_disconnected"]
+    assert retries[1]["retry_in_s"] > retries[0]["retry_in_s"]
+    assert all(line["process"] == "worker" for line in lines)
+
+
+async def test_supervise_propagates_a_crashing_body(
+    settings: dict[str, Any], migrated: str
+) -> None:
+    """`appliance run` turns this into one `program_failed` JSON line and exit 1."""
+    from appliance.programs.runner import supervise
+
+    async def crash(res: Resources, stop: asyncio.Event) -> None:
+        raise RuntimeError("body exploded")
+
+    with pytest.raises(RuntimeError, match="body exploded"):
+        await supervise("flusher", Config.model_validate(settings), crash)
 
 
 async def test_scheduler_survives_postgres_being_unreachable(settings: dict[str, Any]) -> None:
@@ -342,3 +364,31 @@ async def test_heartbeat_rides_out_a_redis_outage(
     events = [entry["event"] for entry in logs]
     assert events.count("heartbeat_failed") == 1, events
     assert "heartbeat_recovered" in events
+
+
+async def test_job_cut_off_by_the_drain_deadline_is_queued_again(
+    resources: Resources, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    started = asyncio.Event()
+
+    async def long_job(res: Resources, payload: bytes) -> None:
+        started.set()
+        await asyncio.sleep(3600)
+
+    monkeypatch.setitem(jobs.ENTRYPOINTS, "test.long", long_job)
+    stop = asyncio.Event()
+    task = asyncio.create_task(run_worker(resources, stop))
+    async with resources.connection() as conn:
+        await jobs.enqueue(conn, "test.long", b'{"n": 7}')
+    await asyncio.wait_for(started.wait(), 15)
+    stop.set()
+    await asyncio.sleep(0.2)  # draining, the job still runs
+    task.cancel()  # what supervise does at the drain deadline
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    async with resources.connection() as conn:
+        cur = await conn.execute(
+            "SELECT status::text, payload FROM pgqueuer WHERE entrypoint = 'test.long'"
+        )
+        rows = await cur.fetchall()
+    assert rows == [("queued", b'{"n": 7}')]

@@ -8,6 +8,9 @@ import time
 import uuid
 from typing import Any
 
+from pgqueuer.domain.settings import db_settings
+from psycopg import sql
+
 from appliance.diagnostics.jobs import PING
 from appliance.jobs import enqueue
 from appliance.resources import Resources
@@ -18,13 +21,24 @@ async def ping_worker(res: Resources, timeout: float) -> dict[str, Any]:
     token = uuid.uuid4().hex
     started = time.perf_counter()
     async with res.connection() as conn:
-        await enqueue(conn, PING, json.dumps({"token": token}).encode())
-    async with asyncio.timeout(timeout):
-        while True:
-            raw = await res.redis.get(res.keys.ping_result(token))
-            if raw is not None:
-                answer: dict[str, Any] = json.loads(raw)
-                answer["latency_ms"] = round((time.perf_counter() - started) * 1000, 2)
-                await res.redis.delete(res.keys.ping_result(token))
-                return answer
-            await asyncio.sleep(0.02)
+        job_id = await enqueue(conn, PING, json.dumps({"token": token}).encode())
+    try:
+        async with asyncio.timeout(timeout):
+            while True:
+                raw = await res.redis.get(res.keys.ping_result(token))
+                if raw is not None:
+                    answer: dict[str, Any] = json.loads(raw)
+                    answer["latency_ms"] = round((time.perf_counter() - started) * 1000, 2)
+                    await res.redis.delete(res.keys.ping_result(token))
+                    return answer
+                await asyncio.sleep(0.02)
+    except TimeoutError:
+        # Unanswered: take the job back so pings do not pile up for a worker that comes later.
+        async with res.connection() as conn:
+            await conn.execute(
+                sql.SQL("DELETE FROM {} WHERE id = %s AND status = 'queued'").format(
+                    sql.Identifier(db_settings().queue_table)
+                ),
+                (job_id,),
+            )
+        raise

@@ -41,16 +41,16 @@ async def supervise(program: Program, config: Config, body: Body) -> None:
                 stop,
             )
             work = asyncio.create_task(body(res, stop))
-            await asyncio.wait(
-                {work, asyncio.create_task(stop.wait())}, return_when="FIRST_COMPLETED"
-            )
+            stopper = asyncio.create_task(stop.wait())
+            await asyncio.wait({work, stopper}, return_when="FIRST_COMPLETED")
             stop.set()
             started = loop.time()
             try:
                 await asyncio.wait_for(work, timeout=config.appliance.stop_timeout)
             except TimeoutError:
                 log.error("drain_timeout", program=program, seconds=config.appliance.stop_timeout)
-            await beats
+            finally:
+                await beats
             log.info(
                 "program_stopped", program=program, drain_seconds=round(loop.time() - started, 3)
             )

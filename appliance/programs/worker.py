@@ -1,7 +1,10 @@
 """The worker: pgqueuer on its own autocommit connections, woken by LISTEN/NOTIFY.
 
 Each entrypoint runs under `[worker] job_timeout` (pgqueuer has no per-job timeout) and is counted
-and timed by entrypoint and status.
+and timed by entrypoint and status. A job still running when the drain deadline cancels it is
+enqueued again before pgqueuer drops it, so shutdown never loses a job (at least once). Losing
+PostgreSQL (or the LISTEN connection) makes the worker reconnect with back-off instead of exiting,
+so a database failover does not take the container down.
 """
 
 from __future__ import annotations
@@ -15,14 +18,17 @@ from typing import Any
 import structlog
 from pgqueuer import Job, QueueManager
 from pgqueuer.queries import Queries
+from psycopg import Error as PgError
 
 from appliance import metrics
 from appliance.db.pool import connect
 from appliance.db.queue_driver import SplitDriver
-from appliance.jobs import ENTRYPOINTS, Handler
+from appliance.jobs import ENTRYPOINTS, Handler, enqueue
 from appliance.resources import Resources
 
 log = structlog.get_logger()
+
+MAX_BACKOFF = 30.0
 
 
 def _wrap(
@@ -30,14 +36,25 @@ def _wrap(
 ) -> Callable[[Job], Coroutine[Any, Any, None]]:
     timeout = res.config.worker.job_timeout
 
+    async def requeue(payload: bytes) -> None:
+        async with res.connection() as conn:
+            await enqueue(conn, name, payload)
+
     async def run(job: Job) -> None:
         started = time.perf_counter()
         status = "ok"
+        payload = job.payload or b""
         try:
             async with asyncio.timeout(timeout):
-                await handler(res, job.payload or b"")
+                await handler(res, payload)
         except TimeoutError:
             status = "timeout"
+            raise
+        except asyncio.CancelledError:
+            # Cancelled by the drain deadline: pgqueuer deletes the job as "canceled", so put a
+            # copy back first; shielded, as the same cancellation would abort the enqueue.
+            status = "requeued"
+            await asyncio.shield(requeue(payload))
             raise
         except Exception:
             status = "error"
@@ -57,29 +74,52 @@ def _wrap(
     return run
 
 
-async def run_worker(res: Resources, stop: asyncio.Event) -> None:
+async def _serve(res: Resources, stop: asyncio.Event) -> None:
+    """One session: two connections, the queue manager, until stop or a lost connection."""
     section = res.config.worker
     conn = await connect(res.config.postgres, "worker")
-    listen = await connect(res.config.postgres, "worker-listen")
     try:
-        qm = QueueManager(Queries(SplitDriver(conn, listen)))
-        for name, handler in ENTRYPOINTS.items():
-            qm.entrypoint(name)(_wrap(res, name, handler))
-        runner = asyncio.create_task(
-            qm.run(
-                dequeue_timeout=timedelta(seconds=section.poll_interval),
-                batch_size=max(1, section.concurrency // 2),
-                max_concurrent_tasks=section.concurrency,
-                heartbeat_timeout=timedelta(seconds=section.heartbeat_timeout),
+        listen = await connect(res.config.postgres, "worker-listen")
+        try:
+            qm = QueueManager(Queries(SplitDriver(conn, listen)))
+            for name, handler in ENTRYPOINTS.items():
+                qm.entrypoint(name)(_wrap(res, name, handler))
+            runner = asyncio.create_task(
+                qm.run(
+                    dequeue_timeout=timedelta(seconds=section.poll_interval),
+                    batch_size=max(1, section.concurrency // 2),
+                    max_concurrent_tasks=section.concurrency,
+                    heartbeat_timeout=timedelta(seconds=section.heartbeat_timeout),
+                    # A dead LISTEN connection ends the session, and we reconnect.
+                    shutdown_on_listener_failure=True,
+                )
             )
-        )
-        log.info("worker_ready", entrypoints=sorted(ENTRYPOINTS))
-        await asyncio.wait(
-            {runner, asyncio.create_task(stop.wait())}, return_when="FIRST_COMPLETED"
-        )
-        qm.shutdown.set()
-        # pgqueuer waits for running jobs; the runner's drain deadline bounds that wait.
-        await runner
+            log.info("worker_ready", entrypoints=sorted(ENTRYPOINTS))
+            stopper = asyncio.create_task(stop.wait())
+            await asyncio.wait({runner, stopper}, return_when="FIRST_COMPLETED")
+            stopper.cancel()
+            qm.shutdown.set()
+            # pgqueuer waits for running jobs; the runner's drain deadline bounds that wait.
+            await runner
+        finally:
+            await listen.close()
     finally:
-        await listen.close()
         await conn.close()
+
+
+async def run_worker(res: Resources, stop: asyncio.Event) -> None:
+    failures = 0
+    while not stop.is_set():
+        try:
+            await _serve(res, stop)
+            failures = 0
+            if not stop.is_set():
+                log.warning("worker_session_ended", reason="listener health check failed")
+        except (PgError, OSError) as exc:
+            failures += 1
+            delay = min(MAX_BACKOFF, 0.5 * 2**failures)
+            log.error("worker_disconnected", error=str(exc), retry_in_s=delay)
+            try:
+                await asyncio.wait_for(stop.wait(), timeout=delay)
+            except TimeoutError:
+                continue
