@@ -52,6 +52,9 @@ async def run_check(name: str, check: Check, timeout: float) -> CheckResult:
         ok, detail = False, f"no answer within {timeout:g}s"
     except (CheckFailed, ApplianceError, PgError, RedisError, OSError) as exc:
         ok, detail = False, str(exc) or type(exc).__name__
+    except Exception as exc:
+        # Anything else is a failed check too: a probe answers 503 with the reason, never 500.
+        ok, detail = False, f"{type(exc).__name__}: {exc}"
     latency = round((time.perf_counter() - started) * 1000, 2)
     return CheckResult(name, ok, latency, detail)
 
@@ -123,8 +126,8 @@ def heartbeat_check(redis: aioredis.Redis, keys: Keys, config: Config) -> Check:
     """Each enabled program of this instance has a heartbeat younger than its TTL."""
 
     async def check() -> str:
-        beats = await heartbeat.read_all(redis, keys)
-        mine = {b.program: b for b in beats if b.instance == config.appliance.instance}
+        roles: list[str] = list(config.appliance.roles)
+        mine = await heartbeat.read_instance(redis, keys, config.appliance.instance, roles)
         limit = heartbeat.ttl_for(config.appliance.heartbeat_interval)
         stale = [p for p in config.appliance.roles if p not in mine or mine[p].age > limit]
         if stale:

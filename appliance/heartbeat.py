@@ -93,22 +93,40 @@ async def start_heartbeat(
     return asyncio.create_task(loop())
 
 
-async def read_all(redis: aioredis.Redis, keys: Keys) -> list[Heartbeat]:
-    """Every live heartbeat of this deployment, across instances."""
-    prefix = keys.heartbeat_prefix()
-    names = [name async for name in redis.scan_iter(match=prefix + "*", count=500)]
-    if not names:
-        return []
-    values = await redis.mget(names)
+async def _read(redis: aioredis.Redis, pairs: list[tuple[str, str]], keys: Keys) -> list[Heartbeat]:
+    """The heartbeats of these (program, instance) pairs that exist, one GET each in a pipeline
+    (not MGET: heartbeat keys carry no hash tag, so on Redis Cluster they span slots)."""
+    async with redis.pipeline(transaction=False) as pipe:
+        for program, instance in pairs:
+            pipe.get(keys.heartbeat(program, instance))
+        values = await pipe.execute()
     beats = []
-    for name, raw in zip(names, values, strict=True):
+    for (program, instance), raw in zip(pairs, values, strict=True):
         if raw is None:
             continue
-        program, _, instance = name.decode()[len(prefix) :].partition(":")
         data = json.loads(raw)
         beats.append(
             Heartbeat(
                 program, instance, int(data["pid"]), float(data["ts"]), float(data["started"])
             )
         )
+    return beats
+
+
+async def read_instance(
+    redis: aioredis.Redis, keys: Keys, instance: str, programs: list[str]
+) -> dict[str, Heartbeat]:
+    """This instance's heartbeats by program: direct reads, cheap enough for every probe."""
+    beats = await _read(redis, [(p, instance) for p in programs], keys)
+    return {b.program: b for b in beats}
+
+
+async def read_all(redis: aioredis.Redis, keys: Keys) -> list[Heartbeat]:
+    """Every live heartbeat of this deployment, across instances (SCAN: for status, not probes)."""
+    prefix = keys.heartbeat_prefix()
+    pairs = []
+    async for name in redis.scan_iter(match=prefix + "*", count=1000):
+        program, _, instance = name.decode()[len(prefix) :].partition(":")
+        pairs.append((program, instance))
+    beats = await _read(redis, pairs, keys) if pairs else []
     return sorted(beats, key=lambda b: (b.program, b.instance))

@@ -21,7 +21,7 @@ ProcessName = Literal["api", "worker", "flusher", "scheduler", "cli"]
 
 def _scrub_values(_: Any, __: str, event: structlog.types.EventDict) -> structlog.types.EventDict:
     for key, value in event.items():
-        if isinstance(value, str) and "://" in value:
+        if isinstance(value, str) and ("://" in value or "password=" in value.lower()):
             event[key] = scrub(value)
     return event
 

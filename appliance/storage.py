@@ -81,10 +81,17 @@ class Storage:
         return True
 
     async def create_bucket(self) -> None:
+        """Create the bucket; another container having just created it counts as success."""
         kwargs: dict[str, Any] = {"Bucket": self.bucket}
         if self.section.region != "us-east-1":
             kwargs["CreateBucketConfiguration"] = {"LocationConstraint": self.section.region}
-        await self._call("create_bucket", self.s3.create_bucket, **kwargs)
+        try:
+            await asyncio.to_thread(self.s3.create_bucket, **kwargs)
+        except ClientError as exc:
+            if _error_code(exc) != "BucketAlreadyOwnedByYou":
+                raise StorageError("create_bucket", _error_code(exc) or str(exc)) from exc
+        except BotoCoreError as exc:
+            raise StorageError("create_bucket", str(exc)) from exc
 
     async def put(
         self, key: str, body: bytes, content_type: str = "application/octet-stream"

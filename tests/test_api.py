@@ -104,10 +104,14 @@ async def test_metrics_token(settings: dict[str, Any], resources: Resources) -> 
         denied = await client.get("/metrics")
         wrong = await client.get("/metrics", headers={"Authorization": "Bearer nope"})
         allowed = await client.get("/metrics", headers={"Authorization": "Bearer m-token"})
+        bare = await client.get("/metrics", headers={"Authorization": "m-token"})
+        lower = await client.get("/metrics", headers={"Authorization": "bearer m-token"})
     assert denied.status_code == 401
     assert denied.json()["error"]["code"] == "unauthorized"
     assert wrong.status_code == 401
     assert allowed.status_code == 200
+    assert bare.status_code == 401, "a token without the Bearer scheme is refused"
+    assert lower.status_code == 200, "the auth scheme is case-insensitive"
 
 
 async def test_openapi_schema(client: Client) -> None:

@@ -290,3 +290,30 @@ def test_cli_config_show_redacts(cfg: Any) -> None:
     assert data["postgres"]["dsn"] == "postgresql://app:***@db/app"
     assert "pg-pass" not in shown.stdout
     assert "s3-pass" not in shown.stdout
+
+
+def test_password_in_query_string_and_bad_dsn_never_shown(cfg: Any) -> None:
+    config = Config.model_validate(
+        {"postgres": {"dsn": "postgresql://u@db/app?password=q-secret&sslmode=require"}}
+    )
+    assert redacted(config)["postgres"]["dsn"] == (
+        "postgresql://u@db/app?password=***&sslmode=require"
+    )
+    # libpq would quote the badly encoded password in its own error message.
+    found = problems(cfg({"postgres": {"dsn": "postgresql://u:50%off@db/app"}}))
+    assert "percent-encode" in found["postgres.dsn"]
+    assert "50%off" not in " ".join(found.values())
+
+
+def test_non_url_secret_fully_masked_even_with_scheme_like_text() -> None:
+    config = Config.model_validate({"api": {"metrics_token": "x://y:z@w"}})
+    assert redacted(config)["api"]["metrics_token"] == "***"
+
+
+def test_empty_env_secret_switches_to_default_credential_chain(cfg: Any) -> None:
+    path = cfg({"s3": {"access_key_id": "k", "secret_access_key": "baked"}})
+    config = load_config(
+        path, {"APPLIANCE_S3__ACCESS_KEY_ID": "", "APPLIANCE_S3__SECRET_ACCESS_KEY": ""}
+    )
+    assert config.s3.access_key_id == ""
+    assert config.s3.secret_access_key is None

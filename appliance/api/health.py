@@ -42,8 +42,9 @@ async def metrics_endpoint(request: Request[Any, Any, State], state: State) -> b
     """Prometheus text for all programs of this container."""
     token = state.resources.config.api.metrics_token
     if token is not None:
-        given = request.headers.get("authorization", "").removeprefix("Bearer ").encode()
-        if not hmac.compare_digest(given, token.get_secret_value().encode()):
+        scheme, _, given = request.headers.get("authorization", "").partition(" ")
+        expected = token.get_secret_value().encode()
+        if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), expected):
             raise NotAuthorizedException("metrics need `Authorization: Bearer <api.metrics_token>`")
     return await asyncio.to_thread(metrics.render)
 

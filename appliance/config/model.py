@@ -11,7 +11,9 @@ import re
 import socket
 from typing import Annotated, Literal
 
+import psycopg
 from croniter import croniter
+from psycopg.conninfo import conninfo_to_dict
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 
 Program = Literal["api", "worker", "flusher", "scheduler"]
@@ -52,6 +54,11 @@ class ApiSection(Section):
     check_timeout: Seconds = 2.0
     metrics_token: SecretStr | None = None
 
+    @field_validator("metrics_token", mode="before")
+    @classmethod
+    def _empty_token_is_unset(cls, value: object) -> object:
+        return None if value == "" else value
+
 
 class PostgresSection(Section):
     dsn: SecretStr = SecretStr("postgresql://appliance@127.0.0.1:5432/appliance")
@@ -62,8 +69,16 @@ class PostgresSection(Section):
     @field_validator("dsn")
     @classmethod
     def _dsn_scheme(cls, dsn: SecretStr) -> SecretStr:
-        if not dsn.get_secret_value().startswith(("postgresql://", "postgres://")):
+        value = dsn.get_secret_value()
+        if not value.startswith(("postgresql://", "postgres://")):
             raise ValueError("must be a postgresql:// URL")
+        try:
+            conninfo_to_dict(value)
+        except psycopg.Error:
+            # libpq's own message quotes the offending text, which may be the password.
+            raise ValueError(
+                "is not a valid libpq URL (percent-encode special characters in the password)"
+            ) from None
         return dsn
 
     @model_validator(mode="after")
@@ -117,6 +132,13 @@ class S3Section(Section):
         if url and not url.startswith(("http://", "https://")):
             raise ValueError("must be empty (AWS) or an http:// or https:// URL")
         return url
+
+    @field_validator("secret_access_key", mode="before")
+    @classmethod
+    def _empty_secret_is_unset(cls, value: object) -> object:
+        # An empty value (e.g. APPLIANCE_S3__SECRET_ACCESS_KEY=) unsets the key, so the
+        # environment can switch a baked-in config to boto3's default credential chain.
+        return None if value == "" else value
 
     @model_validator(mode="after")
     def _keys_pair(self) -> S3Section:

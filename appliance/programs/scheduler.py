@@ -93,6 +93,8 @@ async def run_scheduler(res: Resources, stop: asyncio.Event) -> None:
             except TimeoutError:
                 pass
         tick = due[entry.name]
-        due[entry.name] = next_tick(entry.settings(res.config).cron, tick)
+        # From now, not from the tick: a run longer than the period (or a suspended host)
+        # skips the ticks it missed instead of replaying them back to back.
+        due[entry.name] = next_tick(entry.settings(res.config).cron, max(tick, datetime.now(UTC)))
         await run_tick(res, entry, tick)
     await stop.wait()
