@@ -600,3 +600,21 @@ def test_roles_select_the_programs_that_run(
     assert set(running.heartbeats()) == {"api"}
     response = running.get("/readyz")
     assert response is not None and response.status_code == 200, response and response.text
+
+
+@pytest.mark.process
+def test_sigterm_during_start_up_steps_is_a_clean_stop(
+    launch: Callable[..., Stack], stack_settings: dict[str, Any]
+) -> None:
+    """A stop while `appliance wait` still waits for an absent Redis exits 0, leaving nothing."""
+    stack_settings["redis"]["url"] = f"redis://127.0.0.1:{free_port()}/0"
+    stack_settings["appliance"]["wait_timeout"] = 120.0
+    running = launch(stack_settings)
+    running.until(lambda: "dependency_waiting" in running.log(), "wait to be retrying")
+    started = time.monotonic()
+    running.proc.send_signal(signal.SIGTERM)
+    code = running.wait_exit(20)
+    assert code == 0, f"start.sh exited {code}{running.tail()}"
+    assert time.monotonic() - started < 10
+    assert running.leftovers() == [], describe(running.leftovers())
+    assert not (running.run_dir / "supervisord.pid").exists()

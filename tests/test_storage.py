@@ -113,3 +113,15 @@ async def test_unreachable_endpoint_raises_storage_error(settings: dict[str, Any
     with pytest.raises(StorageError) as info:
         await storage.init()
     assert info.value.operation == "head_bucket"
+
+
+async def test_concurrent_init_from_two_containers_both_succeed(settings: dict[str, Any]) -> None:
+    """Outside us-east-1, the slower CreateBucket gets BucketAlreadyOwnedByYou: still fine."""
+    bucket = f"race-{uuid.uuid4().hex[:12]}"
+    first, second = (
+        Storage.create(section(settings, bucket=bucket, region="eu-west-1")) for _ in range(2)
+    )
+    await first.create_bucket()
+    await second.create_bucket()  # what the container that lost the race does
+    results = await asyncio.gather(first.init(), second.init())
+    assert results == [False, False]
