@@ -28,14 +28,24 @@ async def _wait(config: Config, deadline: float) -> list[CheckResult]:
     checks = dependency_checks(
         config, direct_connection(config, "wait"), redis, storage, config.s3.create_bucket
     )
+    # Each attempt is bounded by the dependency's own timeout and by what is left of the deadline.
+    timeouts = {
+        "postgres": config.postgres.connect_timeout,
+        "redis": config.redis.connect_timeout,
+        "s3": config.s3.timeout,
+    }
     pending = dict(checks)
     results: dict[str, CheckResult] = {}
     attempt = 0
     try:
         while pending:
             attempt += 1
-            for name, check in list(pending.items()):
-                result = await run_check(name, check, min(config.postgres.connect_timeout, 10))
+            left = max(0.5, deadline - time.monotonic())
+            round_results = await asyncio.gather(
+                *(run_check(n, c, min(timeouts[n], left)) for n, c in pending.items())
+            )
+            for result in round_results:
+                name = result.name
                 results[name] = result
                 if result.ok:
                     log.info(
