@@ -371,6 +371,14 @@ def test_metrics_cover_all_four_programs(stack: Stack) -> None:
     response = stack.get("/metrics")
     assert response is not None
     assert response.headers["content-type"].startswith("text/plain")
+    # Process metrics of every program, and HTTP metrics from the real granian worker.
+    rss = metric_samples(response.text, "appliance_process_resident_memory_bytes")
+    assert all(rss.get(n, 0) > 10_000_000 for n in PROGRAM_NAMES), rss
+    cpu = metric_samples(response.text, "appliance_process_cpu_seconds")
+    assert all(cpu.get(n, 0) > 0 for n in PROGRAM_NAMES), cpu
+    assert 'appliance_http_requests_total{method="GET",route="/readyz",status="200"}' in (
+        response.text
+    )
 
 
 def test_doctor_round_trips_a_job_through_the_worker(stack: Stack) -> None:

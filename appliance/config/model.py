@@ -14,12 +14,23 @@ from typing import Annotated, Literal
 import psycopg
 from croniter import croniter
 from psycopg.conninfo import conninfo_to_dict
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    SecretStr,
+    field_validator,
+    model_validator,
+)
 
 Program = Literal["api", "worker", "flusher", "scheduler"]
 PROGRAMS: tuple[Program, ...] = ("api", "worker", "flusher", "scheduler")
 
 Seconds = Annotated[float, Field(gt=0, le=3600)]
+# An empty value (e.g. APPLIANCE_S3__SECRET_ACCESS_KEY=) unsets an optional secret, so the
+# environment can switch a baked-in config to boto3's default credential chain.
+OptionalSecret = Annotated[SecretStr | None, BeforeValidator(lambda v: None if v == "" else v)]
 _BUCKET = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
 _PREFIX = re.compile(r"^[A-Za-z0-9_.:-]{1,64}$")
 
@@ -52,12 +63,7 @@ class ApiSection(Section):
     workers: int = Field(default=1, ge=1, le=64)
     max_body_bytes: int = Field(default=1_048_576, ge=1024, le=64 * 1_048_576)
     check_timeout: Seconds = 2.0
-    metrics_token: SecretStr | None = None
-
-    @field_validator("metrics_token", mode="before")
-    @classmethod
-    def _empty_token_is_unset(cls, value: object) -> object:
-        return None if value == "" else value
+    metrics_token: OptionalSecret = None
 
 
 class PostgresSection(Section):
@@ -115,7 +121,7 @@ class S3Section(Section):
     bucket: str = "appliance"
     path_style: bool = False
     access_key_id: str = ""
-    secret_access_key: SecretStr | None = None
+    secret_access_key: OptionalSecret = None
     create_bucket: bool = True
     timeout: Seconds = 5.0
 
@@ -132,13 +138,6 @@ class S3Section(Section):
         if url and not url.startswith(("http://", "https://")):
             raise ValueError("must be empty (AWS) or an http:// or https:// URL")
         return url
-
-    @field_validator("secret_access_key", mode="before")
-    @classmethod
-    def _empty_secret_is_unset(cls, value: object) -> object:
-        # An empty value (e.g. APPLIANCE_S3__SECRET_ACCESS_KEY=) unsets the key, so the
-        # environment can switch a baked-in config to boto3's default credential chain.
-        return None if value == "" else value
 
     @model_validator(mode="after")
     def _keys_pair(self) -> S3Section:
