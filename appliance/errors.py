@@ -17,18 +17,6 @@ class ApplianceError(Exception):
         self.field = field
 
 
-class InvalidInput(ApplianceError):
-    """Client input broke a rule; `field` names where and the message names the rule."""
-
-    status = 400
-    code = "invalid"
-
-
-class NotFound(ApplianceError):
-    status = 404
-    code = "not_found"
-
-
 class Unavailable(ApplianceError):
     """A dependency did not answer (PostgreSQL, Redis or S3)."""
 

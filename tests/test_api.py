@@ -215,3 +215,14 @@ async def test_readyz_503_once_shutdown_began(config: Config, resources: Resourc
     assert {"name": "shutdown", "ok": False, "latency_ms": 0.0, "detail": "shutting down"} in (
         response.json()["checks"]
     )
+
+
+def test_appliance_errors_map_to_their_status_and_shape() -> None:
+    from appliance.api.errors import handle_appliance_error
+    from appliance.storage import StorageError
+
+    response = handle_appliance_error(None, StorageError("put_object", "SlowDown"))  # type: ignore[arg-type]
+    assert response.status_code == 503
+    assert response.content == {
+        "error": {"code": "storage", "message": "S3 put_object failed: SlowDown", "field": None}
+    }
