@@ -70,8 +70,10 @@ def main() -> int:
     ensure_database(config.postgres.dsn.get_secret_value())
     s3 = start_s3(config.s3.endpoint_url) if config.s3.endpoint_url else None
     child = subprocess.Popen([str(ROOT / "start.sh")], env=os.environ)
+    # Both mean "stop", sent as TERM: a start.sh launched from a background job inherits SIGINT
+    # ignored, and bash cannot trap a signal ignored at its start.
     for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda signum, _: child.send_signal(signum))
+        signal.signal(sig, lambda signum, _: child.send_signal(signal.SIGTERM))
     try:
         return child.wait()
     finally:
