@@ -151,12 +151,14 @@ def dependency_checks(
     }
 
 
+async def run_checks(checks: dict[str, Check], timeout: float) -> list[CheckResult]:
+    """Every check concurrently, each under `timeout`; results in the order given."""
+    return list(await asyncio.gather(*(run_check(n, c, timeout) for n, c in checks.items())))
+
+
 async def readiness(res: Resources) -> list[CheckResult]:
     """All readiness checks, concurrently, each under `[api] check_timeout`."""
     checks = dependency_checks(res.config, res.connection, res.redis, res.storage)
     checks["schema"] = schema_check(res.connection)
     checks["heartbeats"] = heartbeat_check(res.redis, res.keys, res.config)
-    timeout = res.config.api.check_timeout
-    return list(
-        await asyncio.gather(*(run_check(name, fn, timeout) for name, fn in checks.items()))
-    )
+    return await run_checks(checks, res.config.api.check_timeout)

@@ -12,7 +12,7 @@ from pgqueuer.domain.settings import db_settings
 from psycopg import sql
 
 from appliance import heartbeat, logs
-from appliance.checks import CheckResult, dependency_checks, run_check, schema_check
+from appliance.checks import CheckResult, dependency_checks, run_check, run_checks, schema_check
 from appliance.cli.common import cli_config, mark, run_async
 from appliance.config import Config, load_config
 from appliance.db.migrate import expected_version, schema_version
@@ -32,7 +32,7 @@ HINTS = {
 
 async def _gather(res: Resources) -> dict[str, Any]:
     checks = dependency_checks(res.config, res.connection, res.redis, res.storage)
-    deps = [await run_check(n, c, res.config.api.check_timeout) for n, c in checks.items()]
+    deps = await run_checks(checks, res.config.api.check_timeout)
     out: dict[str, Any] = {
         "dependencies": [d.as_dict() for d in deps],
         "expected_schema": expected_version(),
@@ -142,7 +142,7 @@ async def _doctor(config: Config, job_timeout: float) -> list[CheckResult]:
     async with open_resources(config, "doctor") as res:
         timeout = config.api.check_timeout
         checks = dependency_checks(config, res.connection, res.redis, res.storage)
-        results = [await run_check(n, c, timeout) for n, c in checks.items()]
+        results = await run_checks(checks, timeout)
         if not all(r.ok for r in results):
             return results
         results.append(await run_check("schema", schema_check(res.connection), timeout))
