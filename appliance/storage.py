@@ -25,13 +25,10 @@ if TYPE_CHECKING:
 class StorageError(Unavailable):
     code = "storage"
 
-    def __init__(self, operation: str, detail: str) -> None:
+    def __init__(self, operation: str, detail: str, s3_code: str = "") -> None:
         super().__init__(f"S3 {operation} failed: {detail}")
         self.operation = operation
-
-
-def _error_code(exc: ClientError) -> str:
-    return str(exc.response.get("Error", {}).get("Code", ""))
+        self.s3_code = s3_code
 
 
 @dataclass
@@ -62,22 +59,22 @@ class Storage:
         return self.section.bucket
 
     async def _call(self, operation: str, fn: Any, **kwargs: Any) -> Any:
+        """Run one boto3 call in a thread; its errors become StorageError carrying S3's code."""
         try:
             return await asyncio.to_thread(fn, **kwargs)
         except ClientError as exc:
-            raise StorageError(operation, _error_code(exc) or str(exc)) from exc
+            code = str(exc.response.get("Error", {}).get("Code", ""))
+            raise StorageError(operation, code or str(exc), code) from exc
         except BotoCoreError as exc:
             raise StorageError(operation, str(exc)) from exc
 
     async def bucket_exists(self) -> bool:
         try:
-            await asyncio.to_thread(self.s3.head_bucket, Bucket=self.bucket)
-        except ClientError as exc:
-            if _error_code(exc) in {"404", "NoSuchBucket", "NotFound"}:
+            await self._call("head_bucket", self.s3.head_bucket, Bucket=self.bucket)
+        except StorageError as exc:
+            if exc.s3_code in {"404", "NoSuchBucket", "NotFound"}:
                 return False
-            raise StorageError("head_bucket", _error_code(exc)) from exc
-        except BotoCoreError as exc:
-            raise StorageError("head_bucket", str(exc)) from exc
+            raise
         return True
 
     async def create_bucket(self) -> None:
@@ -86,12 +83,10 @@ class Storage:
         if self.section.region != "us-east-1":
             kwargs["CreateBucketConfiguration"] = {"LocationConstraint": self.section.region}
         try:
-            await asyncio.to_thread(self.s3.create_bucket, **kwargs)
-        except ClientError as exc:
-            if _error_code(exc) != "BucketAlreadyOwnedByYou":
-                raise StorageError("create_bucket", _error_code(exc) or str(exc)) from exc
-        except BotoCoreError as exc:
-            raise StorageError("create_bucket", str(exc)) from exc
+            await self._call("create_bucket", self.s3.create_bucket, **kwargs)
+        except StorageError as exc:
+            if exc.s3_code != "BucketAlreadyOwnedByYou":
+                raise
 
     async def put(
         self, key: str, body: bytes, content_type: str = "application/octet-stream"
