@@ -392,3 +392,39 @@ async def test_job_cut_off_by_the_drain_deadline_is_queued_again(
         )
         rows = await cur.fetchall()
     assert rows == [("queued", b'{"n": 7}')]
+
+
+async def test_worker_reconnects_when_its_listen_connection_dies(
+    settings: dict[str, Any], migrated: str
+) -> None:
+    """A LISTEN connection killed by the server (a proxy timeout, a failover) is noticed by
+    pgqueuer's NOTIFY probe; the worker reconnects instead of silently falling back to polling."""
+    import structlog
+
+    from appliance.resources import open_resources
+
+    settings["worker"]["poll_interval"] = 30.0
+    settings["appliance"]["instance"] = "listen-kill"
+    async with open_resources(Config.model_validate(settings), "test") as res:
+        stop = asyncio.Event()
+        with structlog.testing.capture_logs() as logs:
+            task = asyncio.create_task(run_worker(res, stop))
+            await ping_worker(res, timeout=15)
+            async with res.connection() as conn:
+                cur = await conn.execute(
+                    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+                    " WHERE application_name = 'appliance-worker-listen'"
+                    " AND datname = current_database()"
+                )
+                assert (await cur.fetchall()) == [(True,)]
+            for _ in range(300):
+                if any(e["event"] == "worker_disconnected" for e in logs):
+                    break
+                await asyncio.sleep(0.1)
+            else:
+                pytest.fail("the worker did not notice its dead LISTEN connection in 30 s")
+            answer = await ping_worker(res, timeout=30)
+            stop.set()
+            await asyncio.wait_for(task, 30)
+    assert answer["instance"] == "listen-kill"
+    assert sum(e["event"] == "worker_ready" for e in logs) >= 2

@@ -17,6 +17,7 @@ from typing import Any
 
 import structlog
 from pgqueuer import Job, QueueManager
+from pgqueuer.domain.errors import FailingListenerError
 from pgqueuer.queries import Queries
 from psycopg import Error as PgError
 
@@ -113,12 +114,12 @@ async def run_worker(res: Resources, stop: asyncio.Event) -> None:
         try:
             await _serve(res, stop)
             failures = 0
-            if not stop.is_set():
-                log.warning("worker_session_ended", reason="listener health check failed")
-        except (PgError, OSError) as exc:
+        except (PgError, OSError, FailingListenerError) as exc:
+            # FailingListenerError: pgqueuer's NOTIFY round-trip probe timed out (a dead LISTEN
+            # connection, or a probe sent before LISTEN was in place at start): reconnect.
             failures += 1
             delay = min(MAX_BACKOFF, 0.5 * 2**failures)
-            log.error("worker_disconnected", error=str(exc), retry_in_s=delay)
+            log.error("worker_disconnected", error=str(exc) or type(exc).__name__, retry_in_s=delay)
             try:
                 await asyncio.wait_for(stop.wait(), timeout=delay)
             except TimeoutError:
