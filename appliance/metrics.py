@@ -73,6 +73,30 @@ RETENTION_DELETED = Counter(
 )
 S3_ERRORS = Counter("appliance_s3_errors_total", "S3 errors", ["operation"])
 
+MESSAGES_PUBLISHED = Counter(
+    "appliance_messages_published_total", "Messages accepted (acknowledged with a seq)", ["mode"]
+)
+PUBLISH_LATENCY = Histogram(
+    "appliance_publish_duration_seconds",
+    "Publish handling time, request parsed to ack (one observation per request)",
+    ["mode"],
+    buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1),
+)
+DELIVERY_LATENCY = Histogram(
+    "appliance_delivery_latency_seconds",
+    "Message server timestamp to WebSocket send",
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 5),
+)
+WS_CONNECTIONS = Gauge(
+    "appliance_websocket_connections", "Open WebSocket connections", multiprocess_mode="livesum"
+)
+WS_CLOSED = Counter("appliance_websocket_closed_total", "WebSockets closed by reason", ["reason"])
+AUTH_FAILURES = Counter("appliance_auth_failures_total", "401s and 403s by reason", ["reason"])
+RATE_LIMITED = Counter("appliance_rate_limited_total", "Requests refused with 429", ["route"])
+ACTIVITY_RECORDS = Counter(
+    "appliance_activity_records_total", "API activity records by outcome", ["outcome"]
+)
+
 
 def sample_process(program: str) -> None:
     """Record this process's RSS and CPU time (called with each heartbeat)."""

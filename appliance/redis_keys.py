@@ -59,6 +59,24 @@ class Keys:
     def ingest(self, shard: int) -> str:
         return f"{self.prefix}:{self.tag(shard)}:ingest"
 
+    def idempotency(self, conversation: str, principal: str, key: str) -> str:
+        return self._conversation(conversation, f"idem:{principal}:{key}")
+
+    def receipts(self, conversation: str, kind: str) -> str:
+        return self._conversation(conversation, f"rcpt:{kind}")
+
+    def presence(self, conversation: str) -> str:
+        return self._conversation(conversation, "presence")
+
+    def rate(self, principal: str) -> str:
+        return f"{self.prefix}:rate:{principal}"
+
+    def invalidations(self) -> str:
+        return f"{self.prefix}:invalidate"
+
+    def ingest_of(self, conversation: str) -> str:
+        return self.ingest(shard_of(conversation, self.shards))
+
     def heartbeat_prefix(self) -> str:
         return f"{self.prefix}:hb:"
 

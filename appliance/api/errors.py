@@ -10,7 +10,8 @@ from litestar.exceptions import HTTPException, ValidationException
 from litestar.status_codes import HTTP_500_INTERNAL_SERVER_ERROR
 from litestar.types import ExceptionHandlersMap
 
-from appliance.errors import ApplianceError
+from appliance import metrics
+from appliance.errors import ApplianceError, Forbidden, Unauthorized
 
 log = structlog.get_logger()
 
@@ -49,7 +50,11 @@ def _validation_field(exc: ValidationException) -> tuple[str | None, str]:
 def handle_appliance_error(_: Request[Any, Any, Any], exc: ApplianceError) -> Response[Any]:
     if exc.status >= 500:
         log.error("request_failed", code=exc.code, error=exc.message)
-    return error_response(exc.status, exc.code, exc.message, exc.field)
+    if isinstance(exc, Unauthorized | Forbidden):
+        metrics.AUTH_FAILURES.labels(exc.reason).inc()
+    response = error_response(exc.status, exc.code, exc.message, exc.field)
+    response.headers.update(exc.headers)
+    return response
 
 
 def handle_http_exception(_: Request[Any, Any, Any], exc: HTTPException) -> Response[Any]:

@@ -24,10 +24,12 @@ from pydantic import (
     model_validator,
 )
 
+ALGORITHMS: tuple[Literal["RS256", "ES256"], ...] = ("RS256", "ES256")
 Program = Literal["api", "worker", "flusher", "scheduler"]
 PROGRAMS: tuple[Program, ...] = ("api", "worker", "flusher", "scheduler")
 
 Seconds = Annotated[float, Field(gt=0, le=3600)]
+LongSeconds = Annotated[float, Field(gt=0, le=366 * 86400)]
 # An empty value (e.g. APPLIANCE_S3__SECRET_ACCESS_KEY=) unsets an optional secret, so the
 # environment can switch a baked-in config to boto3's default credential chain.
 OptionalSecret = Annotated[SecretStr | None, BeforeValidator(lambda v: None if v == "" else v)]
@@ -161,6 +163,80 @@ class SegmentsSection(Section):
     shards: int = Field(default=16, ge=1, le=1024)
 
 
+class AuthSection(Section):
+    # Verified keys are cached per api process; revocation and rotation invalidate the cache on
+    # every process at once through Redis, so this only bounds staleness when Redis pub/sub is down.
+    key_cache_ttl: Seconds = 30.0
+    # Seconds between batched `last_used_at` writes (never a write per request).
+    last_used_interval: Seconds = 10.0
+    # Default seconds a rotated key's old secret keeps working.
+    rotate_grace: LongSeconds = 86400.0
+    # Seconds a cached membership or conversation lookup may be served (invalidated on change).
+    membership_cache_ttl: Seconds = 30.0
+
+
+class OidcSection(Section):
+    enabled: bool = False
+    issuer: str = ""
+    audience: str = ""
+    # Default: <issuer>/.well-known/openid-configuration
+    discovery_url: str = ""
+    algorithms: list[Literal["RS256", "ES256"]] = Field(
+        default_factory=lambda: list(ALGORITHMS), min_length=1
+    )
+    leeway: float = Field(default=30.0, ge=0, le=600)
+    user_claim: str = Field(default="sub", min_length=1)
+    # Dotted path to a list of roles (Keycloak: "realm_access.roles"); a role named like a scope
+    # grants that scope. Empty: users act only through membership.
+    roles_claim: str = ""
+    jwks_cache_ttl: Seconds = 3600.0
+    # An unknown `kid` refetches the JWKS at most this often (a flood of forged kids cannot).
+    jwks_min_refresh: Seconds = 10.0
+    http_timeout: Seconds = 5.0
+
+    @model_validator(mode="after")
+    def _issuer_when_enabled(self) -> OidcSection:
+        if self.enabled and not self.issuer.startswith(("http://", "https://")):
+            raise ValueError("issuer must be an http(s) URL when oidc is enabled")
+        if self.enabled and not self.audience:
+            raise ValueError("audience must be set when oidc is enabled")
+        return self
+
+
+class MessagesSection(Section):
+    # Encoded size of one message's `body`.
+    max_body_bytes: int = Field(default=65536, ge=64, le=16 * 1_048_576)
+    max_batch: int = Field(default=500, ge=1, le=5000)
+    max_attachments: int = Field(default=20, ge=0, le=100)
+    # Seconds an Idempotency-Key is remembered.
+    idempotency_window: LongSeconds = 86400.0
+    # Per principal, across all api processes: sustained messages/s and burst.
+    rate_per_second: float = Field(default=100.0, gt=0, le=1_000_000)
+    rate_burst: int = Field(default=200, ge=1, le=10_000_000)
+
+
+class RealtimeSection(Section):
+    # Seconds between server pings on an idle socket; presence is refreshed on the same beat.
+    ping_interval: Seconds = 20.0
+    # Frames queued for one socket before it is closed as a slow consumer (code 4008).
+    queue_max: int = Field(default=1000, ge=10, le=1_000_000)
+    max_subscriptions: int = Field(default=100, ge=1, le=10_000)
+    # Messages replayed for one `since` before the socket is told to page history instead.
+    max_replay: int = Field(default=5000, ge=1, le=1_000_000)
+    # Seconds presence survives without a refresh (a crashed process's sockets fade out).
+    presence_ttl: Seconds = 60.0
+    # Seconds receipts are kept after their last update.
+    receipt_ttl: LongSeconds = 30 * 86400.0
+
+
+class ActivitySection(Section):
+    enabled: bool = True
+    # Seconds between batched inserts of the API activity log.
+    flush_interval: Seconds = 2.0
+    # Records held in memory at most; beyond it new records are dropped and counted.
+    queue_max: int = Field(default=50_000, ge=100, le=10_000_000)
+
+
 class Schedule(Section):
     enabled: bool = True
     cron: str
@@ -190,4 +266,9 @@ class Config(Section):
     s3: S3Section = Field(default_factory=S3Section)
     worker: WorkerSection = Field(default_factory=WorkerSection)
     segments: SegmentsSection = Field(default_factory=SegmentsSection)
+    auth: AuthSection = Field(default_factory=AuthSection)
+    oidc: OidcSection = Field(default_factory=OidcSection)
+    messages: MessagesSection = Field(default_factory=MessagesSection)
+    realtime: RealtimeSection = Field(default_factory=RealtimeSection)
+    activity: ActivitySection = Field(default_factory=ActivitySection)
     schedules: SchedulesSection = Field(default_factory=SchedulesSection)
