@@ -22,6 +22,7 @@ COMMANDS = {
     "run": "run:run",
     "status": "status:status",
     "doctor": "status:doctor",
+    "keys": "keys_cmd:keys_group",
 }
 
 

@@ -1,0 +1,1 @@
+"""Who is asking: API keys, OIDC bearer JWTs, principals and scopes."""

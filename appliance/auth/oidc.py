@@ -1,0 +1,198 @@
+"""Verification of OIDC bearer JWTs (Keycloak or any standard issuer) against the issuer's JWKS.
+
+The discovery document and the JWKS are fetched lazily, in a worker thread, on first use. The key
+set is cached for `jwks_cache_ttl`; a token with an unknown `kid` refetches it, at most once per
+`jwks_min_refresh`, so keys rotated at the issuer work without a restart while a flood of forged
+kids cannot hammer the issuer. When a refresh fails, the keys already held stay in use (an issuer
+outage does not log everybody out); with no keys at all, verification is Unavailable (503).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import http.client
+import json
+import math
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import urlsplit
+
+import jwt
+import structlog
+
+from appliance.auth.principal import PRINCIPAL
+from appliance.config.model import OidcSection
+from appliance.errors import Unauthorized, Unavailable
+
+log = structlog.get_logger()
+
+# A discovery document or JWKS is a few kilobytes; anything much larger is not one.
+_MAX_DOCUMENT = 1_048_576
+# Most specific first: all of these subclass jwt.InvalidTokenError.
+_REASONS: tuple[tuple[type[jwt.PyJWTError], str, str], ...] = (
+    (jwt.ExpiredSignatureError, "token_expired", "the token has expired"),
+    (jwt.ImmatureSignatureError, "token_not_yet_valid", "the token is not valid yet"),
+    (jwt.InvalidAudienceError, "token_audience", "the token is not meant for this audience"),
+    (jwt.InvalidIssuerError, "token_issuer", "the token comes from another issuer"),
+    (jwt.InvalidAlgorithmError, "token_algorithm", "the token's algorithm is not allowed"),
+)
+
+
+@dataclass(frozen=True)
+class OidcIdentity:
+    user: str  # value of user_claim; the principal is "user:<user>"
+    roles: frozenset[str]  # from roles_claim; empty when not configured or absent
+    expires_at: float  # exp claim, epoch seconds
+
+
+class OidcVerifier:
+    def __init__(self, section: OidcSection) -> None:
+        self._section = section
+        issuer = section.issuer.rstrip("/")
+        self._discovery_url = section.discovery_url or f"{issuer}/.well-known/openid-configuration"
+        self._jwks_uri: str | None = None
+        self._keys: list[jwt.PyJWK] | None = None
+        self._loaded_at = -math.inf  # monotonic time of the last successful JWKS fetch
+        self._attempted_at = -math.inf  # ... of the last attempt, successful or not
+        self._lock = asyncio.Lock()
+
+    async def verify(self, token: str) -> OidcIdentity:
+        """The identity a bearer token proves; raises Unauthorized or Unavailable (issuer down)."""
+        try:
+            header = jwt.get_unverified_header(token)
+        except jwt.PyJWTError:
+            raise Unauthorized("token_invalid", "the token is not a well-formed JWT") from None
+        alg, kid = header.get("alg"), header.get("kid")
+        # Checked before any key is chosen: this stops `none` and HS256 signed with a public key.
+        if alg not in self._section.algorithms:
+            raise Unauthorized("token_algorithm", "the token's algorithm is not allowed")
+        if kid is not None and not isinstance(kid, str):
+            raise Unauthorized("token_invalid", "the token's kid is not a string")
+        key = await self._key_for(kid)
+        if key.algorithm_name != alg:  # an RSA key verifies RS256 only, an EC P-256 key ES256
+            raise Unauthorized("token_algorithm", "the token's algorithm does not fit its key")
+        section = self._section
+        try:
+            claims = jwt.decode(
+                token,
+                key,
+                algorithms=list(section.algorithms),
+                audience=section.audience,
+                issuer=section.issuer,
+                leeway=section.leeway,
+                options={"require": ["exp", "iss", "aud", section.user_claim]},
+            )
+        except jwt.MissingRequiredClaimError as exc:
+            raise Unauthorized("token_invalid", f"the token lacks the {exc.claim} claim") from None
+        except jwt.PyJWTError as exc:
+            reason, message = next(
+                ((r, m) for kind, r, m in _REASONS if isinstance(exc, kind)),
+                ("token_invalid", f"the token is invalid ({type(exc).__name__})"),
+            )
+            raise Unauthorized(reason, message) from None
+        user = claims.get(section.user_claim)
+        # The same rule as every principal id, so "user:<user>" is always a valid one.
+        if not isinstance(user, str) or not PRINCIPAL.match(f"user:{user}"):
+            raise Unauthorized("token_invalid", f"the {section.user_claim} claim is not a user id")
+        return OidcIdentity(user=user, roles=self._roles(claims), expires_at=float(claims["exp"]))
+
+    async def aclose(self) -> None:
+        """Nothing to release: every fetch opens and closes its own connection."""
+
+    def _roles(self, claims: dict[str, Any]) -> frozenset[str]:
+        if not self._section.roles_claim:
+            return frozenset()
+        value: Any = claims
+        for part in self._section.roles_claim.split("."):
+            value = value.get(part) if isinstance(value, dict) else None
+        if not isinstance(value, list):
+            return frozenset()
+        return frozenset(role for role in value if isinstance(role, str))
+
+    async def _key_for(self, kid: str | None) -> jwt.PyJWK:
+        now = time.monotonic()
+        if self._keys is None or now - self._loaded_at > self._section.jwks_cache_ttl:
+            await self._refresh(since=now)
+        key = self._find(kid)
+        if key is None and kid is not None:
+            # Rotation at the issuer: a new kid refetches, rate-limited by _refresh.
+            await self._refresh(since=now)
+            key = self._find(kid)
+        if key is None:
+            raise Unauthorized("token_kid_unknown", "the token's signing key is not the issuer's")
+        return key
+
+    def _find(self, kid: str | None) -> jwt.PyJWK | None:
+        keys = self._keys or []
+        if kid is None:
+            return keys[0] if len(keys) == 1 else None
+        return next((key for key in keys if key.key_id == kid), None)
+
+    async def _refresh(self, since: float) -> None:
+        """Refetch the JWKS unless another task did since `since` or the last attempt is recent."""
+        async with self._lock:
+            recent = time.monotonic() - self._attempted_at < self._section.jwks_min_refresh
+            if self._attempted_at >= since or recent:
+                if not self._keys:
+                    raise Unavailable("the OIDC issuer's keys could not be fetched recently")
+                return
+            self._attempted_at = time.monotonic()
+            try:
+                self._keys = await asyncio.to_thread(self._fetch_keys)
+                self._loaded_at = time.monotonic()
+            except Unavailable as exc:
+                log.warning("oidc_jwks_refresh_failed", error=exc.message, stale=bool(self._keys))
+                if not self._keys:
+                    raise
+
+    def _fetch_keys(self) -> list[jwt.PyJWK]:
+        """Blocking: discovery (once) and the JWKS. Runs in a worker thread."""
+        if self._jwks_uri is None:
+            document = self._get_json(self._discovery_url)
+            if document.get("issuer") != self._section.issuer:
+                raise Unavailable(
+                    f"OIDC discovery at {self._discovery_url} names issuer "
+                    f"{document.get('issuer')!r}, not the configured {self._section.issuer!r}"
+                )
+            jwks_uri = document.get("jwks_uri")
+            if not isinstance(jwks_uri, str):
+                raise Unavailable(f"OIDC discovery at {self._discovery_url} has no jwks_uri")
+            self._jwks_uri = jwks_uri
+        entries = self._get_json(self._jwks_uri).get("keys")
+        keys: list[jwt.PyJWK] = []
+        for entry in entries if isinstance(entries, list) else []:
+            if not isinstance(entry, dict) or entry.get("use", "sig") != "sig":
+                continue  # Keycloak also publishes encryption keys ("use": "enc")
+            try:
+                key = jwt.PyJWK(entry)
+            except jwt.PyJWTError:
+                continue  # a key type or algorithm PyJWT cannot use
+            if key.algorithm_name in self._section.algorithms:
+                keys.append(key)
+        if not keys:
+            allowed = "/".join(self._section.algorithms)
+            raise Unavailable(f"the OIDC JWKS at {self._jwks_uri} has no {allowed} signing key")
+        return keys
+
+    def _get_json(self, url: str) -> dict[str, Any]:
+        if urlsplit(url).scheme not in ("http", "https"):
+            raise Unavailable(f"OIDC URL {url!r} is not http(s)")
+        # The scheme is checked above, so urlopen cannot reach file: or other handlers.
+        request = urllib.request.Request(url, headers={"Accept": "application/json"})  # noqa: S310
+        timeout = self._section.http_timeout
+        try:
+            with urllib.request.urlopen(request, timeout=timeout) as response:  # noqa: S310
+                body = response.read(_MAX_DOCUMENT + 1)
+            if len(body) > _MAX_DOCUMENT:
+                raise ValueError(f"larger than {_MAX_DOCUMENT} bytes")
+            document = json.loads(body)
+        except (OSError, ValueError, http.client.HTTPException) as exc:
+            if isinstance(exc, urllib.error.HTTPError):
+                exc.close()  # it holds the response open
+            raise Unavailable(f"OIDC fetch of {url} failed: {exc}") from None
+        if not isinstance(document, dict):
+            raise Unavailable(f"OIDC fetch of {url} did not return a JSON object")
+        return document
