@@ -199,3 +199,14 @@ def private_redis(
         if proc.poll() is None:
             proc.kill()
             proc.wait(10)
+
+
+@pytest.fixture
+async def api(config: Config, resources: Resources) -> AsyncIterator[Any]:
+    """The full app in-process (lifespan, hub, caches) over the run's real services."""
+    from litestar.testing import AsyncTestClient
+
+    from appliance.api.app import create_app
+
+    async with AsyncTestClient(app=create_app(config)) as client:
+        yield client

@@ -8,6 +8,7 @@ from __future__ import annotations
 import re
 import time
 import uuid
+from datetime import UTC, datetime
 
 import msgspec
 import structlog
@@ -15,6 +16,7 @@ from litestar.enums import ScopeType
 from litestar.types import ASGIApp, HTTPResponseStartEvent, Message, Receive, Scope, Send
 
 from appliance import metrics
+from appliance.activity import ActivityRecord
 from appliance.api.errors import error_body
 
 log = structlog.get_logger()
@@ -81,6 +83,22 @@ def access_layer(app: ASGIApp, max_body_bytes: int) -> ASGIApp:
                 method = scope.get("method", "")
                 metrics.HTTP_REQUESTS.labels(route, method, str(status)).inc()
                 metrics.HTTP_LATENCY.labels(route, method).observe(elapsed)
+                principal = (scope.get("state") or {}).get("principal")
+                services = scope["app"].state.get("services")
+                if principal is not None and services is not None:
+                    client = scope.get("client")
+                    services.activity.record(
+                        ActivityRecord(
+                            at=datetime.now(UTC),
+                            principal=principal.id,
+                            method=method,
+                            route=route,
+                            status=status,
+                            duration_ms=elapsed * 1000,
+                            ip=client[0] if client else None,
+                            request_id=request_id,
+                        )
+                    )
                 if scope["path"] not in PROBES:
                     log.info(
                         "request",

@@ -19,8 +19,13 @@ from appliance import __version__, logs, metrics
 from appliance.api import health
 from appliance.api.access import access_layer
 from appliance.api.errors import EXCEPTION_HANDLERS
+from appliance.api.services import open_services
+from appliance.auth import routes as keys_routes
 from appliance.config import Config, load_config
+from appliance.conversations import routes as conversations_routes
 from appliance.heartbeat import start_heartbeat
+from appliance.messages import routes as messages_routes
+from appliance.realtime import routes as realtime_routes
 from appliance.resources import open_resources
 
 log = structlog.get_logger()
@@ -30,8 +35,9 @@ def _lifespan(config: Config) -> Callable[[Litestar], AbstractAsyncContextManage
     @asynccontextmanager
     async def lifespan(app: Litestar) -> AsyncIterator[None]:
         stop = asyncio.Event()
-        async with open_resources(config, "api") as res:
+        async with open_resources(config, "api") as res, open_services(res) as services:
             app.state.resources = res
+            app.state.services = services
             app.state.shutting_down = False
             beats = await start_heartbeat(
                 res.redis,
@@ -58,14 +64,20 @@ def create_app(config: Config | None = None) -> Litestar:
         config = load_config()
         logs.configure("api", config.appliance.log_level, config.appliance.log_format)
     app = Litestar(
-        route_handlers=[*health.ROUTES],
+        route_handlers=[
+            *health.ROUTES,
+            keys_routes.ROUTER,
+            conversations_routes.ROUTER,
+            messages_routes.ROUTER,
+            realtime_routes.ROUTER,
+        ],
         lifespan=[_lifespan(config)],
         exception_handlers=EXCEPTION_HANDLERS,
         request_max_body_size=config.api.max_body_bytes,
         openapi_config=OpenAPIConfig(
             title="Messaging appliance", version=__version__, path="/schema"
         ),
-        state=State({"shutting_down": False}),
+        state=State({"shutting_down": False, "services": None}),
         logging_config=None,
         debug=False,
     )

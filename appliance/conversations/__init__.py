@@ -1,0 +1,1 @@
+"""Conversations, their members and roles, and who may do what in them."""

@@ -1,0 +1,107 @@
+"""Who may do what in a conversation: scopes, membership roles and key prefixes, on every route.
+
+Existence and roles are cached per api process for `[auth] membership_cache_ttl`; every change is
+announced on the invalidation channel and dropped here at once, so a removed member or a deleted
+conversation is refused within milliseconds on every process.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from contextlib import AbstractAsyncContextManager
+from typing import Any, Literal
+
+import psycopg
+
+from appliance.auth.principal import Principal
+from appliance.conversations import service
+from appliance.errors import Forbidden, NotFound
+from appliance.invalidation import Invalidation
+
+Conn = psycopg.AsyncConnection[Any]
+ConnFactory = Callable[[], AbstractAsyncContextManager[Conn]]
+Action = Literal["view", "read", "publish", "subscribe", "receipt", "manage"]
+
+# Scopes that grant an action without membership (within the key's prefix).
+_SCOPE_GRANTS: dict[Action, frozenset[str]] = {
+    "view": frozenset({"read", "manage", "publish", "subscribe"}),
+    "read": frozenset({"read"}),
+    "publish": frozenset({"publish"}),
+    "subscribe": frozenset({"subscribe"}),
+    "receipt": frozenset(),
+    "manage": frozenset({"manage"}),
+}
+_ROLE_GRANTS: dict[str, frozenset[Action]] = {
+    "owner": frozenset({"view", "read", "publish", "subscribe", "receipt", "manage"}),
+    "member": frozenset({"view", "read", "publish", "subscribe", "receipt"}),
+    "reader": frozenset({"view", "read", "subscribe", "receipt"}),
+}
+_CACHE_MAX = 100_000
+
+
+class Access:
+    def __init__(self, connection: ConnFactory, ttl: float) -> None:
+        self._connection = connection
+        self._ttl = ttl
+        self._exists: dict[str, tuple[float, bool]] = {}
+        self._roles: dict[tuple[str, str], tuple[float, str | None]] = {}
+
+    async def require(self, principal: Principal, conversation: str, action: Action) -> None:
+        """Raise NotFound, or Forbidden with the reason, unless `principal` may do `action`."""
+        service.check_id(conversation)
+        if not principal.may_touch(conversation):
+            raise Forbidden("prefix", f"this key is limited to conversations '{principal.prefix}*'")
+        if not await self._exists_cached(conversation):
+            raise NotFound(f"no conversation {conversation!r}", field="conversation")
+        if any(principal.has(scope) for scope in _SCOPE_GRANTS[action]):
+            return
+        role = await self.role(conversation, principal.id)
+        if role is None:
+            raise Forbidden("not_member", f"{principal.id} is not a member of {conversation!r}")
+        if action not in _ROLE_GRANTS[role]:
+            raise Forbidden("role", f"role {role!r} may not {action} in {conversation!r}")
+
+    async def allowed(self, principal: Principal, conversation: str, action: Action) -> bool:
+        try:
+            await self.require(principal, conversation, action)
+        except (Forbidden, NotFound):
+            return False
+        return True
+
+    async def role(self, conversation: str, principal: str) -> str | None:
+        now = time.monotonic()
+        cached = self._roles.get((conversation, principal))
+        if cached is not None and cached[0] > now:
+            return cached[1]
+        async with self._connection() as conn:
+            role = await service.role_of(conn, conversation, principal)
+        self._store(self._roles, (conversation, principal), role, now)
+        return role
+
+    async def _exists_cached(self, conversation: str) -> bool:
+        now = time.monotonic()
+        cached = self._exists.get(conversation)
+        if cached is not None and cached[0] > now:
+            return cached[1]
+        async with self._connection() as conn:
+            found = await service.exists(conn, conversation)
+        self._store(self._exists, conversation, found, now)
+        return found
+
+    def _store(self, cache: dict[Any, Any], key: Any, value: Any, now: float) -> None:
+        if len(cache) >= _CACHE_MAX:
+            cache.clear()
+        cache[key] = (now + self._ttl, value)
+
+    def forget(self, event: Invalidation | None) -> None:
+        """Apply an invalidation event; None (a missed-event window) forgets everything."""
+        if event is None:
+            self._exists.clear()
+            self._roles.clear()
+        elif event.kind == "conversation":
+            self._exists.pop(event.id, None)
+            for key in [k for k in self._roles if k[0] == event.id]:
+                del self._roles[key]
+        elif event.kind == "member" and event.principal is not None:
+            self._roles.pop((event.id, event.principal), None)

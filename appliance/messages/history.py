@@ -1,0 +1,141 @@
+"""Reading history: pages and single messages, from the Redis tail.
+
+The tail stream's ids are `<seq>-0`, so a seq range is a stream range. One page shape,
+`{messages, next_cursor, prev_cursor}`, which the segment reader extends without changing it.
+Newest first by default (`before`); `after` pages forward, oldest first. A cursor is an opaque
+token for "continue before/after seq N".
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+from dataclasses import dataclass
+from typing import Literal, cast
+
+import redis.asyncio as aioredis
+
+from appliance.errors import Invalid, NotFound
+from appliance.redis_keys import Keys
+
+MAX_LIMIT = 200
+Direction = Literal["before", "after"]
+
+
+@dataclass(frozen=True)
+class Position:
+    direction: Direction
+    seq: int | None  # None: from the newest
+
+
+def encode_cursor(direction: Direction, seq: int) -> str:
+    return base64.urlsafe_b64encode(f"{direction[0]}{seq}".encode()).decode().rstrip("=")
+
+
+def decode_cursor(cursor: str) -> Position:
+    try:
+        text = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
+        directions: dict[str, Direction] = {"b": "before", "a": "after"}
+        direction = directions[text[0]]
+        seq = int(text[1:])
+    except (binascii.Error, UnicodeDecodeError, KeyError, IndexError, ValueError):
+        raise Invalid("is not a cursor returned by this API", field="cursor") from None
+    if seq < 0:
+        raise Invalid("is not a cursor returned by this API", field="cursor")
+    return Position(direction, seq)
+
+
+def position(before: int | None, after: int | None, cursor: str | None) -> Position:
+    values = (("before", before), ("after", after), ("cursor", cursor or None))
+    given = [name for name, value in values if value is not None]
+    if len(given) > 1:
+        raise Invalid(f"give at most one of before, after, cursor (got {given})", field=given[1])
+    if cursor:
+        return decode_cursor(cursor)
+    for name, value in (("before", before), ("after", after)):
+        if value is not None and value < 0:
+            raise Invalid("must be a non-negative seq", field=name)
+    if after is not None:
+        return Position("after", after)
+    return Position("before", before)
+
+
+Entries = list[tuple[bytes, dict[bytes, bytes]]]
+
+
+def _seq(entry_id: bytes) -> int:
+    return int(entry_id.split(b"-", 1)[0])
+
+
+async def _range(
+    redis: aioredis.Redis, key: str, low: str, high: str, count: int, reverse: bool = False
+) -> Entries:
+    """XRANGE/XREVRANGE from `low` to `high` (typed: this client never decodes responses)."""
+    if reverse:
+        return cast(Entries, await redis.xrevrange(key, high, low, count=count))
+    return cast(Entries, await redis.xrange(key, low, high, count=count))
+
+
+async def page(
+    redis: aioredis.Redis, keys: Keys, conversation: str, at: Position, limit: int
+) -> bytes:
+    """The page as JSON bytes (message bodies are passed through, never re-encoded)."""
+    if not 1 <= limit <= MAX_LIMIT:
+        raise Invalid(f"must be between 1 and {MAX_LIMIT}", field="limit")
+    tail = keys.tail(conversation)
+    if at.direction == "before":
+        top = f"({at.seq}-0" if at.seq is not None else "+"
+        entries = await _range(redis, tail, "-", top, limit, reverse=True)
+    else:
+        entries = await _range(redis, tail, f"({at.seq}-0", "+", limit)
+    messages = [fields[b"m"] for _, fields in entries]
+    seqs = [_seq(entry_id) for entry_id, _ in entries]
+    next_cursor = prev_cursor = None
+    if seqs:
+        if at.direction == "before":
+            next_cursor = encode_cursor("before", seqs[-1]) if len(seqs) == limit else None
+            prev_cursor = encode_cursor("after", seqs[0])
+        else:
+            next_cursor = encode_cursor("after", seqs[-1]) if len(seqs) == limit else None
+            prev_cursor = encode_cursor("before", seqs[0])
+    return b"".join(
+        (
+            b'{"messages":[',
+            b",".join(messages),
+            b'],"next_cursor":',
+            _json_str(next_cursor),
+            b',"prev_cursor":',
+            _json_str(prev_cursor),
+            b"}",
+        )
+    )
+
+
+def _json_str(value: str | None) -> bytes:
+    return b"null" if value is None else f'"{value}"'.encode()
+
+
+async def one(redis: aioredis.Redis, keys: Keys, conversation: str, seq: int) -> bytes:
+    if seq < 1:
+        raise Invalid("must be a positive seq", field="seq")
+    entries = await _range(redis, keys.tail(conversation), f"{seq}-0", f"{seq}-0", 1)
+    if not entries:
+        raise NotFound(f"no message {seq} in {conversation!r}", field="seq")
+    return entries[0][1][b"m"]
+
+
+async def replay(
+    redis: aioredis.Redis, keys: Keys, conversation: str, after: int, limit: int
+) -> list[tuple[int, bytes]]:
+    """Up to `limit` messages with seq > after, oldest first, as (seq, message JSON)."""
+    entries = await _range(redis, keys.tail(conversation), f"({after}-0", "+", limit)
+    return [(_seq(entry_id), fields[b"m"]) for entry_id, fields in entries]
+
+
+async def head(redis: aioredis.Redis, keys: Keys, conversation: str) -> int:
+    """The newest seq (0 when none)."""
+    value = await redis.get(keys.seq(conversation))
+    if value is not None:
+        return int(value)
+    last = await _range(redis, keys.tail(conversation), "-", "+", 1, reverse=True)
+    return _seq(last[0][0]) if last else 0

@@ -1,0 +1,45 @@
+-- One publish (one message or a batch), atomically, in one round trip.
+-- KEYS: 1 seq counter, 2 tail stream, 3 shard ingest stream, 4 idempotency key (or a dummy)
+-- ARGV: 1 conversation, 2 channel, 3 count n, 4 idempotency hash ("" = none), 5 idempotency ttl ms,
+--       6 acks meta (stored for replays), then per message i: head, rest, reply_to (0 = none)
+-- Returns {"ok", first_seq} | {"dup", stored} | {"conflict"} | {"reply_to", i, current}
+local seq_key, tail, ingest, idem = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
+local conversation, channel, n = ARGV[1], ARGV[2], tonumber(ARGV[3])
+local idem_hash = ARGV[4]
+
+if idem_hash ~= "" then
+  local stored = redis.call("GET", idem)
+  if stored then
+    if string.sub(stored, 1, 64) == idem_hash then return {"dup", stored} end
+    return {"conflict"}
+  end
+end
+
+-- The counter is missing after a Redis restart or eviction: re-seed it from the newest record
+-- of the tail (tail ids are "<seq>-0") so a seq is never handed out twice.
+local current = tonumber(redis.call("GET", seq_key) or "-1")
+if current < 0 then
+  current = 0
+  local last = redis.call("XREVRANGE", tail, "+", "-", "COUNT", 1)
+  if #last > 0 then current = tonumber(string.match(last[1][1], "^(%d+)")) end
+  redis.call("SET", seq_key, current)
+end
+
+for i = 1, n do
+  local reply_to = tonumber(ARGV[6 + 3 * i])
+  if reply_to > current + i - 1 then return {"reply_to", i, current + i - 1} end
+end
+
+local first = redis.call("INCRBY", seq_key, n) - n + 1
+for i = 1, n do
+  local seq = first + i - 1
+  local message = ARGV[4 + 3 * i] .. seq .. ARGV[5 + 3 * i]
+  redis.call("XADD", tail, seq .. "-0", "m", message)
+  redis.call("XADD", ingest, "*", "c", conversation, "s", seq, "m", message)
+  redis.call("PUBLISH", channel, '{"event":"message","message":' .. message .. "}")
+end
+
+if idem_hash ~= "" then
+  redis.call("SET", idem, idem_hash .. first .. "\n" .. ARGV[6], "PX", ARGV[5])
+end
+return {"ok", first}

@@ -1,0 +1,195 @@
+"""Publishing: validate, rate-limit, then one Lua script per request (see publish.lua).
+
+The message JSON is built here except for its seq, which only the script knows: Python encodes
+the head (`{"conversation":…,"seq":`) and the rest (`,"id":…}`), the script joins them around the
+seq it assigns. `body` stays the client's own bytes (msgspec.Raw): validated, never re-encoded.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from importlib import resources
+from typing import Annotated, Any
+
+import msgspec
+import redis.asyncio as aioredis
+from ulid import ULID
+
+from appliance import metrics
+from appliance.auth.principal import Principal
+from appliance.config.model import MessagesSection
+from appliance.errors import Conflict, Invalid, RateLimited
+from appliance.redis_keys import Keys
+
+_IDEMPOTENCY_KEY = frozenset(range(0x21, 0x7F))
+
+
+class Attachment(msgspec.Struct, forbid_unknown_fields=True):
+    id: Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9_-]{1,64}$")]
+    name: Annotated[str, msgspec.Meta(min_length=1, max_length=255)]
+    size: Annotated[int, msgspec.Meta(ge=0)]
+    content_type: Annotated[str, msgspec.Meta(pattern=r"^[\w.+-]+/[\w.+-]+$", max_length=127)]
+
+
+class MessageIn(msgspec.Struct, forbid_unknown_fields=True):
+    type: Annotated[str, msgspec.Meta(pattern=r"^[a-z0-9._-]{1,32}$")]
+    body: msgspec.Raw
+    attachments: list[Attachment] = []
+    reply_to: Annotated[int, msgspec.Meta(ge=1)] | None = None
+
+
+class BatchIn(msgspec.Struct, forbid_unknown_fields=True):
+    messages: Annotated[list[MessageIn], msgspec.Meta(min_length=1)]
+
+
+class _Rest(msgspec.Struct, omit_defaults=True):
+    """The message after `seq`, in contract order."""
+
+    id: str
+    ts: str
+    sender: str
+    type: str
+    body: msgspec.Raw
+    attachments: list[Attachment] = []
+    reply_to: int | None = None
+    idempotency_key: str | None = None
+
+
+class Ack(msgspec.Struct):
+    conversation: str
+    seq: int
+    id: str
+    ts: str
+
+
+@dataclass(frozen=True)
+class Published:
+    acks: list[Ack]
+    replayed: bool  # an Idempotency-Key repeat: the original acknowledgement
+
+
+def _script(name: str) -> str:
+    return resources.files("appliance.messages").joinpath(name).read_text()
+
+
+def check_idempotency_key(value: str | None) -> str | None:
+    if value is not None and not (
+        0 < len(value) <= 255 and all(ord(c) in _IDEMPOTENCY_KEY for c in value)
+    ):
+        raise Invalid("must be 1-255 printable ASCII characters", field="Idempotency-Key")
+    return value
+
+
+class Publisher:
+    def __init__(self, redis: aioredis.Redis, keys: Keys, section: MessagesSection) -> None:
+        self._redis = redis
+        self._keys = keys
+        self._section = section
+        self._publish = redis.register_script(_script("publish.lua"))
+        self._rate = redis.register_script(_script("ratelimit.lua"))
+
+    def validate(self, messages: list[MessageIn], batch: bool) -> None:
+        limit = self._section
+        if len(messages) > limit.max_batch:
+            raise Invalid(f"at most {limit.max_batch} messages per batch", field="messages")
+        if len(messages) > limit.rate_burst:
+            raise Invalid(f"at most rate_burst={limit.rate_burst} per batch", field="messages")
+        for i, message in enumerate(messages):
+            where = f"messages[{i}]." if batch else ""
+            if len(message.body) > limit.max_body_bytes:
+                raise Invalid(
+                    f"encoded body exceeds {limit.max_body_bytes} bytes", field=f"{where}body"
+                )
+            if len(message.attachments) > limit.max_attachments:
+                raise Invalid(
+                    f"at most {limit.max_attachments} attachments", field=f"{where}attachments"
+                )
+
+    async def rate_limit(self, principal: Principal, cost: int, route: str) -> None:
+        wait_ms = await self._rate(
+            keys=[self._keys.rate(principal.id)],
+            args=[self._section.rate_per_second, self._section.rate_burst, cost],
+        )
+        if wait_ms:
+            metrics.RATE_LIMITED.labels(route).inc()
+            raise RateLimited(
+                f"rate limit of {self._section.rate_per_second:g} messages/s exceeded",
+                retry_after=int(wait_ms) / 1000,
+            )
+
+    async def publish(
+        self,
+        conversation: str,
+        principal: Principal,
+        messages: list[MessageIn],
+        idempotency_key: str | None,
+        raw_body: bytes,
+        batch: bool,
+    ) -> Published:
+        now = time.time()
+        ts = datetime.fromtimestamp(now, UTC).isoformat(timespec="milliseconds")[:-6] + "Z"
+        head = b'{"conversation":' + msgspec.json.encode(conversation) + b',"seq":'
+        ids = [str(ULID.from_timestamp(now)) for _ in messages]
+        args: list[Any] = []
+        for message, message_id in zip(messages, ids, strict=True):
+            rest = _Rest(
+                message_id,
+                ts,
+                principal.id,
+                message.type,
+                message.body,
+                message.attachments,
+                message.reply_to,
+                idempotency_key,
+            )
+            args += [head, b"," + msgspec.json.encode(rest)[1:], message.reply_to or 0]
+        keys = self._keys
+        idem_hash = hashlib.sha256(raw_body).hexdigest() if idempotency_key else ""
+        idem_key = (
+            keys.idempotency(conversation, principal.id, idempotency_key)
+            if idempotency_key
+            else keys.seq(conversation)  # unused, but keeps every key in the same slot
+        )
+        meta = msgspec.json.encode([ts, ids])
+        result = await self._publish(
+            keys=[
+                keys.seq(conversation),
+                keys.tail(conversation),
+                keys.ingest_of(conversation),
+                idem_key,
+            ],
+            args=[
+                conversation,
+                keys.channel(conversation),
+                len(messages),
+                idem_hash,
+                int(self._section.idempotency_window * 1000),
+                meta,
+                *args,
+            ],
+        )
+        outcome = result[0].decode()
+        if outcome == "ok":
+            first = int(result[1])
+            return Published(_acks(conversation, first, ts, ids), replayed=False)
+        if outcome == "dup":
+            stored = result[1][64:]
+            first_text, _, stored_meta = stored.partition(b"\n")
+            ts, ids = msgspec.json.decode(stored_meta, type=tuple[str, list[str]])
+            return Published(_acks(conversation, int(first_text), ts, ids), replayed=True)
+        if outcome == "conflict":
+            raise Conflict(
+                "this Idempotency-Key was used with a different body", field="Idempotency-Key"
+            )
+        index, current = int(result[1]) - 1, int(result[2])
+        raise Invalid(
+            f"must be an existing seq of this conversation (at most {current})",
+            field=f"messages[{index}].reply_to" if batch else "reply_to",
+        )
+
+
+def _acks(conversation: str, first: int, ts: str, ids: list[str]) -> list[Ack]:
+    return [Ack(conversation, first + i, message_id, ts) for i, message_id in enumerate(ids)]

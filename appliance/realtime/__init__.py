@@ -1,0 +1,1 @@
+"""Realtime: one Redis pub/sub connection per api process, WebSockets, receipts and presence."""

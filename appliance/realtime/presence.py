@@ -1,0 +1,134 @@
+"""Receipts and presence: Redis only, with TTLs, broadcast on the conversation's channel.
+
+Presence is a sorted set per conversation whose members are `<principal>|<socket id>` scored by
+their expiry, so several sockets of one principal (on any api process) count once and a crashed
+process's sockets fade out after `presence_ttl`. Receipts are two hashes per conversation
+(`delivered`, `read`): principal → highest seq, only ever raised.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Literal, cast
+
+import msgspec
+import redis.asyncio as aioredis
+
+from appliance.redis_keys import Keys
+
+ReceiptKind = Literal["delivered", "read"]
+
+# KEYS: 1 receipts hash, ARGV: 1 principal, 2 seq, 3 ttl ms, 4 channel, 5 event frame head.
+# Raises the principal's mark (never lowers it); broadcasts only a change. Returns the mark.
+_RAISE_RECEIPT = """
+local old = tonumber(redis.call("HGET", KEYS[1], ARGV[1]) or "0")
+local new = tonumber(ARGV[2])
+if new > old then
+  redis.call("HSET", KEYS[1], ARGV[1], new)
+  redis.call("PUBLISH", ARGV[4], ARGV[5] .. new .. "}")
+  old = new
+end
+redis.call("PEXPIRE", KEYS[1], ARGV[3])
+return old
+"""
+
+
+class ReceiptIn(msgspec.Struct, forbid_unknown_fields=True):
+    type: ReceiptKind
+    seq: int
+
+
+class Receipt(msgspec.Struct):
+    principal: str
+    delivered: int
+    read: int
+
+
+def _event(conversation: str, principal: str, **fields: str) -> bytes:
+    return msgspec.json.encode(
+        {"event": "presence", "conversation": conversation, "principal": principal, **fields}
+    )
+
+
+class Presence:
+    def __init__(self, redis: aioredis.Redis, keys: Keys, ttl: float, receipt_ttl: float) -> None:
+        self._redis = redis
+        self._keys = keys
+        self._ttl = ttl
+        self._receipt_ttl_ms = int(receipt_ttl * 1000)
+        self._raise = redis.register_script(_RAISE_RECEIPT)
+
+    async def _live(self, conversation: str, now: float) -> list[bytes]:
+        key = self._keys.presence(conversation)
+        return cast(list[bytes], await self._redis.zrangebyscore(key, now, "+inf"))
+
+    async def _present(self, conversation: str, principal: str, now: float) -> bool:
+        members = await self._live(conversation, now)
+        mark = f"{principal}|".encode()
+        return any(m.startswith(mark) for m in members)
+
+    async def join(self, conversation: str, principal: str, socket_id: str) -> None:
+        now = time.time()
+        was_present = await self._present(conversation, principal, now)
+        key = self._keys.presence(conversation)
+        async with self._redis.pipeline(transaction=False) as pipe:
+            pipe.zadd(key, {f"{principal}|{socket_id}": now + self._ttl})
+            pipe.zremrangebyscore(key, "-inf", now)
+            pipe.expire(key, int(self._ttl) + 1)
+            if not was_present:
+                pipe.publish(
+                    self._keys.channel(conversation),
+                    _event(conversation, principal, status="online"),
+                )
+            await pipe.execute()
+
+    async def refresh(self, entries: list[tuple[str, str, str]]) -> None:
+        """(conversation, principal, socket id) of one socket's subscriptions, on its ping beat."""
+        if not entries:
+            return
+        expiry = time.time() + self._ttl
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for conversation, principal, socket_id in entries:
+                key = self._keys.presence(conversation)
+                pipe.zadd(key, {f"{principal}|{socket_id}": expiry})
+                pipe.expire(key, int(self._ttl) + 1)
+            await pipe.execute()
+
+    async def leave(self, conversation: str, principal: str, socket_id: str) -> None:
+        await self._redis.zrem(self._keys.presence(conversation), f"{principal}|{socket_id}")
+        if not await self._present(conversation, principal, time.time()):
+            await self._redis.publish(
+                self._keys.channel(conversation), _event(conversation, principal, status="offline")
+            )
+
+    async def online(self, conversation: str) -> list[str]:
+        members = await self._live(conversation, time.time())
+        return sorted({m.decode().rsplit("|", 1)[0] for m in members})
+
+    async def receipt(self, conversation: str, principal: str, kind: ReceiptKind, seq: int) -> int:
+        head = (
+            msgspec.json.encode(
+                {
+                    "event": "receipt",
+                    "conversation": conversation,
+                    "principal": principal,
+                    "type": kind,
+                }
+            )[:-1]
+            + b',"seq":'
+        )
+        mark = await self._raise(
+            keys=[self._keys.receipts(conversation, kind)],
+            args=[principal, seq, self._receipt_ttl_ms, self._keys.channel(conversation), head],
+        )
+        return int(mark)
+
+    async def receipts(self, conversation: str) -> list[Receipt]:
+        async with self._redis.pipeline(transaction=False) as pipe:
+            pipe.hgetall(self._keys.receipts(conversation, "delivered"))
+            pipe.hgetall(self._keys.receipts(conversation, "read"))
+            delivered, read = await pipe.execute()
+        principals = sorted({*delivered, *read})
+        return [
+            Receipt(p.decode(), int(delivered.get(p, 0)), int(read.get(p, 0))) for p in principals
+        ]

@@ -1,0 +1,112 @@
+"""`/v1/stream` (WebSocket), receipts and presence."""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from datetime import UTC, datetime
+from typing import Any
+
+from litestar import Response, Router, WebSocket, get, post, websocket
+from litestar.params import FromPath
+
+from appliance import metrics
+from appliance.activity import ActivityRecord
+from appliance.api.body import decode
+from appliance.api.deps import DEPENDENCIES, Req, Who, services
+from appliance.api.json import json_response
+from appliance.api.services import Services
+from appliance.auth.authenticate import bearer
+from appliance.errors import ApplianceError, Invalid
+from appliance.messages import history
+from appliance.realtime.presence import ReceiptIn
+from appliance.realtime.stream import CLOSE_FORBIDDEN, CLOSE_UNAUTHORIZED, Session, error_frame
+
+BASE = "/v1/conversations/{conversation:str}"
+
+
+@post(f"{BASE}/receipts")
+async def post_receipt(
+    request: Req, conversation: FromPath[str], principal: Who
+) -> Response[bytes]:
+    """Raise this member's `delivered` or `read` mark to `seq` (never lowers it)."""
+    svc = services(request)
+    await svc.access.require(principal, conversation, "receipt")
+    spec = decode(await request.body(), ReceiptIn)
+    head = await history.head(svc.redis, svc.keys, conversation)
+    if not 1 <= spec.seq <= head:
+        raise Invalid(f"must be between 1 and the head seq {head}", field="seq")
+    mark = await svc.presence.receipt(conversation, principal.id, spec.type, spec.seq)
+    return json_response({"principal": principal.id, "type": spec.type, "seq": mark})
+
+
+@get(f"{BASE}/receipts")
+async def get_receipts(
+    request: Req, conversation: FromPath[str], principal: Who
+) -> Response[bytes]:
+    svc = services(request)
+    await svc.access.require(principal, conversation, "view")
+    return json_response({"receipts": await svc.presence.receipts(conversation)})
+
+
+@get(f"{BASE}/presence")
+async def get_presence(
+    request: Req, conversation: FromPath[str], principal: Who
+) -> Response[bytes]:
+    svc = services(request)
+    await svc.access.require(principal, conversation, "view")
+    return json_response({"online": await svc.presence.online(conversation)})
+
+
+@websocket("/v1/stream")
+async def stream(socket: WebSocket[Any, Any, Any]) -> None:
+    """Realtime: auth by `Authorization` or `?token=`; JSON ops subscribe, unsubscribe, ping."""
+    svc: Services = socket.app.state.services
+    started = time.perf_counter()
+    await socket.accept()
+    try:
+        credential = bearer(socket.headers.get("authorization"), socket.query_params.get("token"))
+        principal = await svc.auth.authenticate(
+            f"Bearer {credential}", None, socket.headers.get("x-on-behalf-of")
+        )
+    except ApplianceError as exc:
+        code = CLOSE_UNAUTHORIZED if exc.status == 401 else CLOSE_FORBIDDEN
+        if exc.status in (401, 403):
+            metrics.AUTH_FAILURES.labels(getattr(exc, "reason", exc.code)).inc()
+        await socket.send_data(error_frame(exc.code, exc.message, exc.field))
+        await socket.close(code if exc.status in (401, 403) else 1011, exc.code)
+        return
+    session = Session(socket, svc, principal, credential)
+    svc.sessions.add(session)
+    metrics.WS_CONNECTIONS.inc()
+    try:
+        await session.run()
+    finally:
+        svc.sessions.discard(session)
+        metrics.WS_CONNECTIONS.dec()
+        code, reason = session.closing or (1000, "")
+        metrics.WS_CLOSED.labels(str(code)).inc()
+        if code != 1000:
+            with contextlib.suppress(Exception):  # the peer may be gone already
+                await socket.close(code, reason)
+        client = socket.scope.get("client")
+        svc.activity.record(
+            ActivityRecord(
+                at=datetime.now(UTC),
+                principal=principal.id,
+                method="WS",
+                route="/v1/stream",
+                status=101,
+                duration_ms=(time.perf_counter() - started) * 1000,
+                ip=client[0] if client else None,
+                request_id=session.id,
+            )
+        )
+
+
+ROUTER = Router(
+    "/",
+    route_handlers=[post_receipt, get_receipts, get_presence, stream],
+    dependencies=DEPENDENCIES,
+    tags=["realtime"],
+)

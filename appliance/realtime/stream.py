@@ -1,0 +1,306 @@
+"""The WebSocket `/v1/stream`: subscriptions with resume, replay-then-live, pings, slow consumers.
+
+No gap and no duplicate at the seam: a subscription joins the channel first (frames arriving
+from then on are held), then reads the tail after its resume point, then releases the held frames
+with a seq above what it sent. A frame whose seq skips ahead (a frame lost while the hub's
+connection was down) sends the subscription back to the tail for the missing range.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from datetime import datetime
+from typing import TYPE_CHECKING, Any, cast
+
+import msgspec
+import structlog
+
+from appliance import metrics
+from appliance.auth.principal import Principal
+from appliance.errors import ApplianceError
+from appliance.messages import history
+
+if TYPE_CHECKING:
+    from litestar import WebSocket
+
+    from appliance.api.services import Services
+
+log = structlog.get_logger()
+CLOSE_UNAUTHORIZED = 4001
+CLOSE_FORBIDDEN = 4003
+CLOSE_SLOW_CONSUMER = 4008  # resubscribe with `since` = the last seq received
+REPLAY_PAGE = 500
+
+
+class Subscribe(msgspec.Struct, tag="subscribe", tag_field="op", forbid_unknown_fields=True):
+    conversation: str
+    since: int | None = None
+
+
+class Unsubscribe(msgspec.Struct, tag="unsubscribe", tag_field="op", forbid_unknown_fields=True):
+    conversation: str
+
+
+class Ping(msgspec.Struct, tag="ping", tag_field="op", forbid_unknown_fields=True):
+    pass
+
+
+_decode_op = msgspec.json.Decoder(Subscribe | Unsubscribe | Ping).decode
+
+
+def error_frame(code: str, message: str, field: str | None = None, **extra: object) -> str:
+    error = {"code": code, "message": message, "field": field, **extra}
+    return msgspec.json.encode({"event": "error", "error": error}).decode()
+
+
+def message_frame(message: bytes) -> str:
+    return '{"event":"message","message":' + message.decode() + "}"
+
+
+def published_at(ts: str | None) -> float | None:
+    return datetime.fromisoformat(ts).timestamp() if ts else None
+
+
+class Subscription:
+    def __init__(self, session: Session, conversation: str, last: int) -> None:
+        self.session = session
+        self.conversation = conversation
+        self.last = last
+        self.live = False
+        self.held: list[tuple[int, str, float | None]] = []
+
+    def on_frame(self, seq: int | None, ts: str | None, frame: str) -> None:
+        if seq is None:  # receipt and presence events
+            self.session.send(frame, None)
+        elif not self.live:
+            self.held.append((seq, frame, published_at(ts)))
+        elif seq == self.last + 1:
+            self.last = seq
+            self.session.send(frame, published_at(ts))
+        elif seq > self.last + 1:
+            self.held.append((seq, frame, published_at(ts)))
+            self.resync()
+
+    def resync(self) -> None:
+        if self.live:
+            self.live = False
+            self.session.spawn(self.catch_up())
+
+    async def catch_up(self) -> None:
+        """Send what the tail has after `last`, then the held frames, then go live."""
+        svc = self.session.svc
+        while True:
+            while True:
+                entries = await history.replay(
+                    svc.redis, svc.keys, self.conversation, self.last, REPLAY_PAGE
+                )
+                for seq, message in entries:
+                    if seq > self.last:
+                        self.last = seq
+                        self.session.send(message_frame(message), None)
+                if len(entries) < REPLAY_PAGE:
+                    break
+            held, self.held = sorted(self.held, key=lambda h: h[0]), []
+            gap = False
+            for seq, frame, at in held:
+                if seq == self.last + 1:
+                    self.last = seq
+                    self.session.send(frame, at)
+                elif seq > self.last + 1:
+                    gap = True
+                    self.held.append((seq, frame, at))
+            if not gap:
+                self.live = True
+                return
+
+
+class Session:
+    def __init__(
+        self,
+        ws: WebSocket[Any, Any, Any],
+        svc: Services,
+        principal: Principal,
+        credential: str,
+    ) -> None:
+        self.ws = ws
+        self.svc = svc
+        self.principal = principal
+        self.credential = credential
+        self.id = uuid.uuid4().hex[:16]
+        self.subs: dict[str, Subscription] = {}
+        self.queue: asyncio.Queue[tuple[str, float | None]] = asyncio.Queue(
+            svc.config.realtime.queue_max
+        )
+        self.tasks: set[asyncio.Task[None]] = set()
+        self.closing: tuple[int, str] | None = None
+        self.done = asyncio.Event()
+
+    def send(self, frame: str, at: float | None) -> None:
+        if self.closing is not None:
+            return
+        try:
+            self.queue.put_nowait((frame, at))
+        except asyncio.QueueFull:
+            last = {c: s.last for c, s in self.subs.items()}
+            self.close(CLOSE_SLOW_CONSUMER, f"slow consumer: resubscribe with since {last}"[:120])
+
+    def close(self, code: int, reason: str) -> None:
+        if self.closing is None:
+            self.closing = (code, reason)
+            self.done.set()
+
+    def spawn(self, coro: object) -> None:
+        task: asyncio.Task[None] = asyncio.create_task(coro)  # type: ignore[arg-type]
+        self.tasks.add(task)
+        task.add_done_callback(self._task_done)
+
+    def _task_done(self, task: asyncio.Task[None]) -> None:
+        self.tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.warning("stream_task_failed", error=str(task.exception()))
+            self.close(1011, "internal error")
+
+    async def sender(self) -> None:
+        send = self.ws.send
+        observe = metrics.DELIVERY_LATENCY.observe
+        while True:
+            frame, at = await self.queue.get()
+            await send({"type": "websocket.send", "text": frame, "bytes": None})
+            if at is not None:
+                observe(time.time() - at)
+
+    async def pinger(self) -> None:
+        interval = self.svc.config.realtime.ping_interval
+        while True:
+            await asyncio.sleep(interval)
+            self.send('{"event":"ping"}', None)
+            entries = [(c, self.principal.id, self.id) for c in self.subs]
+            await self.svc.presence.refresh(entries)
+
+    async def receiver(self) -> None:
+        while True:
+            event = await self.ws.receive()
+            if event["type"] == "websocket.disconnect":
+                self.close(1000, "")
+                return
+            raw = cast("str | bytes", event.get("text") or event.get("bytes") or b"")
+            try:
+                op = _decode_op(raw)
+            except (msgspec.ValidationError, msgspec.DecodeError) as exc:
+                self.send(error_frame("invalid", str(exc), "op"), None)
+                continue
+            try:
+                if isinstance(op, Subscribe):
+                    await self.subscribe(op.conversation, op.since)
+                elif isinstance(op, Unsubscribe):
+                    await self.unsubscribe(op.conversation, notify=True)
+                else:
+                    self.send('{"event":"pong"}', None)
+            except ApplianceError as exc:
+                conversation = getattr(op, "conversation", None)
+                self.send(
+                    error_frame(exc.code, exc.message, exc.field, conversation=conversation), None
+                )
+
+    async def subscribe(self, conversation: str, since: int | None) -> None:
+        svc = self.svc
+        if conversation in self.subs:
+            raise ApplianceError(
+                "already subscribed", field="conversation", code="already_subscribed"
+            )
+        if len(self.subs) >= svc.config.realtime.max_subscriptions:
+            raise ApplianceError(
+                f"at most {svc.config.realtime.max_subscriptions} subscriptions per socket",
+                field="conversation",
+                code="too_many_subscriptions",
+            )
+        await svc.access.require(self.principal, conversation, "subscribe")
+        sub = Subscription(self, conversation, 0)
+        self.subs[conversation] = sub
+        await svc.hub.join(svc.keys.channel(conversation), sub)
+        head = await history.head(svc.redis, svc.keys, conversation)
+        problem = None
+        if since is not None and (since < 0 or since > head):
+            problem = error_frame(
+                "invalid",
+                f"must be between 0 and the head seq {head}",
+                "since",
+                conversation=conversation,
+            )
+        elif since is not None and head - since > svc.config.realtime.max_replay:
+            problem = error_frame(
+                "resume_too_old",
+                "page the history over HTTP, then resubscribe with a newer since",
+                "since",
+                conversation=conversation,
+                head=head,
+            )
+        if problem is not None:
+            await self.unsubscribe(conversation, notify=False)
+            self.send(problem, None)
+            return
+        sub.last = head if since is None else since
+        self.send(
+            msgspec.json.encode(
+                {"event": "subscribed", "conversation": conversation, "seq": head}
+            ).decode(),
+            None,
+        )
+        await svc.presence.join(conversation, self.principal.id, self.id)
+        await sub.catch_up()
+
+    async def unsubscribe(self, conversation: str, notify: bool) -> None:
+        sub = self.subs.pop(conversation, None)
+        if sub is None:
+            if notify:
+                raise ApplianceError("not subscribed", field="conversation", code="not_subscribed")
+            return
+        await self.svc.hub.leave(self.svc.keys.channel(conversation), sub)
+        await self.svc.presence.leave(conversation, self.principal.id, self.id)
+        if notify:
+            self.send(
+                msgspec.json.encode(
+                    {"event": "unsubscribed", "conversation": conversation}
+                ).decode(),
+                None,
+            )
+
+    async def recheck(self, conversation: str | None) -> None:
+        """After a membership or conversation change: drop what is no longer allowed."""
+        for name in [conversation] if conversation else list(self.subs):
+            if name in self.subs and not await self.svc.access.allowed(
+                self.principal, name, "subscribe"
+            ):
+                await self.unsubscribe(name, notify=False)
+                self.send(
+                    error_frame(
+                        "forbidden",
+                        "access to this conversation ended",
+                        "conversation",
+                        conversation=name,
+                    ),
+                    None,
+                )
+
+    async def reauthenticate(self) -> None:
+        try:
+            await self.svc.auth.authenticate(f"Bearer {self.credential}", None, None)
+        except ApplianceError as exc:
+            self.close(CLOSE_UNAUTHORIZED, exc.code)
+
+    async def run(self) -> None:
+        for coro in (self.sender(), self.pinger(), self.receiver()):
+            self.spawn(coro)
+        try:
+            await self.done.wait()
+        finally:
+            for task in list(self.tasks):
+                task.cancel()
+            await asyncio.gather(*self.tasks, return_exceptions=True)
+            for conversation in list(self.subs):
+                try:
+                    await self.unsubscribe(conversation, notify=False)
+                except Exception as exc:
+                    log.warning("stream_cleanup_failed", error=str(exc))
