@@ -1,0 +1,228 @@
+"""Publishing and recent history against real Redis and PostgreSQL: seqs, the one-script write
+(tail, ingest stream, channel), idempotency, re-seeding, batches, pages and cursors."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import Any
+
+from litestar.testing import AsyncTestClient
+
+from appliance.api.app import create_app
+from appliance.config import Config
+from appliance.redis_keys import shard_of
+from appliance.resources import Resources
+from tests.messaging import bearer, body, issue_key, unique
+
+Client = AsyncTestClient[Any]
+
+
+async def conversation_with_key(api: Client, resources: Resources) -> tuple[str, str]:
+    key = await issue_key(resources, ["admin"])
+    conversation = unique("c")
+    created = await api.post(
+        "/v1/conversations", json={"conversation": conversation}, headers=bearer(key)
+    )
+    assert created.status_code == 201, created.text
+    return conversation, key
+
+
+async def publish(api: Client, conversation: str, key: str, **fields: Any) -> dict[str, Any]:
+    response = await api.post(
+        f"/v1/conversations/{conversation}/messages", json=body(**fields), headers=bearer(key)
+    )
+    assert response.status_code == 201, response.text
+    result: dict[str, Any] = response.json()
+    return result
+
+
+async def test_publish_acks_and_writes_tail_ingest_and_channel(
+    api: Client, resources: Resources
+) -> None:
+    conversation, key = await conversation_with_key(api, resources)
+    keys = resources.keys
+    pubsub = resources.redis.pubsub()
+    await pubsub.subscribe(keys.channel(conversation))
+    await pubsub.get_message(timeout=5)  # the subscribe confirmation
+    try:
+        ack = await publish(api, conversation, key, reply_to=None)
+        assert set(ack) == {"conversation", "seq", "id", "ts"}
+        assert ack["conversation"] == conversation and ack["seq"] == 1
+        assert len(ack["id"]) == 26 and ack["ts"].endswith("Z")
+        frame = await pubsub.get_message(ignore_subscribe_messages=True, timeout=5)
+    finally:
+        await pubsub.aclose()  # type: ignore[no-untyped-call]
+    assert frame is not None
+    event = json.loads(frame["data"])
+    assert event["event"] == "message"
+    message = event["message"]
+    assert message == {
+        "conversation": conversation,
+        "seq": 1,
+        "id": ack["id"],
+        "ts": ack["ts"],
+        "sender": message["sender"],
+        "type": "text",
+        "body": {"text": "hi"},
+    }
+    assert message["sender"].startswith("key:")
+    tail = await resources.redis.xrange(keys.tail(conversation))
+    assert [(entry_id, json.loads(f[b"m"])) for entry_id, f in tail] == [(b"1-0", message)]
+    ingest = await resources.redis.xrange(keys.ingest(shard_of(conversation, keys.shards)))
+    mine = [f for _, f in ingest if f[b"c"] == conversation.encode()]
+    assert len(mine) == 1 and mine[0][b"s"] == b"1" and json.loads(mine[0][b"m"]) == message
+    # Every key of the conversation shares its shard's hash tag (Redis Cluster: one slot).
+    tag = keys.tag(shard_of(conversation, keys.shards))
+    for name in (keys.seq(conversation), keys.tail(conversation), keys.channel(conversation)):
+        assert tag in name
+
+
+async def test_concurrent_publishes_get_gapless_unique_seqs(
+    api: Client, resources: Resources
+) -> None:
+    conversation, key = await conversation_with_key(api, resources)
+    acks = await asyncio.gather(*(publish(api, conversation, key) for _ in range(100)))
+    assert sorted(a["seq"] for a in acks) == list(range(1, 101))
+    tail = await resources.redis.xrange(resources.keys.tail(conversation))
+    assert [json.loads(f[b"m"])["seq"] for _, f in tail] == list(range(1, 101))
+
+
+async def test_a_missing_counter_is_reseeded_from_the_tail(
+    api: Client, resources: Resources
+) -> None:
+    conversation, key = await conversation_with_key(api, resources)
+    for _ in range(3):
+        await publish(api, conversation, key)
+    await resources.redis.delete(resources.keys.seq(conversation))
+    assert (await publish(api, conversation, key))["seq"] == 4
+    assert await resources.redis.get(resources.keys.seq(conversation)) == b"4"
+
+
+async def test_batch_is_ordered_and_acked_in_order(api: Client, resources: Resources) -> None:
+    conversation, key = await conversation_with_key(api, resources)
+    await publish(api, conversation, key)
+    messages = [body(body={"n": i}) for i in range(5)]
+    response = await api.post(
+        f"/v1/conversations/{conversation}/messages/batch",
+        json={"messages": messages},
+        headers=bearer(key),
+    )
+    assert response.status_code == 201
+    acks = response.json()["messages"]
+    assert [a["seq"] for a in acks] == [2, 3, 4, 5, 6]
+    page = (await api.get(f"/v1/conversations/{conversation}/messages?after=1",
+                          headers=bearer(key))).json()  # fmt: skip
+    assert [m["body"]["n"] for m in page["messages"]] == [0, 1, 2, 3, 4]
+
+
+async def test_a_rejected_batch_writes_nothing(api: Client, resources: Resources) -> None:
+    conversation, key = await conversation_with_key(api, resources)
+    response = await api.post(
+        f"/v1/conversations/{conversation}/messages/batch",
+        json={"messages": [body(), body(reply_to=99)]},
+        headers=bearer(key),
+    )
+    assert response.status_code == 400
+    assert response.json()["error"]["field"] == "messages[1].reply_to"
+    assert await resources.redis.xlen(resources.keys.tail(conversation)) == 0
+    assert (await publish(api, conversation, key))["seq"] == 1
+
+
+async def test_idempotency_key_replays_and_conflicts(api: Client, resources: Resources) -> None:
+    conversation, key = await conversation_with_key(api, resources)
+    path = f"/v1/conversations/{conversation}/messages"
+    headers = bearer(key, **{"Idempotency-Key": "order-77"})
+    first = await api.post(path, json=body(), headers=headers)
+    again = await api.post(path, json=body(), headers=headers)
+    assert first.status_code == 201 and again.status_code == 200
+    assert again.json() == first.json()
+    other = await api.post(path, json=body(body={"different": True}), headers=headers)
+    assert other.status_code == 409
+    assert other.json()["error"]["field"] == "Idempotency-Key"
+    assert await resources.redis.xlen(resources.keys.tail(conversation)) == 1
+    stored = await resources.redis.get(resources.keys.seq(conversation))
+    assert stored == b"1"
+    message = (await api.get(f"{path}/1", headers=bearer(key))).json()
+    assert message["idempotency_key"] == "order-77"
+
+
+async def test_idempotency_window_is_configurable(
+    settings: dict[str, Any], resources: Resources
+) -> None:
+    settings["messages"] = {"idempotency_window": 0.2}
+    async with AsyncTestClient(app=create_app(Config.model_validate(settings))) as client:
+        conversation, key = await conversation_with_key(client, resources)
+        path = f"/v1/conversations/{conversation}/messages"
+        headers = bearer(key, **{"Idempotency-Key": "k"})
+        assert (await client.post(path, json=body(), headers=headers)).json()["seq"] == 1
+        await asyncio.sleep(0.4)
+        later = await client.post(path, json=body(), headers=headers)
+        assert later.status_code == 201 and later.json()["seq"] == 2
+
+
+async def test_history_pages_newest_first_with_cursors(api: Client, resources: Resources) -> None:
+    conversation, key = await conversation_with_key(api, resources)
+    response = await api.post(
+        f"/v1/conversations/{conversation}/messages/batch",
+        json={"messages": [body(body={"n": i}) for i in range(1, 26)]},
+        headers=bearer(key),
+    )
+    assert response.status_code == 201
+    path = f"/v1/conversations/{conversation}/messages"
+    seen: list[int] = []
+    page = (await api.get(f"{path}?limit=10", headers=bearer(key))).json()
+    assert set(page) == {"messages", "next_cursor", "prev_cursor"}
+    while True:
+        seen += [m["seq"] for m in page["messages"]]
+        if page["next_cursor"] is None:
+            break
+        page = (await api.get(f"{path}?limit=10&cursor={page['next_cursor']}",
+                              headers=bearer(key))).json()  # fmt: skip
+    assert seen == list(range(25, 0, -1))
+    # Forward from a point, oldest first; prev_cursor turns around.
+    forward = (await api.get(f"{path}?after=20&limit=3", headers=bearer(key))).json()
+    assert [m["seq"] for m in forward["messages"]] == [21, 22, 23]
+    back = (await api.get(f"{path}?cursor={forward['prev_cursor']}&limit=3",
+                          headers=bearer(key))).json()  # fmt: skip
+    assert [m["seq"] for m in back["messages"]] == [20, 19, 18]
+    before = (await api.get(f"{path}?before=3", headers=bearer(key))).json()
+    assert [m["seq"] for m in before["messages"]] == [2, 1] and before["next_cursor"] is None
+    one = await api.get(f"{path}/7", headers=bearer(key))
+    assert one.status_code == 200 and one.json()["body"] == {"n": 7}
+    missing = await api.get(f"{path}/99", headers=bearer(key))
+    assert missing.status_code == 404 and missing.json()["error"]["field"] == "seq"
+    empty = (await api.get(f"{path}?after=25", headers=bearer(key))).json()
+    assert empty == {"messages": [], "next_cursor": None, "prev_cursor": None}
+
+
+async def test_deleting_a_conversation_makes_history_unreadable_everywhere_at_once(
+    config: Config, resources: Resources
+) -> None:
+    async with (
+        AsyncTestClient(app=create_app(config)) as one,
+        AsyncTestClient(app=create_app(config)) as two,
+    ):
+        conversation, key = await conversation_with_key(one, resources)
+        await publish(one, conversation, key)
+        path = f"/v1/conversations/{conversation}/messages"
+        assert (await two.get(path, headers=bearer(key))).status_code == 200  # cached on two
+        assert (await one.delete(f"/v1/conversations/{conversation}",
+                                 headers=bearer(key))).status_code == 204  # fmt: skip
+        assert (await one.get(path, headers=bearer(key))).status_code == 404
+        deadline = asyncio.get_running_loop().time() + 1.0
+        while (await two.get(path, headers=bearer(key))).status_code != 404:
+            assert asyncio.get_running_loop().time() < deadline, "two still serves history"
+            await asyncio.sleep(0.02)
+        recreate = await one.post(
+            "/v1/conversations", json={"conversation": conversation}, headers=bearer(key)
+        )
+        assert recreate.status_code == 409
+
+
+async def test_publish_metrics_count(api: Client, resources: Resources) -> None:
+    conversation, key = await conversation_with_key(api, resources)
+    await publish(api, conversation, key)
+    text = (await api.get("/metrics")).text
+    assert 'appliance_messages_published_total{mode="single"}' in text
+    assert "appliance_publish_duration_seconds_count" in text
