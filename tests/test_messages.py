@@ -226,3 +226,36 @@ async def test_publish_metrics_count(api: Client, resources: Resources) -> None:
     text = (await api.get("/metrics")).text
     assert 'appliance_messages_published_total{mode="single"}' in text
     assert "appliance_publish_duration_seconds_count" in text
+
+
+async def test_authenticated_requests_land_in_the_activity_log(
+    settings: dict[str, Any], resources: Resources
+) -> None:
+    settings["activity"] = {"flush_interval": 0.1}
+    async with AsyncTestClient(app=create_app(Config.model_validate(settings))) as client:
+        conversation, key = await conversation_with_key(client, resources)
+        sent = await client.post(
+            f"/v1/conversations/{conversation}/messages",
+            json=body(),
+            headers=bearer(key, **{"X-Request-ID": "req-activity-1"}),
+        )
+        assert sent.status_code == 201
+        principal = (await client.get(f"/v1/conversations/{conversation}/messages/1",
+                                      headers=bearer(key))).json()["sender"]  # fmt: skip
+        deadline = asyncio.get_running_loop().time() + 10
+        while True:
+            async with resources.connection() as conn:
+                cur = await conn.execute(
+                    "SELECT method, route, status, request_id, duration_ms >= 0"
+                    " FROM api_activity WHERE principal = %s ORDER BY at",
+                    (principal,),
+                )
+                rows = await cur.fetchall()
+            if len(rows) >= 3:
+                break
+            assert asyncio.get_running_loop().time() < deadline, rows
+            await asyncio.sleep(0.05)
+    assert rows[1] == (
+        "POST", "/v1/conversations/{conversation}/messages", 201, "req-activity-1", True
+    )  # fmt: skip
+    assert rows[0][:3] == ("POST", "/v1/conversations", 201)

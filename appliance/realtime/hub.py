@@ -97,7 +97,11 @@ class Hub:
         if not listeners:
             del self._channels[name]
             self._confirmed.pop(name, None)
-            await self._pubsub.unsubscribe(name)
+            try:
+                await self._pubsub.unsubscribe(name)
+            except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
+                # Harmless: frames of a channel nobody here wants are dropped on arrival.
+                log.warning("hub_unsubscribe_failed", error=str(exc))
 
     @property
     def channels(self) -> int:

@@ -16,10 +16,11 @@ from typing import TYPE_CHECKING, Any, cast
 
 import msgspec
 import structlog
+from redis.exceptions import RedisError
 
 from appliance import metrics
 from appliance.auth.principal import Principal
-from appliance.errors import ApplianceError
+from appliance.errors import ApplianceError, Unavailable
 from appliance.messages import history
 
 if TYPE_CHECKING:
@@ -177,7 +178,10 @@ class Session:
             await asyncio.sleep(interval)
             self.send('{"event":"ping"}', None)
             entries = [(c, self.principal.id, self.id) for c in self.subs]
-            await self.svc.presence.refresh(entries)
+            try:
+                await self.svc.presence.refresh(entries)
+            except (RedisError, OSError) as exc:  # presence fades; the socket lives on
+                log.warning("presence_refresh_failed", error=str(exc))
 
     async def receiver(self) -> None:
         while True:
@@ -219,8 +223,13 @@ class Session:
         await svc.access.require(self.principal, conversation, "subscribe")
         sub = Subscription(self, conversation, 0)
         self.subs[conversation] = sub
-        await svc.hub.join(svc.keys.channel(conversation), sub)
-        head = await history.head(svc.redis, svc.keys, conversation)
+        try:
+            await svc.hub.join(svc.keys.channel(conversation), sub)
+            head = await history.head(svc.redis, svc.keys, conversation)
+        except (RedisError, OSError, TimeoutError, Unavailable) as exc:
+            self.subs.pop(conversation, None)
+            await svc.hub.leave(svc.keys.channel(conversation), sub)
+            raise Unavailable(f"redis: {exc}") from None
         problem = None
         if since is not None and (since < 0 or since > head):
             problem = error_frame(
