@@ -21,7 +21,9 @@ async def issue_key(
         issued = await keys.create(
             conn,
             keys.KeyCreate(
-                name=name or unique("key"), scopes=scopes, conversation_prefix=prefix  # type: ignore[arg-type]
+                name=name or unique("key"),
+                scopes=scopes,
+                conversation_prefix=prefix,  # type: ignore[arg-type]
             ),
         )
     return issued.key

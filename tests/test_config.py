@@ -133,10 +133,14 @@ def test_cross_field_rules(cfg: Any) -> None:
                 "postgres": {"pool_min": 20, "pool_max": 5},
                 "s3": {"access_key_id": "only-half"},
                 "appliance": {"roles": ["api", "api"]},
+                "messages": {"max_batch": 500, "rate_burst": 100},
+                "oidc": {"enabled": True, "issuer": "https://sso.example.com"},
             }
         )
     )
     assert "pool_min must not exceed pool_max" in found["postgres"]
+    assert "max_batch must not exceed rate_burst" in found["messages"]
+    assert "audience must be set" in found["oidc"]
     assert "go together" in found["s3"]
     assert "must not repeat" in found["appliance.roles"]
 

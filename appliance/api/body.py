@@ -38,3 +38,7 @@ def decode(raw: bytes, type_: type[T]) -> T:
         raise Invalid(rule, field=field) from None
     except msgspec.DecodeError as exc:
         raise Invalid(f"body is not valid JSON: {exc}", field="body") from None
+    except UnicodeDecodeError:  # msgspec raises it, not DecodeError, for bad UTF-8 in a string
+        raise Invalid("body is not valid UTF-8", field="body") from None
+    except RecursionError:  # msgspec's nesting limit (also for msgspec.Raw bodies it skips over)
+        raise Invalid("JSON is nested too deeply", field="body") from None

@@ -61,7 +61,11 @@ def handle_http_exception(_: Request[Any, Any, Any], exc: HTTPException) -> Resp
     if isinstance(exc, ValidationException):
         field, message = _validation_field(exc)
         return error_response(400, "invalid", message, field)
-    response = error_response(exc.status_code, _CODES.get(exc.status_code, "error"), exc.detail)
+    # 413 from litestar's own limit (a body without Content-Length): the body, like access.py says.
+    field = "body" if exc.status_code == 413 else None
+    response = error_response(
+        exc.status_code, _CODES.get(exc.status_code, "error"), exc.detail, field
+    )
     if exc.headers:
         response.headers.update(exc.headers)
     return response

@@ -212,7 +212,14 @@ class MessagesSection(Section):
     idempotency_window: LongSeconds = 86400.0
     # Per principal, across all api processes: sustained messages/s and burst.
     rate_per_second: float = Field(default=100.0, gt=0, le=1_000_000)
-    rate_burst: int = Field(default=200, ge=1, le=10_000_000)
+    rate_burst: int = Field(default=1000, ge=1, le=10_000_000)
+
+    @model_validator(mode="after")
+    def _batch_fits_burst(self) -> MessagesSection:
+        # A batch costs one token per message: a bigger batch than the burst could never pass.
+        if self.max_batch > self.rate_burst:
+            raise ValueError("max_batch must not exceed rate_burst")
+        return self
 
 
 class RealtimeSection(Section):

@@ -19,6 +19,8 @@ from appliance.errors import Invalid, NotFound
 from appliance.redis_keys import Keys
 
 MAX_LIMIT = 200
+# Seqs come from Redis INCR (signed 64-bit); larger numbers are not stream ids Redis accepts.
+MAX_SEQ = 2**63 - 1
 Direction = Literal["before", "after"]
 
 
@@ -40,7 +42,7 @@ def decode_cursor(cursor: str) -> Position:
         seq = int(text[1:])
     except (binascii.Error, UnicodeDecodeError, KeyError, IndexError, ValueError):
         raise Invalid("is not a cursor returned by this API", field="cursor") from None
-    if seq < 0:
+    if not 0 <= seq <= MAX_SEQ:
         raise Invalid("is not a cursor returned by this API", field="cursor")
     return Position(direction, seq)
 
@@ -53,8 +55,8 @@ def position(before: int | None, after: int | None, cursor: str | None) -> Posit
     if cursor:
         return decode_cursor(cursor)
     for name, value in (("before", before), ("after", after)):
-        if value is not None and value < 0:
-            raise Invalid("must be a non-negative seq", field=name)
+        if value is not None and not 0 <= value <= MAX_SEQ:
+            raise Invalid(f"must be a seq between 0 and {MAX_SEQ}", field=name)
     if after is not None:
         return Position("after", after)
     return Position("before", before)
@@ -116,8 +118,8 @@ def _json_str(value: str | None) -> bytes:
 
 
 async def one(redis: aioredis.Redis, keys: Keys, conversation: str, seq: int) -> bytes:
-    if seq < 1:
-        raise Invalid("must be a positive seq", field="seq")
+    if not 1 <= seq <= MAX_SEQ:
+        raise Invalid(f"must be a seq between 1 and {MAX_SEQ}", field="seq")
     entries = await _range(redis, keys.tail(conversation), f"{seq}-0", f"{seq}-0", 1)
     if not entries:
         raise NotFound(f"no message {seq} in {conversation!r}", field="seq")

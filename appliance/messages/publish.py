@@ -83,6 +83,15 @@ def check_idempotency_key(value: str | None) -> str | None:
     return value
 
 
+def _utf8(raw: msgspec.Raw) -> bool:
+    """msgspec checks the UTF-8 of the strings it decodes, not of a Raw value it passes through."""
+    try:
+        str(memoryview(raw), "utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True
+
+
 class Publisher:
     def __init__(self, redis: aioredis.Redis, keys: Keys, section: MessagesSection) -> None:
         self._redis = redis
@@ -95,14 +104,14 @@ class Publisher:
         limit = self._section
         if len(messages) > limit.max_batch:
             raise Invalid(f"at most {limit.max_batch} messages per batch", field="messages")
-        if len(messages) > limit.rate_burst:
-            raise Invalid(f"at most rate_burst={limit.rate_burst} per batch", field="messages")
         for i, message in enumerate(messages):
             where = f"messages[{i}]." if batch else ""
             if len(message.body) > limit.max_body_bytes:
                 raise Invalid(
                     f"encoded body exceeds {limit.max_body_bytes} bytes", field=f"{where}body"
                 )
+            if not _utf8(message.body):
+                raise Invalid("is not valid UTF-8 (JSON text must be)", field=f"{where}body")
             if len(message.attachments) > limit.max_attachments:
                 raise Invalid(
                     f"at most {limit.max_attachments} attachments", field=f"{where}attachments"

@@ -77,6 +77,8 @@ class Subscription:
             self.session.send(frame, None)
         elif not self.live:
             self.held.append((seq, frame, published_at(ts)))
+            if len(self.held) > self.session.queue.maxsize:  # live outruns the catch-up
+                self.session.slow()
         elif seq == self.last + 1:
             self.last = seq
             self.session.send(frame, published_at(ts))
@@ -87,7 +89,19 @@ class Subscription:
     def resync(self) -> None:
         if self.live:
             self.live = False
-            self.session.spawn(self.catch_up())
+            self.session.spawn(self.recover())
+
+    async def recover(self) -> None:
+        """`catch_up` after a gap or a hub reconnect, retried while Redis is still away (the
+        pool's connections may be stale just after a restart): the socket lives on."""
+        delay = 0.1
+        while True:
+            try:
+                return await self.catch_up()
+            except (RedisError, OSError) as exc:
+                log.warning("stream_catch_up_failed", error=str(exc), retry_in=delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 5.0)
 
     async def catch_up(self) -> None:
         """Send what the tail has after `last`, then the held frames, then go live."""
@@ -100,7 +114,7 @@ class Subscription:
                 for seq, message in entries:
                     if seq > self.last:
                         self.last = seq
-                        self.session.send(message_frame(message), None)
+                        await self.session.send_replayed(message_frame(message), None)
                 if len(entries) < REPLAY_PAGE:
                     break
             held, self.held = sorted(self.held, key=lambda h: h[0]), []
@@ -108,11 +122,11 @@ class Subscription:
             for seq, frame, at in held:
                 if seq == self.last + 1:
                     self.last = seq
-                    self.session.send(frame, at)
+                    await self.session.send_replayed(frame, at)
                 elif seq > self.last + 1:
                     gap = True
                     self.held.append((seq, frame, at))
-            if not gap:
+            if not gap and not self.held:  # frames held while we waited: one more round
                 self.live = True
                 return
 
@@ -137,6 +151,7 @@ class Session:
         self.tasks: set[asyncio.Task[None]] = set()
         self.closing: tuple[int, str] | None = None
         self.done = asyncio.Event()
+        self.room = asyncio.Event()  # set by the sender whenever it takes a frame
 
     def send(self, frame: str, at: float | None) -> None:
         if self.closing is not None:
@@ -144,8 +159,20 @@ class Session:
         try:
             self.queue.put_nowait((frame, at))
         except asyncio.QueueFull:
-            last = {c: s.last for c, s in self.subs.items()}
-            self.close(CLOSE_SLOW_CONSUMER, f"slow consumer: resubscribe with since {last}"[:120])
+            self.slow()
+
+    async def send_replayed(self, frame: str, at: float | None) -> None:
+        """A catch-up frame: waits for the socket instead of overflowing the queue (a long
+        replay is not a slow consumer), and leaves half the queue to live frames and pings."""
+        while self.closing is None and self.queue.qsize() >= self.queue.maxsize // 2:
+            self.room.clear()
+            await self.room.wait()
+        self.send(frame, at)
+
+    def slow(self) -> None:
+        # Frames still queued are dropped with the socket: the client resumes from the last
+        # seq it received, which only it knows.
+        self.close(CLOSE_SLOW_CONSUMER, "slow consumer: resubscribe with since=<last seq received>")
 
     def close(self, code: int, reason: str) -> None:
         if self.closing is None:
@@ -168,6 +195,7 @@ class Session:
         observe = metrics.DELIVERY_LATENCY.observe
         while True:
             frame, at = await self.queue.get()
+            self.room.set()
             await send({"type": "websocket.send", "text": frame, "bytes": None})
             if at is not None:
                 observe(time.time() - at)
@@ -305,9 +333,13 @@ class Session:
         try:
             await self.done.wait()
         finally:
-            for task in list(self.tasks):
-                task.cancel()
-            await asyncio.gather(*self.tasks, return_exceptions=True)
+            pending = set(self.tasks)
+            while pending:
+                # Cancel again until done: on Python 3.11 asyncio.wait_for (inside redis-py
+                # commands) swallows a cancellation that lands as its inner call completes.
+                for task in pending:
+                    task.cancel()
+                _, pending = await asyncio.wait(pending, timeout=0.1)
             for conversation in list(self.subs):
                 try:
                     await self.unsubscribe(conversation, notify=False)
