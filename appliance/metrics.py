@@ -76,12 +76,6 @@ S3_ERRORS = Counter("appliance_s3_errors_total", "S3 errors", ["operation"])
 MESSAGES_PUBLISHED = Counter(
     "appliance_messages_published_total", "Messages accepted (acknowledged with a seq)", ["mode"]
 )
-PUBLISH_LATENCY = Histogram(
-    "appliance_publish_duration_seconds",
-    "Publish handling time, request parsed to ack (one observation per request)",
-    ["mode"],
-    buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1),
-)
 DELIVERY_LATENCY = Histogram(
     "appliance_delivery_latency_seconds",
     "Message server timestamp to WebSocket send",

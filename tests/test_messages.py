@@ -225,7 +225,8 @@ async def test_publish_metrics_count(api: Client, resources: Resources) -> None:
     await publish(api, conversation, key)
     text = (await api.get("/metrics")).text
     assert 'appliance_messages_published_total{mode="single"}' in text
-    assert "appliance_publish_duration_seconds_count" in text
+    route = "/v1/conversations/{conversation}/messages"
+    assert f'appliance_http_request_duration_seconds_count{{method="POST",route="{route}"}}' in text
 
 
 async def test_authenticated_requests_land_in_the_activity_log(

@@ -177,9 +177,11 @@ class ActivityLog:
         async with self._pool.connection() as conn:
             await self._ensure(conn, _month(batch[0].at))
             async with conn.transaction(), conn.cursor() as cur, cur.copy(_COPY) as copy:
-                for r in batch:
+                for i, r in enumerate(batch, 1):
                     row = (r.at, r.principal, r.method, r.route, r.status, r.duration_ms)
                     await copy.write_row((*row, _inet(r.ip), r.request_id))
+                    if i % 200 == 0:  # write_row rarely yields: let requests run meanwhile
+                        await asyncio.sleep(0)
 
     async def _ensure(self, conn: psycopg.AsyncConnection[object], month: date) -> None:
         """Create `month`'s and the next month's partitions unless known to exist."""

@@ -7,6 +7,7 @@ itself then; tests pass one in.
 from __future__ import annotations
 
 import asyncio
+import gc
 from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 
@@ -47,6 +48,10 @@ def _lifespan(config: Config) -> Callable[[Litestar], AbstractAsyncContextManage
                 config.appliance.heartbeat_interval,
                 stop,
             )
+            # Start-up objects (modules, routes, pools) live as long as the process: taking them
+            # out of the collector's reach turns full collections of 75-175 ms into a few ms.
+            gc.collect()
+            gc.freeze()
             log.info("api_ready", bind=config.api.bind, port=config.api.port)
             try:
                 yield

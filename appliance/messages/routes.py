@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import time
-
 from litestar import Response, Router, get, post
 from litestar.params import FromPath, FromQuery
 
@@ -22,7 +20,6 @@ async def _publish(
     request: Req, conversation: str, principal: Principal, batch: bool
 ) -> Response[bytes]:
     svc = services(request)
-    started = time.perf_counter()
     await svc.access.require(principal, conversation, "publish")
     raw = await request.body()
     messages = decode(raw, BatchIn).messages if batch else [decode(raw, MessageIn)]
@@ -34,7 +31,6 @@ async def _publish(
     mode = "batch" if batch else "single"
     if not result.replayed:
         metrics.MESSAGES_PUBLISHED.labels(mode).inc(len(messages))
-    metrics.PUBLISH_LATENCY.labels(mode).observe(time.perf_counter() - started)
     status = 200 if result.replayed else 201
     return json_response({"messages": result.acks} if batch else result.acks[0], status)
 
