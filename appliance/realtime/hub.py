@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
+from datetime import datetime
 from typing import Any, Protocol
 
 import msgspec
@@ -27,7 +28,9 @@ SUBSCRIBE_TIMEOUT = 5.0
 
 
 class Listener(Protocol):
-    def on_frame(self, seq: int | None, ts: str | None, frame: str) -> None: ...
+    def on_frame(self, seq: int | None, at: float | None, frame: str) -> None:
+        """`seq` and `at` (the message's `ts` as epoch seconds) are None for events."""
+
     def resync(self) -> None: ...
 
 
@@ -158,8 +161,9 @@ class Hub:
         except msgspec.DecodeError:
             log.warning("hub_bad_frame", channel=channel)
             return
-        seq = head.message.seq if head.message is not None else None
-        ts = head.message.ts if head.message is not None else None
+        seq = at = None
+        if head.message is not None:  # parsed once, whatever the number of listeners
+            seq, at = head.message.seq, datetime.fromisoformat(head.message.ts).timestamp()
         frame = payload.decode()
         for listener in list(listeners):
-            listener.on_frame(seq, ts, frame)
+            listener.on_frame(seq, at, frame)

@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from datetime import datetime
 from typing import TYPE_CHECKING, Any, cast
 
 import msgspec
@@ -60,10 +59,6 @@ def message_frame(message: bytes) -> str:
     return '{"event":"message","message":' + message.decode() + "}"
 
 
-def published_at(ts: str | None) -> float | None:
-    return datetime.fromisoformat(ts).timestamp() if ts else None
-
-
 class Subscription:
     def __init__(self, session: Session, conversation: str, last: int) -> None:
         self.session = session
@@ -72,18 +67,18 @@ class Subscription:
         self.live = False
         self.held: list[tuple[int, str, float | None]] = []
 
-    def on_frame(self, seq: int | None, ts: str | None, frame: str) -> None:
+    def on_frame(self, seq: int | None, at: float | None, frame: str) -> None:
         if seq is None:  # receipt and presence events
             self.session.send(frame, None)
         elif not self.live:
-            self.held.append((seq, frame, published_at(ts)))
+            self.held.append((seq, frame, at))
             if len(self.held) > self.session.queue.maxsize:  # live outruns the catch-up
                 self.session.slow()
         elif seq == self.last + 1:
             self.last = seq
-            self.session.send(frame, published_at(ts))
+            self.session.send(frame, at)
         elif seq > self.last + 1:
-            self.held.append((seq, frame, published_at(ts)))
+            self.held.append((seq, frame, at))
             self.resync()
 
     def resync(self) -> None:
