@@ -22,6 +22,7 @@ from appliance import metrics
 from appliance.auth.principal import Principal
 from appliance.config.model import MessagesSection
 from appliance.errors import Conflict, Invalid, RateLimited
+from appliance.messages.ratelimit import RateLimiter
 from appliance.redis_keys import Keys
 
 _IDEMPOTENCY_KEY = frozenset(range(0x21, 0x7F))
@@ -98,7 +99,7 @@ class Publisher:
         self._keys = keys
         self._section = section
         self._publish = redis.register_script(_script("publish.lua"))
-        self._rate = redis.register_script(_script("ratelimit.lua"))
+        self._limiter = RateLimiter(redis, keys, section)
 
     def validate(self, messages: list[MessageIn], batch: bool) -> None:
         limit = self._section
@@ -118,15 +119,12 @@ class Publisher:
                 )
 
     async def rate_limit(self, principal: Principal, cost: int, route: str) -> None:
-        wait_ms = await self._rate(
-            keys=[self._keys.rate(principal.id)],
-            args=[self._section.rate_per_second, self._section.rate_burst, cost],
-        )
-        if wait_ms:
+        wait = await self._limiter.acquire(principal.id, cost)
+        if wait:
             metrics.RATE_LIMITED.labels(route).inc()
             raise RateLimited(
                 f"rate limit of {self._section.rate_per_second:g} messages/s exceeded",
-                retry_after=int(wait_ms) / 1000,
+                retry_after=wait,
             )
 
     async def publish(
