@@ -8,6 +8,7 @@ from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime
 from typing import Any
 
+import psycopg
 import pytest
 import structlog
 from prometheus_client import REGISTRY
@@ -340,3 +341,24 @@ async def test_postgresql_down_at_start_and_close_loses_nothing_silently() -> No
     assert "activity_records_lost" in events
     assert activity.pending == 0
     assert outcome("dropped") - dropped == 1
+
+
+async def test_partitions_are_utc_months_whatever_the_session_time_zone(migrated: str) -> None:
+    conn = await psycopg.AsyncConnection.connect(migrated, autocommit=True)
+    try:
+        await conn.execute("SET TIME ZONE 'America/New_York'")
+        cur = await conn.execute(
+            "SELECT appliance_ensure_month_partition('api_activity', '2049-02-10')"
+        )
+        row = await cur.fetchone()
+        assert row == ("api_activity_y2049m02",)
+        await conn.execute("SET TIME ZONE 'UTC'")
+        cur = await conn.execute(
+            "SELECT pg_get_expr(relpartbound, oid) FROM pg_class"
+            " WHERE relname = 'api_activity_y2049m02'"
+        )
+        bound = await cur.fetchone()
+    finally:
+        await conn.close()
+    assert bound is not None
+    assert "'2049-02-01 00:00:00+00'" in bound[0] and "'2049-03-01 00:00:00+00'" in bound[0]

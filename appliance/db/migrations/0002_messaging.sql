@@ -56,20 +56,24 @@ CREATE TABLE api_activity (
 CREATE TABLE api_activity_default PARTITION OF api_activity DEFAULT;
 
 -- Creates the monthly partition of `parent` holding `month` (named <parent>_yYYYYmMM) if missing.
+-- Months are UTC months whatever the session's time zone (the bounds carry their offset).
 CREATE FUNCTION appliance_ensure_month_partition(parent regclass, month date) RETURNS text
 LANGUAGE plpgsql AS $$
 DECLARE
     first date := date_trunc('month', month)::date;
     part  text := format('%s_y%sm%s', parent::text, to_char(first, 'YYYY'), to_char(first, 'MM'));
+    lo    timestamptz := first::timestamp AT TIME ZONE 'UTC';
+    hi    timestamptz := (first + interval '1 month')::timestamp AT TIME ZONE 'UTC';
 BEGIN
     IF to_regclass(part) IS NULL THEN
         EXECUTE format('CREATE TABLE %I PARTITION OF %s FOR VALUES FROM (%L) TO (%L)',
-                       part, parent, first, (first + interval '1 month')::date);
+                       part, parent, lo, hi);
     END IF;
     RETURN part;
 END $$;
 
-SELECT appliance_ensure_month_partition('api_activity', current_date);
-SELECT appliance_ensure_month_partition('api_activity', (current_date + interval '1 month')::date);
+SELECT appliance_ensure_month_partition('api_activity', (now() AT TIME ZONE 'UTC')::date);
+SELECT appliance_ensure_month_partition(
+    'api_activity', ((now() AT TIME ZONE 'UTC') + interval '1 month')::date);
 
 CREATE INDEX api_activity_principal ON api_activity (principal, at);
