@@ -34,10 +34,15 @@ run: install
 	APPLIANCE_CONFIG=$(CONFIG) $(BIN)/python scripts/devrun.py
 
 # Benchmarks print their figures with a same-run reference; results live in docs/benchmarks.md.
-# They use the database, Redis and bucket of $(CONFIG) (migrated first).
+# They use the database, Redis and bucket of $(CONFIG) (the database created if missing, migrated
+# first); publish.py and fanout.py start their own api (granian, one worker) and moto S3 server.
+# Both drive HTTP load with wrk when it is installed (apt-get install wrk), else with Python.
 bench: install
+	APPLIANCE_CONFIG=$(CONFIG) $(BIN)/python bench/common.py ensure-database
 	APPLIANCE_CONFIG=$(CONFIG) $(BIN)/appliance migrate
 	APPLIANCE_CONFIG=$(CONFIG) $(BIN)/python bench/job_pickup.py
+	APPLIANCE_CONFIG=$(CONFIG) $(BIN)/python bench/publish.py
+	APPLIANCE_CONFIG=$(CONFIG) $(BIN)/python bench/fanout.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
