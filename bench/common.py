@@ -11,6 +11,7 @@ The factory can be swapped for `noop_app:create` (the product app plus a no-op r
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import json
 import os
@@ -25,12 +26,9 @@ import tempfile
 import time
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
 
 import httpx
-import psycopg
 import redis
-from psycopg import sql
 
 from appliance import logs
 from appliance.config import load_config
@@ -38,6 +36,9 @@ from appliance.programs.api import granian_argv, granian_env
 from appliance.redis_keys import Keys
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "scripts"))
+from devrun import ensure_database  # noqa: E402 - `make run`'s helper, one copy
+
 BIN = Path(sys.executable).parent
 BENCH_DIR = Path(__file__).resolve().parent
 PRODUCT_FACTORY = "appliance.api.app:create_app"
@@ -58,15 +59,6 @@ def listening(port: int) -> bool:
     with socket.socket() as s:
         s.settimeout(0.5)
         return s.connect_ex(("127.0.0.1", port)) == 0
-
-
-def ensure_database(dsn: str) -> None:
-    name = urlsplit(dsn).path.lstrip("/")
-    admin = dsn.rsplit("/", 1)[0] + "/postgres"
-    with psycopg.connect(admin, autocommit=True) as conn:
-        if not conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (name,)).fetchone():
-            conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
-            print(f"bench: created database {name}", file=sys.stderr)
 
 
 def percentile(values: list[float], p: float) -> float:
@@ -409,6 +401,22 @@ class BenchApi:
         with httpx.Client(base_url=self.url, headers=self.headers(), timeout=10) as client:
             for name in names:
                 client.delete(f"/v1/conversations/{name}")
+
+
+def add_load_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--generator", choices=["auto", "wrk", "python"], default="auto")
+    parser.add_argument("--profile", action="store_true", help="py-spy the worker afterwards")
+
+
+def parse_load_options(parser: argparse.ArgumentParser) -> tuple[argparse.Namespace, str]:
+    """Parsed arguments and the load generator to use ("wrk" when installed, for "auto")."""
+    args = parser.parse_args()
+    if args.profile and not py_spy():
+        parser.error("--profile needs py-spy: .venv/bin/pip install py-spy")
+    generator: str = args.generator
+    if generator == "auto":
+        generator = "wrk" if shutil.which("wrk") else "python"
+    return args, generator
 
 
 def py_spy() -> str | None:

@@ -48,12 +48,13 @@ from common import (
     BARE_FACTORY,
     BenchApi,
     CpuMeter,
+    add_load_options,
     cpu_seconds,
     load_average,
     machine,
+    parse_load_options,
     percentile,
     profile_summary,
-    py_spy,
     redis_pid,
     rss_bytes,
     self_cpu,
@@ -461,18 +462,12 @@ def main() -> int:
         help="publishes/s in total; a comma list runs one phase per rate (default 100)",
     )
     parser.add_argument("--seconds", type=float, default=15, help="length of each phase")
-    parser.add_argument("--generator", choices=["auto", "wrk", "python"], default="auto")
     parser.add_argument("--no-reference", action="store_true", help="skip the raw Redis run")
     parser.add_argument(
         "--no-bare", action="store_true", help="skip the bare-granian RSS reference"
     )
-    parser.add_argument("--profile", action="store_true", help="py-spy the worker afterwards")
-    args = parser.parse_args()
-    if args.profile and not py_spy():
-        parser.error("--profile needs py-spy: .venv/bin/pip install py-spy")
-    generator = args.generator
-    if generator == "auto":
-        generator = "wrk" if shutil.which("wrk") else "python"
+    add_load_options(parser)
+    args, generator = parse_load_options(parser)
 
     # Room for the sockets on both ends (the api inherits this limit).
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)

@@ -41,11 +41,12 @@ from common import (
     NOOP_FACTORY,
     BenchApi,
     CpuMeter,
+    add_load_options,
     load_average,
     machine,
+    parse_load_options,
     percentile,
     profile_summary,
-    py_spy,
     redis_pid,
     start_profile,
     thread_cpu,
@@ -296,14 +297,8 @@ def main() -> int:
     parser.add_argument("--connections", type=int, default=64)
     parser.add_argument("--batch", type=int, default=100, help="messages per batch request")
     parser.add_argument("--conversations", type=int, default=8, help="published to in turn")
-    parser.add_argument("--generator", choices=["auto", "wrk", "python"], default="auto")
-    parser.add_argument("--profile", action="store_true", help="py-spy the worker afterwards")
-    args = parser.parse_args()
-    if args.profile and not py_spy():
-        parser.error("--profile needs py-spy: .venv/bin/pip install py-spy")
-    generator = args.generator
-    if generator == "auto":
-        generator = "wrk" if shutil.which("wrk") else "python"
+    add_load_options(parser)
+    args, generator = parse_load_options(parser)
 
     print(f"machine: {machine()}; api and load generator on the same box")
     with BenchApi(NOOP_FACTORY) as api:
