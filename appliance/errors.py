@@ -5,6 +5,9 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import psycopg
+import redis.exceptions
+
 
 class ApplianceError(Exception):
     """Base of every error the appliance raises on purpose."""
@@ -81,6 +84,27 @@ class Unavailable(ApplianceError):
 
     status = 503
     code = "unavailable"
+
+
+# What the clients raise when PostgreSQL or Redis does not answer (connection refused or lost,
+# timeouts, the pool exhausted: psycopg_pool.PoolTimeout is an OperationalError). Not their
+# other errors (a failing statement or script is a bug: 500).
+OUTAGES: tuple[type[Exception], ...] = (
+    psycopg.OperationalError,
+    redis.exceptions.ConnectionError,
+    redis.exceptions.TimeoutError,
+)
+
+
+def known(exc: BaseException) -> ApplianceError | None:
+    """What the caller is told of `exc`: itself, a 503 naming the dependency for one of OUTAGES
+    (the client's detail is for the log only), or None: a bug."""
+    if isinstance(exc, ApplianceError):
+        return exc
+    if isinstance(exc, OUTAGES):
+        name = "postgresql" if isinstance(exc, psycopg.Error) else "redis"
+        return Unavailable(f"{name} is unavailable, retry later")
+    return None
 
 
 @dataclass(frozen=True)

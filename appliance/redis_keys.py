@@ -7,6 +7,7 @@ too. The shard of a conversation is fixed by a stable hash of its id and `[segme
 
 from __future__ import annotations
 
+import hashlib
 import zlib
 from dataclasses import dataclass
 
@@ -60,7 +61,9 @@ class Keys:
         return f"{self.prefix}:{self.tag(shard)}:ingest"
 
     def idempotency(self, conversation: str, principal: str, key: str) -> str:
-        return self._conversation(conversation, f"idem:{principal}:{key}")
+        # Principal and key may both hold ':': hashed as a pair, they never run into each other.
+        pair = hashlib.sha256(f"{len(principal)}:{principal}{key}".encode()).hexdigest()
+        return self._conversation(conversation, f"idem:{pair}")
 
     def receipts(self, conversation: str, kind: str) -> str:
         return self._conversation(conversation, f"rcpt:{kind}")

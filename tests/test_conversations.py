@@ -154,3 +154,21 @@ async def test_user_tokens_fail_with_reasons(app: Client, as_user: Users, issuer
     assert response.status_code == 401 and response.json()["error"]["code"] == "token_audience"
     text = (await app.get("/metrics")).text
     assert 'appliance_auth_failures_total{reason="token_expired"}' in text
+
+
+async def test_issuer_roles_grant_scopes_but_never_admin(app: Client, as_user: Users) -> None:
+    """Issuers often have an "admin" role of their own: it does not make a user an admin here
+    (keys are managed with admin keys), while a "read" role reads every conversation."""
+    owner = as_user("olga", "manage")
+    conversation = unique("team")
+    created = await app.post("/v1/conversations", json={"conversation": conversation},
+                             headers=owner)  # fmt: skip
+    assert created.status_code == 201
+    boss = as_user("root", "admin")
+    refused = await app.get("/v1/keys", headers=boss)
+    assert refused.status_code == 403 and refused.json()["error"]["code"] == "scope"
+    not_member = await app.get(f"/v1/conversations/{conversation}/messages", headers=boss)
+    assert not_member.status_code == 403
+    reader = await app.get(f"/v1/conversations/{conversation}/messages",
+                           headers=as_user("auditor", "read"))  # fmt: skip
+    assert reader.status_code == 200

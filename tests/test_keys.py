@@ -12,6 +12,8 @@ import psycopg
 from litestar.testing import AsyncTestClient
 
 from appliance.api.app import create_app
+from appliance.auth import keys
+from appliance.auth.authenticate import Authenticator
 from appliance.config import Config
 from appliance.resources import Resources
 from tests.messaging import bearer, issue_key, unique
@@ -219,3 +221,68 @@ def test_cli_names_the_problem(settings: dict[str, Any], migrated: str, tmp_path
     bad_duration = cli(config, "keys", "create", "--name", unique("d"), "--scope", "read",
                        "--expires-in", "soon")  # fmt: skip
     assert bad_duration.returncode == 2 and "--expires-in" in bad_duration.stderr
+
+
+async def test_an_admin_key_cannot_be_limited_to_a_prefix(
+    api: Client, resources: Resources, settings: dict[str, Any], tmp_path: Path
+) -> None:
+    """An admin manages every key: a prefix-limited admin could mint unlimited keys."""
+    admin = await issue_key(resources, ["admin"])
+    response = await api.post(
+        "/v1/keys",
+        json={"name": unique("k"), "scopes": ["read", "admin"], "conversation_prefix": "t1:"},
+        headers=bearer(admin),
+    )
+    assert response.status_code == 400
+    assert response.json()["error"] == {
+        "code": "invalid",
+        "message": "cannot be combined with the admin scope",
+        "field": "conversation_prefix",
+    }
+    config = write_toml(tmp_path / "c.toml", settings)
+    refused = cli(config, "keys", "create", "--name", unique("k"), "--scope", "admin",
+                  "--prefix", "t1:")  # fmt: skip
+    assert refused.returncode == 1
+    assert "conversation_prefix: cannot be combined with the admin scope" in refused.stderr
+    limited = await api.post(
+        "/v1/keys",
+        json={"name": unique("k"), "scopes": ["manage"], "conversation_prefix": "t1:"},
+        headers=bearer(admin),
+    )
+    assert limited.status_code == 201
+
+
+async def test_the_principal_carries_when_its_credential_ends(
+    config: Config, resources: Resources
+) -> None:
+    """What a long-lived WebSocket is closed at: the key's expiry, or the end of the grace of
+    a rotated secret, whichever comes first."""
+    auth = Authenticator(config, resources.connection)
+    plain = await issue_key(resources, ["read"])
+    assert (await auth.authenticate(f"Bearer {plain}", None, None)).expires_at is None
+    expiring = await issue_key(resources, ["read"])
+    async with resources.connection() as conn:
+        ends = await (
+            await conn.execute(
+                "UPDATE api_keys SET expires_at = now() + interval '1 hour' WHERE id = %s"
+                " RETURNING expires_at",
+                (key_id(expiring),),
+            )
+        ).fetchone()
+        assert ends is not None
+        rotated = await keys.rotate(conn, key_id(expiring), grace=60)
+        grace = rotated.previous_expires_at
+    assert grace is not None
+    auth.forget(key_id(expiring))
+    old = await auth.authenticate(f"Bearer {expiring}", None, None)
+    new = await auth.authenticate(f"Bearer {rotated.key}", None, None)
+    assert old.expires_at == grace.timestamp()
+    assert new.expires_at == ends[0].timestamp()
+    impersonator = await issue_key(resources, ["impersonate"])
+    async with resources.connection() as conn:
+        await conn.execute(
+            "UPDATE api_keys SET expires_at = now() + interval '1 minute' WHERE id = %s",
+            (key_id(impersonator),),
+        )
+    acting = await auth.authenticate(f"Bearer {impersonator}", None, "user:dave")
+    assert acting.id == "user:dave" and acting.expires_at is not None

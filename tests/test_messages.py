@@ -99,6 +99,40 @@ async def test_a_missing_counter_is_reseeded_from_the_tail(
     assert await resources.redis.get(resources.keys.seq(conversation)) == b"4"
 
 
+async def test_reseeding_survives_a_trimmed_tail(api: Client, resources: Resources) -> None:
+    """The newest entries may be trimmed away (flushed to segments): the stream's last generated
+    id still holds the top seq, so the next publish neither fails nor reuses a seq."""
+    conversation, key = await conversation_with_key(api, resources)
+    for _ in range(3):
+        await publish(api, conversation, key)
+    keys, redis = resources.keys, resources.redis
+    await redis.xtrim(keys.tail(conversation), maxlen=0, approximate=False)
+    await redis.delete(keys.seq(conversation))
+    path = f"/v1/conversations/{conversation}/messages"
+    head = await api.get(f"{path}?before=0", headers=bearer(key))
+    assert head.status_code == 200
+    assert (await publish(api, conversation, key))["seq"] == 4
+    assert [entry_id for entry_id, _ in await redis.xrange(keys.tail(conversation))] == [b"4-0"]
+    # A refused publish (reply_to beyond the head) re-seeds nothing half-way either.
+    await redis.delete(keys.seq(conversation))
+    refused = await api.post(path, json=body(reply_to=9), headers=bearer(key))
+    assert refused.status_code == 400 and refused.json()["error"]["field"] == "reply_to"
+    assert await redis.get(keys.seq(conversation)) is None
+    assert (await publish(api, conversation, key))["seq"] == 5
+
+
+async def test_before_zero_is_an_empty_page(api: Client, resources: Resources) -> None:
+    conversation, key = await conversation_with_key(api, resources)
+    await publish(api, conversation, key)
+    path = f"/v1/conversations/{conversation}/messages"
+    empty = {"messages": [], "next_cursor": None, "prev_cursor": None}
+    cursor = "YjA"  # base64url of "b0": continue before seq 0
+    for query in ("before=0", f"cursor={cursor}"):
+        response = await api.get(f"{path}?{query}", headers=bearer(key))
+        assert response.status_code == 200, (query, response.text)
+        assert response.json() == empty
+
+
 async def test_batch_is_ordered_and_acked_in_order(api: Client, resources: Resources) -> None:
     conversation, key = await conversation_with_key(api, resources)
     await publish(api, conversation, key)
@@ -145,6 +179,36 @@ async def test_idempotency_key_replays_and_conflicts(api: Client, resources: Res
     assert stored == b"1"
     message = (await api.get(f"{path}/1", headers=bearer(key))).json()
     assert message["idempotency_key"] == "order-77"
+
+
+async def test_idempotency_keys_of_principals_never_run_into_each_other(
+    api: Client, resources: Resources
+) -> None:
+    """`user:a` with Idempotency-Key `b:x` and `user:a:b` with `x` are two publishes, not a
+    replay (or a 409) of one another, though both pairs join to `user:a:b:x`."""
+    conversation, admin = await conversation_with_key(api, resources)
+    user = unique("user:u")
+    for member in (user, f"{user}:b"):
+        added = await api.put(
+            f"/v1/conversations/{conversation}/members/{member}",
+            json={"role": "member"},
+            headers=bearer(admin),
+        )
+        assert added.status_code == 200, added.text
+    agent = await issue_key(resources, ["impersonate"])
+    path = f"/v1/conversations/{conversation}/messages"
+    first = await api.post(
+        path,
+        json=body(),
+        headers=bearer(agent, **{"X-On-Behalf-Of": user, "Idempotency-Key": "b:x"}),
+    )
+    second = await api.post(
+        path,
+        json=body(body={"other": 1}),
+        headers=bearer(agent, **{"X-On-Behalf-Of": f"{user}:b", "Idempotency-Key": "x"}),
+    )
+    assert (first.status_code, second.status_code) == (201, 201), second.text
+    assert [first.json()["seq"], second.json()["seq"]] == [1, 2]
 
 
 async def test_idempotency_window_is_configurable(

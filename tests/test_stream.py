@@ -14,6 +14,7 @@ import copy
 import json
 import socket
 from collections.abc import AsyncIterator, Iterator
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -452,6 +453,38 @@ async def test_revoking_a_key_closes_its_sockets_with_4001(api: Api) -> None:
         # Other keys' sockets are untouched.
         await send(other, "ping")
         await expect(other, "pong")
+
+
+async def test_a_socket_closes_when_its_key_expires(api: Api) -> None:
+    expires = datetime.now(UTC) + timedelta(seconds=4)
+    response = await api.http.post(
+        "/v1/keys",
+        json={"name": unique("k"), "scopes": ["subscribe"], "expires_at": expires.isoformat()},
+        headers=auth(api.admin),
+    )
+    assert response.status_code == 201, response.text
+    conversation = await api.conversation()
+    async with api.socket(response.json()["key"]) as ws:
+        await subscribe(ws, conversation)
+        code, reason, frames = await closed(ws)
+    assert (code, reason) == (4001, "credentials_expired"), frames
+
+
+async def test_a_rotated_secret_closes_its_sockets_when_the_grace_ends(api: Api) -> None:
+    key_id, key = await api.key("subscribe")
+    conversation = await api.conversation()
+    async with api.socket(key) as old:
+        await subscribe(old, conversation)
+        response = await api.http.post(
+            f"/v1/keys/{key_id}/rotate", json={"grace": 2}, headers=auth(api.admin)
+        )
+        assert response.status_code == 200, response.text
+        async with api.socket(response.json()["key"]) as new:
+            await subscribe(new, conversation)
+            code, reason, _ = await closed(old)
+            assert (code, reason) == (4001, "credentials_expired")
+            await send(new, "ping")  # the new secret's socket lives on
+            await expect(new, "pong")
 
 
 # -- 9. receipts and presence --------------------------------------------------------------------

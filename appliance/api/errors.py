@@ -11,7 +11,7 @@ from litestar.status_codes import HTTP_500_INTERNAL_SERVER_ERROR
 from litestar.types import ExceptionHandlersMap
 
 from appliance import metrics
-from appliance.errors import ApplianceError, Forbidden, Unauthorized
+from appliance.errors import OUTAGES, ApplianceError, Forbidden, Unauthorized, known
 
 log = structlog.get_logger()
 
@@ -71,6 +71,15 @@ def handle_http_exception(_: Request[Any, Any, Any], exc: HTTPException) -> Resp
     return response
 
 
+def handle_outage(_: Request[Any, Any, Any], exc: Exception) -> Response[Any]:
+    log.warning("dependency_unavailable", error=str(exc), type=type(exc).__name__)
+    unavailable = known(exc)
+    assert unavailable is not None
+    response = error_response(unavailable.status, unavailable.code, unavailable.message)
+    response.headers["Retry-After"] = "1"
+    return response
+
+
 def handle_unexpected(_: Request[Any, Any, Any], exc: Exception) -> Response[Any]:
     log.error("unhandled_exception", exc_info=exc)
     return error_response(HTTP_500_INTERNAL_SERVER_ERROR, "internal", "internal error")
@@ -79,5 +88,6 @@ def handle_unexpected(_: Request[Any, Any, Any], exc: Exception) -> Response[Any
 EXCEPTION_HANDLERS: ExceptionHandlersMap = {
     ApplianceError: handle_appliance_error,
     HTTPException: handle_http_exception,
+    **dict.fromkeys(OUTAGES, handle_outage),
     Exception: handle_unexpected,
 }

@@ -8,11 +8,10 @@ is remembered in memory and written as one batched UPDATE every `last_used_inter
 from __future__ import annotations
 
 import asyncio
-import time
 from collections.abc import Callable
 from contextlib import AbstractAsyncContextManager
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, cast
 
 import psycopg
 import structlog
@@ -20,14 +19,18 @@ import structlog
 from appliance.auth import keys
 from appliance.auth.oidc import OidcVerifier
 from appliance.auth.principal import PRINCIPAL, SCOPES, Principal
+from appliance.cache import MISSING, Cache
 from appliance.config import Config
 from appliance.errors import Forbidden, Unauthorized
 
 log = structlog.get_logger()
 Conn = psycopg.AsyncConnection[Any]
 ConnFactory = Callable[[], AbstractAsyncContextManager[Conn]]
-# A role from the OIDC roles claim grants the scope of the same name; never `impersonate`.
-_ROLE_SCOPES = frozenset(SCOPES) - {"impersonate"}
+# A role from the OIDC roles claim grants the scope of the same name; never `impersonate`, and
+# never `admin` (issuers commonly have an "admin" role of their own; keys are managed with keys).
+_ROLE_SCOPES = frozenset(SCOPES) - {"impersonate", "admin"}
+_KNOWN_MAX = 100_000
+_UNKNOWN_MAX = 10_000
 
 
 def bearer(authorization: str | None, token: str | None) -> str:
@@ -47,7 +50,10 @@ class Authenticator:
     def __init__(self, config: Config, connection: ConnFactory) -> None:
         self._config = config
         self._connection = connection
-        self._cache: dict[str, tuple[float, keys.KeyRecord | None]] = {}
+        ttl = config.auth.key_cache_ttl
+        self._known: Cache[str, keys.KeyRecord] = Cache(ttl, _KNOWN_MAX)
+        # Ids that are no key, apart: a flood of made-up ids never evicts the real ones.
+        self._unknown: Cache[str, None] = Cache(ttl, _UNKNOWN_MAX)
         self._used: dict[str, datetime] = {}
         self._oidc = OidcVerifier(config.oidc) if config.oidc.enabled else None
         self._flusher: asyncio.Task[None] | None = None
@@ -65,10 +71,8 @@ class Authenticator:
 
     def forget(self, key_id: str | None = None) -> None:
         """Drop one cached key (an invalidation event) or all of them (a missed-event window)."""
-        if key_id is None:
-            self._cache.clear()
-        else:
-            self._cache.pop(key_id, None)
+        for cache in (self._known, self._unknown):
+            cache.drop(None if key_id is None else (lambda cached: cached == key_id))
 
     async def authenticate(
         self, authorization: str | None, token: str | None, on_behalf_of: str | None
@@ -78,7 +82,11 @@ class Authenticator:
             principal = await self._api_key(credential)
         elif self._oidc is not None:
             identity = await self._oidc.verify(credential)
-            principal = Principal(f"user:{identity.user}", identity.roles & _ROLE_SCOPES)
+            principal = Principal(
+                f"user:{identity.user}",
+                identity.roles & _ROLE_SCOPES,
+                expires_at=identity.expires_at + self._config.oidc.leeway,
+            )
         else:
             raise Unauthorized("malformed_credentials", "not an API key (OIDC is not enabled)")
         if on_behalf_of is None:
@@ -88,7 +96,12 @@ class Authenticator:
         if not on_behalf_of.startswith("user:") or not PRINCIPAL.match(on_behalf_of):
             raise Forbidden("impersonate_denied", "X-On-Behalf-Of must be 'user:<id>'")
         return Principal(
-            on_behalf_of, frozenset(), principal.prefix, principal.key_id, principal.id
+            on_behalf_of,
+            frozenset(),
+            principal.prefix,
+            principal.key_id,
+            principal.id,
+            principal.expires_at,
         )
 
     async def _api_key(self, credential: str) -> Principal:
@@ -97,25 +110,37 @@ class Authenticator:
             raise Unauthorized("malformed_credentials", "API keys look like ak_<id>_<secret>")
         record = await self._record(match["id"])
         now = datetime.now(UTC)
-        if record is None or not record.secret_matches(match["secret"], now):
+        matched = record.matches(match["secret"], now) if record is not None else None
+        if record is None or matched is None:
             raise Unauthorized("invalid_key", "unknown API key")
         if record.revoked:
             raise Unauthorized("key_revoked", "this API key was revoked")
         if record.expires_at is not None and record.expires_at <= now:
             raise Unauthorized("key_expired", "this API key has expired")
         self._used[record.id] = now
-        return Principal(f"key:{record.name}", record.scopes, record.conversation_prefix, record.id)
+        ends = [record.expires_at, record.previous_expires_at if matched == "previous" else None]
+        expires = min((end for end in ends if end is not None), default=None)
+        return Principal(
+            f"key:{record.name}",
+            record.scopes,
+            record.conversation_prefix,
+            record.id,
+            expires_at=expires.timestamp() if expires is not None else None,
+        )
 
     async def _record(self, key_id: str) -> keys.KeyRecord | None:
-        cached = self._cache.get(key_id)
-        now = time.monotonic()
-        if cached is not None and cached[0] > now:
-            return cached[1]
+        known = self._known.get(key_id)
+        if known is not MISSING:
+            return cast(keys.KeyRecord, known)
+        if self._unknown.get(key_id) is not MISSING:
+            return None
+        known_generation, unknown_generation = self._known.generation, self._unknown.generation
         async with self._connection() as conn:
             record = await keys.fetch(conn, key_id)
-        if len(self._cache) > 10_000:  # unknown ids are cached too: bound the dictionary
-            self._cache.clear()
-        self._cache[key_id] = (now + self._config.auth.key_cache_ttl, record)
+        if record is None:
+            self._unknown.put(key_id, None, unknown_generation)
+        else:
+            self._known.put(key_id, record, known_generation)
         return record
 
     async def _flush_loop(self) -> None:

@@ -12,7 +12,7 @@ import hmac
 import re
 import secrets
 from datetime import UTC, datetime, timedelta
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import msgspec
 import psycopg
@@ -72,16 +72,19 @@ class KeyRecord(msgspec.Struct, frozen=True):
     expires_at: datetime | None
     revoked: bool
 
-    def secret_matches(self, secret: str, now: datetime) -> bool:
+    def matches(self, secret: str, now: datetime) -> Literal["current", "previous"] | None:
+        """Which secret this is: the current one, the previous one within its grace, or none."""
         digest = hash_secret(secret)
         if hmac.compare_digest(digest, self.secret_hash):
-            return True
-        return (
+            return "current"
+        if (
             self.previous_hash is not None
             and self.previous_expires_at is not None
             and self.previous_expires_at > now
             and hmac.compare_digest(digest, self.previous_hash)
-        )
+        ):
+            return "previous"
+        return None
 
 
 def hash_secret(secret: str) -> bytes:
@@ -105,6 +108,9 @@ def _info(row: dict[str, Any]) -> KeyInfo:
 
 async def create(conn: Conn, spec: KeyCreate, now: datetime | None = None) -> IssuedKey:
     now = now or datetime.now(UTC)
+    if "admin" in spec.scopes and spec.conversation_prefix is not None:
+        # An admin key manages every key, so a prefix would not hold: it could mint unlimited ones.
+        raise Invalid("cannot be combined with the admin scope", field="conversation_prefix")
     if spec.expires_at is not None:
         if spec.expires_at.tzinfo is None:
             raise Invalid("must carry a time zone (e.g. Z)", field="expires_at")

@@ -24,6 +24,9 @@ class Principal:
     key_id: str | None = None
     # The key principal acting for `id` under `impersonate`.
     via: str | None = None
+    # Epoch seconds when the credential stops working (key expiry, end of a rotated secret's
+    # grace, a JWT's exp plus leeway): long-lived WebSockets are closed then.
+    expires_at: float | None = None
 
     def has(self, scope: str) -> bool:
         return scope in self.scopes or (scope in _ADMIN_IMPLIES and "admin" in self.scopes)

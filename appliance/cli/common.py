@@ -44,7 +44,10 @@ def run_async(coro: Coroutine[Any, Any, T]) -> T:
     try:
         return asyncio.run(coro)
     except (PgError, RedisError, ApplianceError, OSError) as exc:
-        structlog.get_logger().error("command_failed", error=str(exc) or type(exc).__name__)
+        error = str(exc) or type(exc).__name__
+        if isinstance(exc, ApplianceError) and exc.field:
+            error = f"{exc.field}: {exc.message}"
+        structlog.get_logger().error("command_failed", error=error)
         sys.exit(1)
 
 

@@ -7,14 +7,14 @@ conversation is refused within milliseconds on every process.
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
 from contextlib import AbstractAsyncContextManager
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import psycopg
 
 from appliance.auth.principal import Principal
+from appliance.cache import MISSING, Cache
 from appliance.conversations import service
 from appliance.errors import Forbidden, NotFound
 from appliance.invalidation import Invalidation
@@ -43,9 +43,13 @@ _CACHE_MAX = 100_000
 class Access:
     def __init__(self, connection: ConnFactory, ttl: float) -> None:
         self._connection = connection
-        self._ttl = ttl
-        self._exists: dict[str, tuple[float, bool]] = {}
-        self._roles: dict[tuple[str, str], tuple[float, str | None]] = {}
+        self._exists: Cache[str, bool] = Cache(ttl, _CACHE_MAX)
+        self._roles: Cache[tuple[str, str], str | None] = Cache(ttl, _CACHE_MAX)
+
+    @property
+    def generation(self) -> int:
+        """Advances with every invalidation: a check made under an older one may be stale."""
+        return self._exists.generation + self._roles.generation
 
     async def require(self, principal: Principal, conversation: str, action: Action) -> None:
         """Raise NotFound, or Forbidden with the reason, unless `principal` may do `action`."""
@@ -70,38 +74,34 @@ class Access:
         return True
 
     async def role(self, conversation: str, principal: str) -> str | None:
-        now = time.monotonic()
-        cached = self._roles.get((conversation, principal))
-        if cached is not None and cached[0] > now:
-            return cached[1]
+        key = (conversation, principal)
+        cached = self._roles.get(key)
+        if cached is not MISSING:
+            return cast("str | None", cached)
+        generation = self._roles.generation
         async with self._connection() as conn:
             role = await service.role_of(conn, conversation, principal)
-        self._store(self._roles, (conversation, principal), role, now)
+        self._roles.put(key, role, generation)
         return role
 
     async def _exists_cached(self, conversation: str) -> bool:
-        now = time.monotonic()
         cached = self._exists.get(conversation)
-        if cached is not None and cached[0] > now:
-            return cached[1]
+        if cached is not MISSING:
+            return cast(bool, cached)
+        generation = self._exists.generation
         async with self._connection() as conn:
             found = await service.exists(conn, conversation)
-        self._store(self._exists, conversation, found, now)
+        self._exists.put(conversation, found, generation)
         return found
-
-    def _store(self, cache: dict[Any, Any], key: Any, value: Any, now: float) -> None:
-        if len(cache) >= _CACHE_MAX:
-            cache.clear()
-        cache[key] = (now + self._ttl, value)
 
     def forget(self, event: Invalidation | None) -> None:
         """Apply an invalidation event; None (a missed-event window) forgets everything."""
         if event is None:
-            self._exists.clear()
-            self._roles.clear()
+            self._exists.drop()
+            self._roles.drop()
         elif event.kind == "conversation":
-            self._exists.pop(event.id, None)
-            for key in [k for k in self._roles if k[0] == event.id]:
-                del self._roles[key]
+            self._exists.drop(lambda key: key == event.id)
+            self._roles.drop(lambda key: key[0] == event.id)
         elif event.kind == "member" and event.principal is not None:
-            self._roles.pop((event.id, event.principal), None)
+            member = (event.id, event.principal)
+            self._roles.drop(lambda key: key == member)

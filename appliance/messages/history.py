@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Literal, cast
 
 import redis.asyncio as aioredis
+from redis.exceptions import ResponseError
 
 from appliance.errors import Invalid, NotFound
 from appliance.redis_keys import Keys
@@ -85,7 +86,9 @@ async def page(
     if not 1 <= limit <= MAX_LIMIT:
         raise Invalid(f"must be between 1 and {MAX_LIMIT}", field="limit")
     tail = keys.tail(conversation)
-    if at.direction == "before":
+    if at.direction == "before" and at.seq == 0:
+        entries = []  # nothing comes before the first seq (1)
+    elif at.direction == "before":
         top = f"({at.seq}-0" if at.seq is not None else "+"
         entries = await _range(redis, tail, "-", top, limit, reverse=True)
     else:
@@ -135,9 +138,13 @@ async def replay(
 
 
 async def head(redis: aioredis.Redis, keys: Keys, conversation: str) -> int:
-    """The newest seq (0 when none)."""
+    """The newest seq (0 when none). Without the counter, the tail's last generated id, which
+    outlives trimming (the newest entry may be gone), as the publish script re-seeds it."""
     value = await redis.get(keys.seq(conversation))
     if value is not None:
         return int(value)
-    last = await _range(redis, keys.tail(conversation), "-", "+", 1, reverse=True)
-    return _seq(last[0][0]) if last else 0
+    try:
+        info = await redis.xinfo_stream(keys.tail(conversation))
+    except ResponseError:  # no such key
+        return 0
+    return _seq(info["last-generated-id"])

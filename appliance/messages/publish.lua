@@ -15,20 +15,30 @@ if idem_hash ~= "" then
   end
 end
 
--- The counter is missing after a Redis restart or eviction: re-seed it from the newest record
--- of the tail (tail ids are "<seq>-0") so a seq is never handed out twice.
+-- The counter is missing after a Redis restart or eviction: re-seed it from the tail's last
+-- generated id (tail ids are "<seq>-0"; it outlives trimming, unlike the newest entry), so a
+-- seq is never handed out twice and every XADD below is above the stream's top.
+-- Every check comes before the first write: a refused publish changes nothing.
 local current = tonumber(redis.call("GET", seq_key) or "-1")
-if current < 0 then
+local seeded = current >= 0
+if not seeded then
   current = 0
-  local last = redis.call("XREVRANGE", tail, "+", "-", "COUNT", 1)
-  if #last > 0 then current = tonumber(string.match(last[1][1], "^(%d+)")) end
-  redis.call("SET", seq_key, current)
+  if redis.call("EXISTS", tail) == 1 then
+    local info = redis.call("XINFO", "STREAM", tail)
+    for i = 1, #info, 2 do
+      if info[i] == "last-generated-id" then
+        current = tonumber(string.match(info[i + 1], "^(%d+)"))
+      end
+    end
+  end
 end
 
 for i = 1, n do
   local reply_to = tonumber(ARGV[6 + 3 * i])
   if reply_to > current + i - 1 then return {"reply_to", i, current + i - 1} end
 end
+
+if not seeded then redis.call("SET", seq_key, current) end
 
 local first = redis.call("INCRBY", seq_key, n) - n + 1
 for i = 1, n do

@@ -89,7 +89,11 @@ class Hub:
         listeners.add(listener)
         confirmed = self._confirmed.get(name)
         if confirmed is not None:
-            await asyncio.wait_for(asyncio.shield(confirmed), SUBSCRIBE_TIMEOUT)
+            try:
+                await asyncio.wait_for(asyncio.shield(confirmed), SUBSCRIBE_TIMEOUT)
+            except TimeoutError:
+                await self.leave(channel, listener)
+                raise Unavailable("redis did not confirm the subscription") from None
 
     async def leave(self, channel: str, listener: Listener) -> None:
         name = channel.encode()

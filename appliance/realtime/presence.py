@@ -64,8 +64,8 @@ class Presence:
 
     async def _present(self, conversation: str, principal: str, now: float) -> bool:
         members = await self._live(conversation, now)
-        mark = f"{principal}|".encode()
-        return any(m.startswith(mark) for m in members)
+        mine = principal.encode()  # a principal may hold '|'; a socket id never does
+        return any(m.rsplit(b"|", 1)[0] == mine for m in members)
 
     async def join(self, conversation: str, principal: str, socket_id: str) -> None:
         now = time.time()

@@ -17,10 +17,16 @@ from appliance.api.deps import DEPENDENCIES, Req, Who, services
 from appliance.api.json import json_response
 from appliance.api.services import Services
 from appliance.auth.authenticate import bearer
-from appliance.errors import ApplianceError, Invalid
+from appliance.errors import Forbidden, Invalid, Unauthorized, known
 from appliance.messages import history
 from appliance.realtime.presence import ReceiptIn
-from appliance.realtime.stream import CLOSE_FORBIDDEN, CLOSE_UNAUTHORIZED, Session, error_frame
+from appliance.realtime.stream import (
+    CLOSE_FORBIDDEN,
+    CLOSE_TRY_AGAIN,
+    CLOSE_UNAUTHORIZED,
+    Session,
+    error_frame,
+)
 
 BASE = "/v1/conversations/{conversation:str}"
 
@@ -45,7 +51,7 @@ async def get_receipts(
     request: Req, conversation: FromPath[str], principal: Who
 ) -> Response[bytes]:
     svc = services(request)
-    await svc.access.require(principal, conversation, "view")
+    await svc.access.require(principal, conversation, "read")
     return json_response({"receipts": await svc.presence.receipts(conversation)})
 
 
@@ -54,7 +60,7 @@ async def get_presence(
     request: Req, conversation: FromPath[str], principal: Who
 ) -> Response[bytes]:
     svc = services(request)
-    await svc.access.require(principal, conversation, "view")
+    await svc.access.require(principal, conversation, "read")
     return json_response({"online": await svc.presence.online(conversation)})
 
 
@@ -69,12 +75,15 @@ async def stream(socket: WebSocket[Any, Any, Any]) -> None:
         principal = await svc.auth.authenticate(
             f"Bearer {credential}", None, socket.headers.get("x-on-behalf-of")
         )
-    except ApplianceError as exc:
-        code = CLOSE_UNAUTHORIZED if exc.status == 401 else CLOSE_FORBIDDEN
-        if exc.status in (401, 403):
-            metrics.AUTH_FAILURES.labels(getattr(exc, "reason", exc.code)).inc()
-        await socket.send_data(error_frame(exc.code, exc.message, exc.field))
-        await socket.close(code if exc.status in (401, 403) else 1011, exc.code)
+    except Exception as exc:
+        error = known(exc)
+        if error is None:
+            raise
+        if isinstance(error, Unauthorized | Forbidden):
+            metrics.AUTH_FAILURES.labels(error.reason).inc()
+        codes = {401: CLOSE_UNAUTHORIZED, 403: CLOSE_FORBIDDEN, 503: CLOSE_TRY_AGAIN}
+        await socket.send_data(error_frame(error.code, error.message, error.field))
+        await socket.close(codes.get(error.status, 1011), error.code)
         return
     session = Session(socket, svc, principal, credential)
     svc.sessions.add(session)

@@ -15,11 +15,10 @@ from typing import TYPE_CHECKING, Any, cast
 
 import msgspec
 import structlog
-from redis.exceptions import RedisError
 
 from appliance import metrics
 from appliance.auth.principal import Principal
-from appliance.errors import ApplianceError, Unavailable
+from appliance.errors import OUTAGES, ApplianceError, Unavailable, known
 from appliance.messages import history
 
 if TYPE_CHECKING:
@@ -31,6 +30,7 @@ log = structlog.get_logger()
 CLOSE_UNAUTHORIZED = 4001
 CLOSE_FORBIDDEN = 4003
 CLOSE_SLOW_CONSUMER = 4008  # resubscribe with `since` = the last seq received
+CLOSE_TRY_AGAIN = 1013  # a dependency is away: reconnect later
 REPLAY_PAGE = 500
 
 
@@ -65,7 +65,15 @@ class Subscription:
         self.conversation = conversation
         self.last = last
         self.live = False
+        # A hub reconnect while catching up: frames may have been lost, read the tail once more.
+        self.stale = False
         self.held: list[tuple[int, str, float | None]] = []
+
+    @property
+    def current(self) -> bool:
+        """Still wanted: not unsubscribed (or replaced) and the socket not closing."""
+        session = self.session
+        return session.closing is None and session.subs.get(self.conversation) is self
 
     def on_frame(self, seq: int | None, at: float | None, frame: str) -> None:
         if seq is None:  # receipt and presence events
@@ -85,31 +93,39 @@ class Subscription:
         if self.live:
             self.live = False
             self.session.spawn(self.recover())
+        else:
+            self.stale = True
 
     async def recover(self) -> None:
         """`catch_up` after a gap or a hub reconnect, retried while Redis is still away (the
         pool's connections may be stale just after a restart): the socket lives on."""
         delay = 0.1
-        while True:
+        while self.current:
             try:
                 return await self.catch_up()
-            except (RedisError, OSError) as exc:
+            except OUTAGES as exc:
                 log.warning("stream_catch_up_failed", error=str(exc), retry_in=delay)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 5.0)
 
     async def catch_up(self) -> None:
-        """Send what the tail has after `last`, then the held frames, then go live."""
+        """Send what the tail has after `last`, then the held frames, then go live. Messages the
+        tail no longer has end the subscription with `resume_too_old`: never a silent gap."""
         svc = self.session.svc
-        while True:
+        gap = False
+        while self.current:
+            self.stale = False
             while True:
                 entries = await history.replay(
                     svc.redis, svc.keys, self.conversation, self.last, REPLAY_PAGE
                 )
+                if (entries and entries[0][0] > self.last + 1) or (gap and not entries):
+                    return await self.lost()
                 for seq, message in entries:
-                    if seq > self.last:
-                        self.last = seq
-                        await self.session.send_replayed(message_frame(message), None)
+                    if not self.current:
+                        return
+                    self.last = seq
+                    await self.session.send_replayed(message_frame(message), None)
                 if len(entries) < REPLAY_PAGE:
                     break
             held, self.held = sorted(self.held, key=lambda h: h[0]), []
@@ -121,9 +137,26 @@ class Subscription:
                 elif seq > self.last + 1:
                     gap = True
                     self.held.append((seq, frame, at))
-            if not gap and not self.held:  # frames held while we waited: one more round
+            # Frames held while we waited, or a reconnect meanwhile: one more round.
+            if not gap and not self.held and not self.stale:
                 self.live = True
                 return
+
+    async def lost(self) -> None:
+        if not self.current:
+            return
+        await self.session.unsubscribe(self.conversation, notify=False)
+        self.session.send(
+            error_frame(
+                "resume_too_old",
+                f"messages after seq {self.last} are no longer in the recent tail: page the "
+                "history over HTTP, then resubscribe with a newer since",
+                "since",
+                conversation=self.conversation,
+                seq=self.last,
+            ),
+            None,
+        )
 
 
 class Session:
@@ -147,6 +180,7 @@ class Session:
         self.closing: tuple[int, str] | None = None
         self.done = asyncio.Event()
         self.room = asyncio.Event()  # set by the sender whenever it takes a frame
+        self.expirer: asyncio.TimerHandle | None = None
 
     def send(self, frame: str, at: float | None) -> None:
         if self.closing is not None:
@@ -181,8 +215,13 @@ class Session:
 
     def _task_done(self, task: asyncio.Task[None]) -> None:
         self.tasks.discard(task)
-        if not task.cancelled() and task.exception() is not None:
-            log.warning("stream_task_failed", error=str(task.exception()))
+        if task.cancelled() or (exc := task.exception()) is None:
+            return
+        if isinstance(known(exc), Unavailable):  # e.g. a recheck that could not ask
+            log.warning("stream_dependency_unavailable", error=str(exc))
+            self.close(CLOSE_TRY_AGAIN, "unavailable")
+        else:
+            log.warning("stream_task_failed", error=str(exc))
             self.close(1011, "internal error")
 
     async def sender(self) -> None:
@@ -203,7 +242,7 @@ class Session:
             entries = [(c, self.principal.id, self.id) for c in self.subs]
             try:
                 await self.svc.presence.refresh(entries)
-            except (RedisError, OSError) as exc:  # presence fades; the socket lives on
+            except OUTAGES as exc:  # presence fades; the socket lives on
                 log.warning("presence_refresh_failed", error=str(exc))
 
     async def receiver(self) -> None:
@@ -225,10 +264,16 @@ class Session:
                     await self.unsubscribe(op.conversation, notify=True)
                 else:
                     self.send('{"event":"pong"}', None)
-            except ApplianceError as exc:
+            except Exception as exc:
+                error = known(exc)
+                if error is None:
+                    raise
+                if error is not exc:
+                    log.warning("stream_dependency_unavailable", error=str(exc))
                 conversation = getattr(op, "conversation", None)
                 self.send(
-                    error_frame(exc.code, exc.message, exc.field, conversation=conversation), None
+                    error_frame(error.code, error.message, error.field, conversation=conversation),
+                    None,
                 )
 
     async def subscribe(self, conversation: str, since: int | None) -> None:
@@ -243,16 +288,25 @@ class Session:
                 field="conversation",
                 code="too_many_subscriptions",
             )
+        generation = svc.access.generation
         await svc.access.require(self.principal, conversation, "subscribe")
         sub = Subscription(self, conversation, 0)
         self.subs[conversation] = sub
         try:
-            await svc.hub.join(svc.keys.channel(conversation), sub)
-            head = await history.head(svc.redis, svc.keys, conversation)
-        except (RedisError, OSError, TimeoutError, Unavailable) as exc:
-            self.subs.pop(conversation, None)
-            await svc.hub.leave(svc.keys.channel(conversation), sub)
-            raise Unavailable(f"redis: {exc}") from None
+            await self._start(sub, since, generation)
+        except Exception:
+            if self.subs.get(conversation) is sub:
+                await self.unsubscribe(conversation, notify=False)
+            raise
+
+    async def _start(self, sub: Subscription, since: int | None, generation: int) -> None:
+        svc, conversation = self.svc, sub.conversation
+        await svc.hub.join(svc.keys.channel(conversation), sub)
+        if svc.access.generation != generation:
+            # Access changed while it was checked: from here on a change rechecks this
+            # subscription (it is in `subs`), but one that came before must be looked at again.
+            await svc.access.require(self.principal, conversation, "subscribe")
+        head = await history.head(svc.redis, svc.keys, conversation)
         problem = None
         if since is not None and (since < 0 or since > head):
             problem = error_frame(
@@ -280,7 +334,10 @@ class Session:
             ).decode(),
             None,
         )
-        await svc.presence.join(conversation, self.principal.id, self.id)
+        try:
+            await svc.presence.join(conversation, self.principal.id, self.id)
+        except OUTAGES as exc:  # presence is best effort; the messages are not
+            log.warning("presence_join_failed", error=str(exc))
         await sub.catch_up()
 
     async def unsubscribe(self, conversation: str, notify: bool) -> None:
@@ -290,7 +347,10 @@ class Session:
                 raise ApplianceError("not subscribed", field="conversation", code="not_subscribed")
             return
         await self.svc.hub.leave(self.svc.keys.channel(conversation), sub)
-        await self.svc.presence.leave(conversation, self.principal.id, self.id)
+        try:
+            await self.svc.presence.leave(conversation, self.principal.id, self.id)
+        except OUTAGES as exc:  # the entry fades after presence_ttl
+            log.warning("presence_leave_failed", error=str(exc))
         if notify:
             self.send(
                 msgspec.json.encode(
@@ -317,17 +377,36 @@ class Session:
                 )
 
     async def reauthenticate(self) -> None:
+        """After the key changed (rotation, revocation): check it again, and its new expiry."""
         try:
-            await self.svc.auth.authenticate(f"Bearer {self.credential}", None, None)
+            principal = await self.svc.auth.authenticate(f"Bearer {self.credential}", None, None)
         except ApplianceError as exc:
             self.close(CLOSE_UNAUTHORIZED, exc.code)
+            return
+        self.expire_at(principal.expires_at)
+
+    def expire_at(self, at: float | None) -> None:
+        """Close with 4001 when the credential expires (a JWT's exp, a key's expiry, the end of
+        a rotated secret's grace): the client reconnects with a fresh one."""
+        if self.expirer is not None:
+            self.expirer.cancel()
+            self.expirer = None
+        if at is not None:
+            self.expirer = asyncio.get_running_loop().call_at(
+                asyncio.get_running_loop().time() + max(0.0, at - time.time()),
+                self.close,
+                CLOSE_UNAUTHORIZED,
+                "credentials_expired",
+            )
 
     async def run(self) -> None:
         for coro in (self.sender(), self.pinger(), self.receiver()):
             self.spawn(coro)
+        self.expire_at(self.principal.expires_at)
         try:
             await self.done.wait()
         finally:
+            self.expire_at(None)
             pending = set(self.tasks)
             while pending:
                 # Cancel again until done: on Python 3.11 asyncio.wait_for (inside redis-py

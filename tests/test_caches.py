@@ -1,0 +1,152 @@
+"""The per-process caches of keys and access grants, against real PostgreSQL: a lookup that raced
+an invalidation never stores what it read, and made-up key ids never push real keys out.
+
+The races are made deterministic by holding the looked-up connection open after its query ran
+(the lookup has read the old state) until the test has changed the row and invalidated.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Callable
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from typing import Any
+
+import psycopg
+import pytest
+
+from appliance.auth import authenticate as authenticate_module
+from appliance.auth.authenticate import Authenticator
+from appliance.auth.principal import Principal
+from appliance.config import Config
+from appliance.conversations import service
+from appliance.conversations.access import Access
+from appliance.errors import Forbidden, Unauthorized
+from appliance.invalidation import Invalidation
+from appliance.resources import Resources
+from tests.messaging import bearer, issue_key, unique
+
+Conn = psycopg.AsyncConnection[Any]
+
+
+class Connections:
+    """The pool's connections, counted; `hold()` keeps the next one checked out after use until
+    `release()`, so the test can act between a lookup's query and its caching."""
+
+    def __init__(self, resources: Resources) -> None:
+        self._resources = resources
+        self.opened = 0
+        self.used = asyncio.Event()
+        self._gate = asyncio.Event()
+        self._armed = False
+
+    def hold(self) -> None:
+        self._gate.clear()
+        self.used.clear()
+        self._armed = True
+
+    def release(self) -> None:
+        self._gate.set()
+
+    def __call__(self) -> AbstractAsyncContextManager[Conn]:
+        return self._connection()
+
+    @asynccontextmanager
+    async def _connection(self) -> AsyncIterator[Conn]:
+        self.opened += 1
+        held, self._armed = self._armed, False
+        async with self._resources.connection() as conn:
+            yield conn
+        if held:
+            self.used.set()
+            await self._gate.wait()
+
+
+@pytest.fixture
+def connections(resources: Resources) -> Connections:
+    return Connections(resources)
+
+
+def key_id(key: str) -> str:
+    return key.split("_")[1]
+
+
+async def raced(
+    connections: Connections, lookup: Any, change: Callable[[], Any]
+) -> asyncio.Task[Any]:
+    """Start `lookup`, let its query run, apply `change` (row + invalidation), then let it end."""
+    connections.hold()
+    task = asyncio.create_task(lookup)
+    await asyncio.wait_for(connections.used.wait(), 10)
+    await change()
+    connections.release()
+    await asyncio.wait_for(asyncio.shield(task), 10)
+    return task
+
+
+async def test_a_key_lookup_racing_a_revocation_caches_nothing_stale(
+    config: Config, resources: Resources, connections: Connections
+) -> None:
+    key = await issue_key(resources, ["read"])
+    auth = Authenticator(config, connections)
+
+    async def revoke() -> None:
+        async with resources.connection() as conn:
+            await conn.execute(
+                "UPDATE api_keys SET revoked_at = now() WHERE id = %s", (key_id(key),)
+            )
+        auth.forget(key_id(key))  # what the invalidation event does
+
+    authorization = bearer(key)["Authorization"]
+    lookup = await raced(connections, auth.authenticate(authorization, None, None), revoke)
+    assert lookup.result().id.startswith("key:")  # it began before the revocation
+    with pytest.raises(Unauthorized) as refused:
+        await auth.authenticate(bearer(key)["Authorization"], None, None)
+    assert refused.value.reason == "key_revoked"
+
+
+async def test_a_role_lookup_racing_a_removal_caches_nothing_stale(
+    resources: Resources, connections: Connections
+) -> None:
+    conversation, user = unique("c"), f"user:{unique('u')}"
+    async with resources.connection() as conn:
+        await service.create(conn, service.ConversationCreate(conversation=conversation), "key:t")
+        await service.put_member(conn, conversation, user, "member")
+    access = Access(connections, ttl=3600)
+    principal = Principal(user, frozenset())
+
+    async def remove() -> None:
+        async with resources.connection() as conn:
+            await service.remove_member(conn, conversation, user)
+        access.forget(Invalidation("member", conversation, user))
+
+    await access.require(principal, conversation, "view")  # existence cached; the role too
+    access.forget(Invalidation("member", conversation, user))
+    generation = access.generation
+    await raced(connections, access.require(principal, conversation, "publish"), remove)
+    assert access.generation > generation  # what a racing subscribe looks at
+    with pytest.raises(Forbidden) as refused:
+        await access.require(principal, conversation, "publish")
+    assert refused.value.reason == "not_member"
+
+
+async def test_made_up_key_ids_never_evict_real_keys(
+    config: Config,
+    resources: Resources,
+    connections: Connections,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(authenticate_module, "_UNKNOWN_MAX", 5)
+    key = await issue_key(resources, ["read"])
+    auth = Authenticator(config, connections)
+    await auth.authenticate(bearer(key)["Authorization"], None, None)
+    made_up = [f"ak_{i:012d}_{'s' * 43}" for i in range(50)]
+    for candidate in made_up:
+        with pytest.raises(Unauthorized):
+            await auth.authenticate(bearer(candidate)["Authorization"], None, None)
+    assert connections.opened == 1 + 50  # one query per id it had not seen
+    await auth.authenticate(bearer(key)["Authorization"], None, None)
+    assert connections.opened == 51  # the real key is still cached
+    with pytest.raises(Unauthorized):  # the latest made-up ids are remembered too
+        await auth.authenticate(bearer(made_up[-1])["Authorization"], None, None)
+    assert connections.opened == 51
