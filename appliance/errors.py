@@ -102,9 +102,13 @@ def known(exc: BaseException) -> ApplianceError | None:
     if isinstance(exc, ApplianceError):
         return exc
     if isinstance(exc, OUTAGES):
-        name = "postgresql" if isinstance(exc, psycopg.Error) else "redis"
-        return Unavailable(f"{name} is unavailable, retry later")
+        return unavailable("postgresql" if isinstance(exc, psycopg.Error) else "redis")
     return None
+
+
+def unavailable(dependency: str) -> Unavailable:
+    """The 503 callers see when `dependency` does not answer: no host, port or client detail."""
+    return Unavailable(f"{dependency} is unavailable, retry later")
 
 
 @dataclass(frozen=True)

@@ -12,6 +12,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
@@ -199,6 +200,63 @@ def private_redis(
         if proc.poll() is None:
             proc.kill()
             proc.wait(10)
+
+
+@pytest.fixture
+def private_postgres() -> Iterator[tuple[str, Callable[[], None], Callable[[], None]]]:
+    """A PostgreSQL of this test's own on a free port: (dsn, start, kill) for fault tests.
+
+    An empty cluster (trust auth, user and database `postgres`). `kill` is an immediate shutdown:
+    every backend ends at once, clients see their connections drop, and `start` brings the same
+    cluster back on the same port after crash recovery. As root, the server runs as the
+    `postgres` OS user (initdb refuses root), in a directory outside pytest's private tmp tree.
+    """
+    pg_ctl = shutil.which("pg_ctl") or max(
+        map(str, Path("/usr/lib/postgresql").glob("*/bin/pg_ctl")), default=None
+    )
+    if pg_ctl is None:
+        pytest.fail("PostgreSQL's server binaries are needed for fault tests (pg_ctl, initdb)")
+    bindir = Path(pg_ctl).resolve().parent
+    as_root = os.geteuid() == 0
+    directory = Path(tempfile.mkdtemp(prefix="appliance-pg-"))
+    if as_root:
+        shutil.chown(directory, "postgres", "postgres")
+    data, log = directory / "data", directory / "postgres.log"
+    port = free_port()
+
+    def run(*argv: str) -> subprocess.CompletedProcess[str]:
+        command = [str(bindir / argv[0]), *argv[1:]]
+        if as_root:
+            command = ["runuser", "-u", "postgres", "--", *command]
+        return subprocess.run(command, cwd=directory, capture_output=True, text=True, check=False)
+
+    def start() -> None:
+        done = run("pg_ctl", "-D", str(data), "-l", str(log), "-w", "-t", "30", "start")
+        if done.returncode != 0:
+            pytest.fail(f"private postgres did not start:\n{done.stderr}\n{log.read_text()}")
+        wait_for(lambda: port_open(port), 10, "private postgres")
+
+    def kill() -> None:
+        done = run("pg_ctl", "-D", str(data), "-m", "immediate", "-w", "stop")
+        assert done.returncode == 0, done.stderr
+        assert not port_open(port), "private postgres still listens after an immediate stop"
+
+    try:
+        options = ["--username=postgres", "--auth=trust", "--no-sync", "--encoding=UTF8"]
+        made = run("initdb", "-D", str(data), "--locale=C", *options)
+        if made.returncode != 0:
+            pytest.fail(f"initdb failed:\n{made.stdout}\n{made.stderr}")
+        with (data / "postgresql.conf").open("a") as conf:
+            conf.write(
+                f"port = {port}\nlisten_addresses = '127.0.0.1'\nunix_socket_directories = ''\n"
+                "fsync = off\n"
+            )
+        start()
+        yield f"postgresql://postgres@127.0.0.1:{port}/postgres", start, kill
+    finally:
+        if (data / "postmaster.pid").exists():
+            run("pg_ctl", "-D", str(data), "-m", "immediate", "-w", "stop")
+        shutil.rmtree(directory, ignore_errors=True)
 
 
 @pytest.fixture

@@ -20,7 +20,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from appliance import invalidation
-from appliance.errors import Unavailable
+from appliance.errors import unavailable
 from appliance.redis_keys import Keys
 
 log = structlog.get_logger()
@@ -85,7 +85,8 @@ class Hub:
             except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
                 del self._channels[name]
                 self._confirmed.pop(name, None)
-                raise Unavailable(f"redis: {exc}") from None
+                log.warning("hub_subscribe_failed", error=str(exc))
+                raise unavailable("redis") from None
         listeners.add(listener)
         confirmed = self._confirmed.get(name)
         if confirmed is not None:
@@ -93,7 +94,8 @@ class Hub:
                 await asyncio.wait_for(asyncio.shield(confirmed), SUBSCRIBE_TIMEOUT)
             except TimeoutError:
                 await self.leave(channel, listener)
-                raise Unavailable("redis did not confirm the subscription") from None
+                log.warning("hub_subscribe_unconfirmed", timeout=SUBSCRIBE_TIMEOUT)
+                raise unavailable("redis") from None
 
     async def leave(self, channel: str, listener: Listener) -> None:
         name = channel.encode()

@@ -1,0 +1,260 @@
+"""Outages: PostgreSQL or Redis stops answering while the api runs, then comes back.
+
+HTTP routes answer 503 `unavailable` naming the dependency, with `Retry-After: 1`, never 500, and
+work again once it is back. On `/v1/stream` an op that cannot reach a dependency gets an
+`unavailable` error event and the socket lives on; authentication that cannot reach one sends
+the event and closes with 1013. Each dependency that fails is the test's own server
+(`private_redis`, `private_postgres`) and is really stopped. Recovery is polled with a bound:
+nothing here asserts on timing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import copy
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import httpx
+import psycopg
+import pytest
+from litestar.testing import AsyncTestClient
+from websockets.asyncio.client import ClientConnection, connect
+from websockets.exceptions import ConnectionClosed
+
+from appliance.api.app import create_app
+from appliance.auth import keys
+from appliance.auth.principal import Scope
+from appliance.config import Config
+from appliance.db.migrate import migrate
+from appliance.resources import Resources
+from tests.api_process import ApiProcess, api_settings
+from tests.messaging import bearer, body, issue_key, unique
+from tests.test_stream import NOISE, TIMEOUT, api_client, closed, expect, recv, send, subscribe
+
+Client = AsyncTestClient[Any]
+PrivateRedis = tuple[int, Callable[[], None], Callable[[], None]]  # port, start, kill
+PrivatePostgres = tuple[str, Callable[[], None], Callable[[], None]]  # dsn, start, kill
+T = TypeVar("T")
+RECOVERY = 60.0  # bound on a dependency being used again once back (the pool's reconnect back-off)
+
+
+def unavailable(dependency: str, **extra: Any) -> dict[str, Any]:
+    """The error a caller is told when `dependency` does not answer (HTTP body or event)."""
+    message = f"{dependency} is unavailable, retry later"
+    return {"code": "unavailable", "message": message, "field": None, **extra}
+
+
+def assert_unavailable(response: httpx.Response, dependency: str) -> None:
+    assert response.status_code == 503, response.text
+    assert response.json() == {"error": unavailable(dependency)}
+    assert response.headers["retry-after"] == "1"
+
+
+async def eventually(attempt: Callable[[], Awaitable[T | None]], what: str) -> T:
+    """Repeat `attempt` until it returns something; fail naming `what` after RECOVERY seconds."""
+    deadline = time.monotonic() + RECOVERY
+    while (result := await attempt()) is None:
+        if time.monotonic() > deadline:
+            pytest.fail(f"{what} did not happen within {RECOVERY}s")
+        await asyncio.sleep(0.2)
+    return result
+
+
+async def once_back(
+    request: Callable[[], Awaitable[httpx.Response]], status: int, dependency: str
+) -> httpx.Response:
+    """Repeat `request` until it answers `status`; until then, only the 503 for `dependency`."""
+
+    async def attempt() -> httpx.Response | None:
+        response = await request()
+        if response.status_code == status:
+            return response
+        assert_unavailable(response, dependency)
+        return None
+
+    return await eventually(attempt, f"{status} once {dependency} was back")
+
+
+async def migrate_with_keys(dsn: str, *scopes: list[Scope]) -> list[str]:
+    """Migrate the empty database at `dsn` (a private server's) and issue one key per list of
+    scopes in it."""
+    async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as conn:
+        await migrate(conn)
+        made = [
+            await keys.create(conn, keys.KeyCreate(name=unique("key"), scopes=s)) for s in scopes
+        ]
+    return [issued.key for issued in made]
+
+
+async def create_conversation(client: Client, key: str, name: str | None = None) -> httpx.Response:
+    return await client.post(
+        "/v1/conversations", json={"conversation": name or unique("c")}, headers=bearer(key)
+    )
+
+
+# -- HTTP, in-process ----------------------------------------------------------------------------
+
+
+async def test_http_routes_answer_503_while_redis_is_down(
+    settings: dict[str, Any], resources: Resources, private_redis: PrivateRedis
+) -> None:
+    port, start, kill = private_redis
+    settings["redis"]["url"] = f"redis://127.0.0.1:{port}/0"
+    settings["redis"]["connect_timeout"] = 0.5
+    settings["appliance"]["roles"] = ["api"]
+    key = await issue_key(resources, ["admin"])  # in the run's database: only Redis is private
+    async with AsyncTestClient(app=create_app(Config.model_validate(settings))) as client:
+        created = await create_conversation(client, key)
+        assert created.status_code == 201, created.text
+        conversation = created.json()["conversation"]
+        base = f"/v1/conversations/{conversation}"
+
+        def publish() -> Awaitable[httpx.Response]:
+            return client.post(f"{base}/messages", json=body(), headers=bearer(key))
+
+        kill()
+        assert_unavailable(await publish(), "redis")
+        for path in ("messages", "receipts", "presence"):
+            assert_unavailable(await client.get(f"{base}/{path}", headers=bearer(key)), "redis")
+
+        start()
+        ack = (await once_back(publish, 201, "redis")).json()
+        assert (ack["conversation"], ack["seq"]) == (conversation, 1)
+        history = await client.get(f"{base}/messages", headers=bearer(key))
+        assert history.status_code == 200, history.text
+        assert [m["id"] for m in history.json()["messages"]] == [ack["id"]]
+
+
+async def test_http_routes_answer_503_while_postgres_is_down(
+    settings: dict[str, Any], private_postgres: PrivatePostgres
+) -> None:
+    dsn, start, kill = private_postgres
+    used, fresh = await migrate_with_keys(dsn, ["admin"], ["admin"])
+    settings["postgres"].update(dsn=dsn, connect_timeout=1.0)
+    settings["appliance"]["roles"] = ["api"]
+    async with AsyncTestClient(app=create_app(Config.model_validate(settings))) as client:
+        created = await create_conversation(client, used)  # `used` is cached from here on
+        assert created.status_code == 201, created.text
+        conversation = created.json()["conversation"]
+
+        def view() -> Awaitable[httpx.Response]:
+            return client.get(f"/v1/conversations/{conversation}", headers=bearer(fresh))
+
+        kill()
+        assert_unavailable(await view(), "postgresql")  # a key never seen: looked up
+        assert_unavailable(await create_conversation(client, used), "postgresql")
+
+        start()
+        viewed = await once_back(view, 200, "postgresql")
+        assert viewed.json()["conversation"] == conversation
+        name = unique("c")
+        again = await once_back(lambda: create_conversation(client, used, name), 201, "postgresql")
+        assert again.json()["conversation"] == name
+
+
+# -- WebSocket, against a real api process -------------------------------------------------------
+
+
+async def expect_one_of(ws: ClientConnection, *events: str) -> dict[str, Any]:
+    """The next frame of one of `events`; only noise may come first."""
+    while True:
+        frame = await recv(ws)
+        if frame["event"] in events:
+            return frame
+        assert frame["event"] in NOISE, f"expected one of {events}, got {frame}"
+
+
+@pytest.mark.process
+async def test_stream_op_gets_unavailable_while_redis_is_down(
+    base_settings: dict[str, Any], resources: Resources, tmp_path: Path, private_redis: PrivateRedis
+) -> None:
+    port, start, kill = private_redis
+    settings = api_settings(
+        copy.deepcopy(base_settings),
+        tmp_path,
+        redis={"url": f"redis://127.0.0.1:{port}/0", "connect_timeout": 0.5},
+    )
+    admin = await issue_key(resources, ["admin"])  # in the run's database: only Redis is private
+    proc = ApiProcess(tmp_path, settings).start()
+    try:
+        async with api_client(proc, admin) as api:
+            _, key = await api.key("subscribe")
+            first, second = await api.conversation(), await api.conversation()
+            async with api.socket(key) as ws:
+                await subscribe(ws, first)
+                # Ops run one after another: the pong says the subscribe has finished (its
+                # catch-up included), so the outage below fails the next op, not this one.
+                await send(ws, "ping")
+                await expect(ws, "pong")
+
+                kill()
+                await send(ws, "subscribe", conversation=second)
+                error = (await expect(ws, "error"))["error"]
+                assert error == unavailable("redis", conversation=second)
+                await send(ws, "ping")
+                await expect(ws, "pong")
+
+                start()
+
+                async def subscribed() -> dict[str, Any] | None:
+                    await send(ws, "subscribe", conversation=second)
+                    frame = await expect_one_of(ws, "subscribed", "error")
+                    if frame["event"] == "subscribed":
+                        return frame
+                    assert frame["error"] == unavailable("redis", conversation=second)
+                    return None
+
+                frame = await eventually(subscribed, "a subscribe once redis was back")
+                assert (frame["conversation"], frame["seq"]) == (second, 0)
+                assert await api.publish(second) == 1
+                message = (await expect(ws, "message"))["message"]
+                assert (message["conversation"], message["seq"]) == (second, 1)
+    finally:
+        proc.stop()
+        print(proc.log())  # shown by pytest only when a test failed
+
+
+@pytest.mark.process
+async def test_stream_auth_closes_1013_while_postgres_is_down(
+    base_settings: dict[str, Any], tmp_path: Path, private_postgres: PrivatePostgres
+) -> None:
+    dsn, start, kill = private_postgres
+    (key,) = await migrate_with_keys(dsn, ["subscribe"])
+    settings = api_settings(
+        copy.deepcopy(base_settings), tmp_path, postgres={"dsn": dsn, "connect_timeout": 1.0}
+    )
+    proc = ApiProcess(tmp_path, settings).start()
+    try:
+
+        def socket() -> Any:
+            return connect(proc.ws_url, additional_headers=bearer(key), open_timeout=TIMEOUT)
+
+        kill()
+        async with socket() as ws:  # a key never seen by this process: looked up
+            code, reason, frames = await closed(ws)
+        assert frames == [{"event": "error", "error": unavailable("postgresql")}]
+        assert (code, reason) == (1013, "unavailable")
+
+        start()
+
+        async def accepted() -> bool | None:
+            async with socket() as ws:
+                # Refused, the socket may be closing before the ping goes out: the error
+                # frame is read all the same.
+                with contextlib.suppress(ConnectionClosed):
+                    await send(ws, "ping")
+                frame = await expect_one_of(ws, "pong", "error")
+                if frame["event"] == "pong":
+                    return True
+                assert frame["error"] == unavailable("postgresql")
+                assert await closed(ws) == (1013, "unavailable", [])
+                return None
+
+        await eventually(accepted, "a socket accepted once postgresql was back")
+    finally:
+        proc.stop()
+        print(proc.log())
