@@ -22,6 +22,7 @@ from appliance import metrics
 from appliance.auth.principal import Principal
 from appliance.config.model import MessagesSection
 from appliance.errors import Conflict, Invalid, RateLimited
+from appliance.messages.coalesce import ScriptCoalescer
 from appliance.messages.ratelimit import RateLimiter
 from appliance.redis_keys import Keys
 
@@ -29,14 +30,14 @@ _IDEMPOTENCY_KEY = frozenset(range(0x21, 0x7F))
 
 
 class Attachment(msgspec.Struct, forbid_unknown_fields=True):
-    id: Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9_-]{1,64}$")]
+    id: Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9_-]{1,64}\Z")]
     name: Annotated[str, msgspec.Meta(min_length=1, max_length=255)]
     size: Annotated[int, msgspec.Meta(ge=0)]
-    content_type: Annotated[str, msgspec.Meta(pattern=r"^[\w.+-]+/[\w.+-]+$", max_length=127)]
+    content_type: Annotated[str, msgspec.Meta(pattern=r"^[\w.+-]+/[\w.+-]+\Z", max_length=127)]
 
 
 class MessageIn(msgspec.Struct, forbid_unknown_fields=True):
-    type: Annotated[str, msgspec.Meta(pattern=r"^[a-z0-9._-]{1,32}$")]
+    type: Annotated[str, msgspec.Meta(pattern=r"^[a-z0-9._-]{1,32}\Z")]
     body: msgspec.Raw
     attachments: list[Attachment] = []
     reply_to: Annotated[int, msgspec.Meta(ge=1)] | None = None
@@ -98,7 +99,7 @@ class Publisher:
         self._redis = redis
         self._keys = keys
         self._section = section
-        self._publish = redis.register_script(_script("publish.lua"))
+        self._publish = ScriptCoalescer(redis, _script("publish.lua"))
         self._limiter = RateLimiter(redis, keys, section)
 
     def validate(self, messages: list[MessageIn], batch: bool) -> None:

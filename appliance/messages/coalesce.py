@@ -1,0 +1,90 @@
+"""One Lua script run for many concurrent callers in one pipelined Redis round trip.
+
+While a pipeline is out, the calls that arrive queue up and leave together in the next one, so
+under load the round trip (and most of redis-py's per-command work) is paid once per batch, while
+a lone call on an idle process leaves at once. Redis runs each script atomically and in the order
+sent, so a batch does exactly what the same scripts sent one by one would.
+
+Nothing is resent after an error: a script whose reply was lost may have run. Each caller gets the
+error (the api answers 503) and decides. Only NOSCRIPT (the server's script cache was emptied,
+e.g. by a restart) is retried, after loading the script: a NOSCRIPT reply means it did not run.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+from typing import Any
+
+import redis.asyncio as aioredis
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import NoScriptError
+
+_Call = tuple[Sequence[Any], Sequence[Any], "asyncio.Future[Any]"]
+
+
+class ScriptCoalescer:
+    def __init__(self, redis: aioredis.Redis, script: str) -> None:
+        self._redis = redis
+        self._script = redis.register_script(script)  # its sha, and its text for SCRIPT LOAD
+        self._queue: list[_Call] = []
+        self._sender: asyncio.Task[None] | None = None
+
+    async def __call__(self, keys: Sequence[Any], args: Sequence[Any]) -> Any:
+        """The script's reply for these keys and args, or the error that its pipeline met."""
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._queue.append((keys, args, future))
+        if self._sender is None:
+            # Starts on the next turn of the loop: calls made until then join the first batch.
+            self._sender = asyncio.create_task(self._send_queued(), name="publish-pipeline")
+        return await future
+
+    async def _send_queued(self) -> None:
+        try:
+            while self._queue:
+                # A caller that stopped waiting before its batch left is not sent at all.
+                batch = [call for call in self._queue if not call[2].done()]
+                self._queue = []
+                if batch:
+                    await self._send(batch)
+        finally:
+            self._sender = None
+            # Only a cancelled sender leaves calls behind (the event loop is shutting down).
+            batch, self._queue = self._queue, []
+            _fail(batch, RedisConnectionError("the api is shutting down"))
+
+    async def _send(self, batch: list[_Call]) -> None:
+        try:
+            replies = await self._execute(batch)
+            unsent = [i for i, reply in enumerate(replies) if isinstance(reply, NoScriptError)]
+            if unsent:
+                await self._redis.script_load(self._script.script)
+                resent = await self._execute([batch[i] for i in unsent])
+                for i, reply in zip(unsent, resent, strict=True):
+                    replies[i] = reply
+        except Exception as exc:
+            _fail(batch, exc)
+            return
+        except BaseException:
+            _fail(batch, RedisConnectionError("the api is shutting down"))
+            raise
+        for (_, _, future), reply in zip(batch, replies, strict=True):
+            if future.done():  # the caller stopped waiting while its script was out: it ran
+                continue
+            if isinstance(reply, Exception):
+                future.set_exception(reply)
+            else:
+                future.set_result(reply)
+
+    async def _execute(self, batch: list[_Call]) -> list[Any]:
+        pipe = self._redis.pipeline(transaction=False)
+        for keys, args, _ in batch:
+            pipe.evalsha(self._script.sha, len(keys), *keys, *args)
+        replies: list[Any] = await pipe.execute(raise_on_error=False)
+        return replies
+
+
+def _fail(batch: list[_Call], exc: BaseException) -> None:
+    for _, _, future in batch:
+        if not future.done():
+            future.set_exception(exc)
