@@ -4,7 +4,9 @@ every api process at once, last_used_at is written in batches."""
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +19,7 @@ from appliance.auth.authenticate import Authenticator
 from appliance.config import Config
 from appliance.resources import Resources
 from tests.messaging import bearer, issue_key, unique
-from tests.support import write_toml
+from tests.support import free_port, write_toml
 from tests.test_cli import cli
 
 Client = AsyncTestClient[Any]
@@ -57,7 +59,7 @@ async def test_create_shows_the_key_once_and_stores_only_a_hash(
     async with resources.connection() as conn:
         cur = await conn.execute("SELECT secret_hash FROM api_keys WHERE id = %s", (created["id"],))
         row = await cur.fetchone()
-    assert row is not None and secret.encode() not in bytes(row[0])
+    assert row is not None and bytes(row[0]) == hashlib.sha256(secret.encode()).digest()
     listed = (await api.get("/v1/keys", headers=bearer(admin))).json()["keys"]
     mine = [k for k in listed if k["id"] == created["id"]]
     assert len(mine) == 1 and "key" not in mine[0] and mine[0]["conversation_prefix"] == "team-"
@@ -128,25 +130,36 @@ async def test_revocation_reaches_another_api_process_at_once(
         await until(refused, "the revocation to reach the second process", timeout=1.0)
 
 
-async def test_last_used_is_written_in_batches(
+async def last_used(resources: Resources, key: str) -> Any:
+    async with resources.connection() as conn:
+        cur = await conn.execute("SELECT last_used_at FROM api_keys WHERE id = %s", (key_id(key),))
+        row = await cur.fetchone()
+    return row and row[0]
+
+
+async def test_last_used_is_written_in_batches_not_per_request(
+    settings: dict[str, Any], resources: Resources
+) -> None:
+    settings["auth"] = {"last_used_interval": 3600}
+    key = await issue_key(resources, ["read"])
+    async with AsyncTestClient(app=create_app(Config.model_validate(settings))) as client:
+        for _ in range(5):
+            assert (await client.get("/v1/keys", headers=bearer(key))).status_code == 403
+        last = datetime.now(UTC)
+        assert await last_used(resources, key) is None  # five uses, no write: it waits
+    # The api's shutdown writes the pending batch: the time of the last use.
+    written = await last_used(resources, key)
+    assert written is not None and written <= last
+
+
+async def test_last_used_batches_are_written_every_interval(
     settings: dict[str, Any], resources: Resources
 ) -> None:
     settings["auth"] = {"last_used_interval": 0.2}
-    config = Config.model_validate(settings)
     key = await issue_key(resources, ["read"])
-    async with AsyncTestClient(app=create_app(config)) as client:
-        for _ in range(5):
-            assert (await client.get("/v1/keys", headers=bearer(key))).status_code == 403
-
-        async def used() -> Any:
-            async with resources.connection() as conn:
-                cur = await conn.execute(
-                    "SELECT last_used_at FROM api_keys WHERE id = %s", (key_id(key),)
-                )
-                row = await cur.fetchone()
-            return row and row[0]
-
-        assert await until(used, "last_used_at")
+    async with AsyncTestClient(app=create_app(Config.model_validate(settings))) as client:
+        assert (await client.get("/v1/keys", headers=bearer(key))).status_code == 403
+        assert await until(lambda: last_used(resources, key), "last_used_at")
 
 
 async def test_an_expired_key_is_refused(api: Client, resources: Resources) -> None:
@@ -221,6 +234,29 @@ def test_cli_names_the_problem(settings: dict[str, Any], migrated: str, tmp_path
     bad_duration = cli(config, "keys", "create", "--name", unique("d"), "--scope", "read",
                        "--expires-in", "soon")  # fmt: skip
     assert bad_duration.returncode == 2 and "--expires-in" in bad_duration.stderr
+    created = json.loads(cli(config, "keys", "create", "--name", unique("g"), "--scope", "read",
+                             "--json").stdout)  # fmt: skip
+    too_long = cli(config, "keys", "rotate", created["id"], "--grace", "91d")
+    assert too_long.returncode == 2 and "grace" in too_long.stderr  # the HTTP API's bound
+    malformed = cli(config, "keys", "revoke", "ab\x01cd")
+    assert malformed.returncode == 1 and "12 characters" in malformed.stderr
+
+
+def test_cli_rotation_with_redis_down_still_prints_the_new_key(
+    settings: dict[str, Any], migrated: str, tmp_path: Path
+) -> None:
+    """The rotation is committed before it is announced: losing the announcement must not lose
+    the only copy of the new secret (a retry would end the old one at once)."""
+    config = write_toml(tmp_path / "c.toml", settings)
+    created = json.loads(cli(config, "keys", "create", "--name", unique("r"), "--scope", "read",
+                             "--json").stdout)  # fmt: skip
+    settings["redis"] = {**settings["redis"], "url": f"redis://127.0.0.1:{free_port()}/0",
+                         "connect_timeout": 0.5}  # fmt: skip
+    no_redis = write_toml(tmp_path / "no-redis.toml", settings)
+    rotated = cli(no_redis, "keys", "rotate", created["id"], "--grace", "1h", "--json")
+    assert rotated.returncode == 0, rotated.stderr
+    assert json.loads(rotated.stdout)["key"].startswith(f"ak_{created['id']}_")
+    assert "Redis did not answer" in rotated.stderr and "key_cache_ttl" in rotated.stderr
 
 
 async def test_an_admin_key_cannot_be_limited_to_a_prefix(

@@ -129,6 +129,46 @@ async def test_http_routes_answer_503_while_redis_is_down(
         assert [m["id"] for m in history.json()["messages"]] == [ack["id"]]
 
 
+async def test_changes_committed_while_redis_is_down_are_answered_and_applied_here(
+    settings: dict[str, Any], resources: Resources, private_redis: PrivateRedis
+) -> None:
+    """A change PostgreSQL committed is not reported as failed because its announcement could
+    not be sent: the caller would retry it (a second rotation ends the old secret at once). This
+    process applies it at once; the others within their cache TTL."""
+    port, _, kill = private_redis
+    settings["redis"]["url"] = f"redis://127.0.0.1:{port}/0"
+    settings["redis"]["connect_timeout"] = 0.5
+    settings["appliance"]["roles"] = ["api"]
+    admin = await issue_key(resources, ["admin"])
+    rotated, revoked = await issue_key(resources, ["read"]), await issue_key(resources, ["read"])
+    async with AsyncTestClient(app=create_app(Config.model_validate(settings))) as client:
+        created = await create_conversation(client, admin)
+        conversation = created.json()["conversation"]
+        base = f"/v1/conversations/{conversation}"
+        for key in (rotated, revoked):  # cached by this process from here on
+            assert (await client.get(base, headers=bearer(key))).status_code == 200
+        kill()
+        response = await client.post(
+            f"/v1/keys/{rotated.split('_')[1]}/rotate", json={"grace": 0}, headers=bearer(admin)
+        )
+        assert response.status_code == 200, response.text
+        new_key = response.json()["key"]
+        assert (await client.get(base, headers=bearer(new_key))).status_code == 200
+        assert (await client.get(base, headers=bearer(rotated))).status_code == 401
+        response = await client.delete(f"/v1/keys/{revoked.split('_')[1]}", headers=bearer(admin))
+        assert response.status_code == 200, response.text
+        refused = await client.get(base, headers=bearer(revoked))
+        assert (refused.status_code, refused.json()["error"]["code"]) == (401, "key_revoked")
+        member = f"user:{unique('m')}"
+        put = await client.put(
+            f"{base}/members/{member}", json={"role": "member"}, headers=bearer(admin)
+        )
+        assert put.status_code == 200, put.text
+        assert (await create_conversation(client, admin)).status_code == 201
+        assert (await client.delete(base, headers=bearer(admin))).status_code == 204
+        assert (await client.get(base, headers=bearer(admin))).status_code == 404
+
+
 async def test_http_routes_answer_503_while_postgres_is_down(
     settings: dict[str, Any], private_postgres: PrivatePostgres
 ) -> None:

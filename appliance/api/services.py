@@ -15,7 +15,7 @@ from appliance.activity import ActivityLog
 from appliance.auth.authenticate import Authenticator
 from appliance.config import Config
 from appliance.conversations.access import Access
-from appliance.invalidation import Invalidation
+from appliance.invalidation import Invalidation, announce
 from appliance.messages.publish import Publisher
 from appliance.realtime.hub import Hub
 from appliance.realtime.presence import Presence
@@ -49,6 +49,12 @@ class Services:
 
     def connection(self) -> AbstractAsyncContextManager[psycopg.AsyncConnection[Any]]:
         return self.resources.connection()
+
+    async def announce(self, event: Invalidation) -> None:
+        """A committed change: applied to this process's caches and sockets at once, then told to
+        the others (best effort, see appliance/invalidation.py)."""
+        self.invalidate(event)
+        await announce(self.redis, self.keys, event)
 
     def invalidate(self, event: Invalidation | None) -> None:
         """An invalidation event from any api process (None: events may have been missed)."""

@@ -9,7 +9,7 @@ from appliance.api.body import decode
 from appliance.api.deps import DEPENDENCIES, Req, Who, require_scope, services
 from appliance.api.json import json_response
 from appliance.auth import keys
-from appliance.invalidation import Invalidation, announce
+from appliance.invalidation import Invalidation
 
 
 @post("/")
@@ -41,7 +41,7 @@ async def rotate_key(request: Req, key_id: FromPath[str], principal: Who) -> Res
     grace = svc.config.auth.rotate_grace if spec.grace is None else spec.grace
     async with svc.connection() as conn:
         issued = await keys.rotate(conn, key_id, grace)
-    await announce(svc.redis, svc.keys, Invalidation("key", key_id))
+    await svc.announce(Invalidation("key", key_id))
     return json_response(issued, 200)
 
 
@@ -52,7 +52,7 @@ async def revoke_key(request: Req, key_id: FromPath[str], principal: Who) -> Res
     require_scope(principal, "admin")
     async with svc.connection() as conn:
         info = await keys.revoke(conn, key_id)
-    await announce(svc.redis, svc.keys, Invalidation("key", key_id))
+    await svc.announce(Invalidation("key", key_id))
     return json_response(info)
 
 

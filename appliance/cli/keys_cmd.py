@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import re
 from datetime import UTC, datetime, timedelta
+from typing import Any, TypeVar
 
 import click
 import msgspec
@@ -20,7 +21,9 @@ from appliance.invalidation import Invalidation, announce
 from appliance.redis_keys import client
 from appliance.resources import direct_connection, keys_for
 
-_DURATION = re.compile(r"^(\d+(?:\.\d+)?)([smhd]?)$")
+T = TypeVar("T")
+
+_DURATION = re.compile(r"^(\d+(?:\.\d+)?)([smhd]?)\Z")
 _UNIT = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
 
 
@@ -31,6 +34,14 @@ def seconds(text: str, option: str) -> float:
             "expected a number with an optional unit s, m, h or d", param_hint=option
         )
     return float(match[1]) * _UNIT[match[2]]
+
+
+def _validated(fields: dict[str, Any], kind: type[T]) -> T:
+    """`fields` checked by the same struct (and rules) as the HTTP API's body."""
+    try:
+        return msgspec.convert(fields, kind)
+    except msgspec.ValidationError as exc:
+        raise click.UsageError(str(exc)) from None
 
 
 def _print(info: keys.KeyInfo, as_json: bool) -> None:
@@ -44,11 +55,18 @@ def _print(info: keys.KeyInfo, as_json: bool) -> None:
 
 
 async def _announce(config: Config, key_id: str) -> None:
+    """Tell the api processes; the change is committed either way (appliance/invalidation.py)."""
     redis = client(config.redis, "cli")
     try:
-        await announce(redis, keys_for(config), Invalidation("key", key_id))
+        told = await announce(redis, keys_for(config), Invalidation("key", key_id))
     finally:
         await redis.aclose()
+    if not told:
+        click.echo(
+            f"warning: Redis did not answer; api processes apply this within "
+            f"[auth] key_cache_ttl ({config.auth.key_cache_ttl:g} s)",
+            err=True,
+        )
 
 
 @click.group("keys")
@@ -73,14 +91,11 @@ def create(
     expires_at = None
     if expires_in is not None:
         expires_at = datetime.now(UTC) + timedelta(seconds=seconds(expires_in, "--expires-in"))
-    try:
-        spec = msgspec.convert(
-            {"name": name, "scopes": list(scopes), "conversation_prefix": prefix,
-             "expires_at": expires_at},
-            keys.KeyCreate,
-        )  # fmt: skip
-    except msgspec.ValidationError as exc:
-        raise click.UsageError(str(exc)) from None
+    spec = _validated(
+        {"name": name, "scopes": list(scopes), "conversation_prefix": prefix,
+         "expires_at": expires_at},
+        keys.KeyCreate,
+    )  # fmt: skip
 
     async def run() -> keys.IssuedKey:
         async with direct_connection(config, "cli")() as conn:
@@ -124,6 +139,7 @@ def rotate(key_id: str, grace: str | None, as_json: bool) -> None:
     """Issue a new secret for KEY_ID; the old one works for the grace period."""
     config = cli_config()
     grace_s = config.auth.rotate_grace if grace is None else seconds(grace, "--grace")
+    _validated({"grace": grace_s}, keys.KeyRotate)  # the HTTP API's bounds
 
     async def run() -> keys.IssuedKey:
         async with direct_connection(config, "cli")() as conn:
