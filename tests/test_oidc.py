@@ -49,6 +49,9 @@ class Issuer:
     def __init__(self) -> None:
         self.keys: list[dict[str, Any]] = []
         self.jwks_fetches = 0
+        # Cleared: JWKS requests are accepted but not answered until it is set again.
+        self.answering = threading.Event()
+        self.answering.set()
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
         self.base = f"http://127.0.0.1:{self.server.server_address[1]}"
         self.url = f"{self.base}/realms/test"
@@ -68,6 +71,7 @@ class Issuer:
                     body: Any = {"issuer": issuer.claimed_issuer, "jwks_uri": f"{issuer.base}/jwks"}
                 elif self.path == "/jwks":
                     issuer.jwks_fetches += 1
+                    issuer.answering.wait(30)
                     body = {"keys": list(issuer.keys)}
                 else:
                     self.send_error(404)
@@ -89,6 +93,7 @@ class Issuer:
         self.keys = [jwk(key, kid) for key, kid in keys]
 
     def stop(self) -> None:
+        self.answering.set()
         if self.thread.is_alive():
             self.server.shutdown()
             self.thread.join()
@@ -263,14 +268,75 @@ async def test_rotated_keys_verify_without_restart(
     await rejected(verifier, sign(issuer, rsa_key, "rsa-1"), "token_kid_unknown")
 
 
-async def test_cache_ttl_refetches_known_keys(
-    issuer: Issuer, verifier_for: Callable[..., OidcVerifier], rsa_key: rsa.RSAPrivateKey
+async def eventually(condition: Callable[[], bool], what: str) -> None:
+    for _ in range(100):
+        if condition():
+            return
+        await asyncio.sleep(0.05)
+    pytest.fail(f"{what} did not happen within 5 s")
+
+
+async def test_cache_ttl_refetches_known_keys_in_the_background(
+    issuer: Issuer,
+    verifier_for: Callable[..., OidcVerifier],
+    rsa_key: rsa.RSAPrivateKey,
+    rsa_key_new: rsa.RSAPrivateKey,
 ) -> None:
     verifier = verifier_for(jwks_cache_ttl=0.2, jwks_min_refresh=0.1)
     token = sign(issuer, rsa_key, "rsa-1")
     await verifier.verify(token)
+    issuer.publish((rsa_key, "rsa-1"), (rsa_key_new, "rsa-2"))
     await asyncio.sleep(0.3)
+    assert (await verifier.verify(token)).user == "alice"  # the expired set still serves
+    await eventually(lambda: issuer.jwks_fetches == 2, "the background refetch")
+    # The refetched set is in use: a key published meanwhile verifies with no fetch of its own.
+    await eventually(lambda: verifier._background is None, "the end of the refetch")
+    assert (await verifier.verify(sign(issuer, rsa_key_new, "rsa-2", sub="bob"))).user == "bob"
+    assert issuer.jwks_fetches == 2
+
+
+async def test_a_hanging_issuer_delays_no_token_whose_key_is_known(
+    issuer: Issuer, verifier_for: Callable[..., OidcVerifier], rsa_key: rsa.RSAPrivateKey
+) -> None:
+    verifier = verifier_for(jwks_cache_ttl=0.2, jwks_min_refresh=0.1, http_timeout=20)
+    token = sign(issuer, rsa_key, "rsa-1")
     await verifier.verify(token)
+    await asyncio.sleep(0.3)
+    issuer.answering.clear()
+    try:
+        # Twenty verifications finish while the issuer holds the refetch they started.
+        results = await asyncio.wait_for(
+            asyncio.gather(*(verifier.verify(token) for _ in range(20))), 5
+        )
+        assert [r.user for r in results] == ["alice"] * 20
+        await eventually(lambda: issuer.jwks_fetches == 2, "the background refetch")
+        assert verifier._background is not None  # still waiting for the issuer
+    finally:
+        issuer.answering.set()
+    await eventually(lambda: verifier._background is None, "the end of the refetch")
+    assert issuer.jwks_fetches == 2
+
+
+async def test_callers_waiting_for_a_refetch_take_its_result(
+    issuer: Issuer,
+    verifier_for: Callable[..., OidcVerifier],
+    rsa_key: rsa.RSAPrivateKey,
+    rsa_key_new: rsa.RSAPrivateKey,
+) -> None:
+    # A fetch that outlasts jwks_min_refresh: callers that queued behind it do not fetch again.
+    verifier = verifier_for(jwks_min_refresh=0.1, http_timeout=20)
+    await verifier.verify(sign(issuer, rsa_key, "rsa-1"))
+    await asyncio.sleep(0.2)
+    issuer.publish((rsa_key_new, "rsa-2"))
+    issuer.answering.clear()
+    token = sign(issuer, rsa_key_new, "rsa-2", sub="carol")
+    first = asyncio.ensure_future(verifier.verify(token))
+    await eventually(lambda: issuer.jwks_fetches == 2, "the refetch for the new kid")
+    later = [asyncio.ensure_future(verifier.verify(token)) for _ in range(5)]
+    await asyncio.sleep(0.3)  # past jwks_min_refresh while the fetch is still held
+    issuer.answering.set()
+    results = await asyncio.wait_for(asyncio.gather(first, *later), 5)
+    assert [r.user for r in results] == ["carol"] * 6
     assert issuer.jwks_fetches == 2
 
 
@@ -284,8 +350,17 @@ async def test_stale_keys_survive_an_issuer_outage(
     await asyncio.sleep(0.3)
     with capture_logs() as logs:
         assert (await verifier.verify(token)).user == "alice"
+        await eventually(lambda: verifier._background is None, "the failed refetch")
     assert [e["event"] for e in logs] == ["oidc_jwks_refresh_failed"]
     assert logs[0]["stale"] is True
+
+
+async def test_an_exp_beyond_any_date_is_rejected(
+    issuer: Issuer, verifier_for: Callable[..., OidcVerifier], rsa_key: rsa.RSAPrivateKey
+) -> None:
+    token = sign(issuer, rsa_key, "rsa-1", exp=10**400)
+    error = await rejected(verifier_for(), token, "token_invalid")
+    assert "exp claim is out of range" in error.message
 
 
 async def test_alg_none_is_rejected(

@@ -1,9 +1,10 @@
 """Verification of OIDC bearer JWTs (Keycloak or any standard issuer) against the issuer's JWKS.
 
 The discovery document and the JWKS are fetched lazily, in a worker thread, on first use. The key
-set is cached for `jwks_cache_ttl`; a token with an unknown `kid` refetches it, at most once per
-`jwks_min_refresh`, so keys rotated at the issuer work without a restart while a flood of forged
-kids cannot hammer the issuer. When a refresh fails, the keys already held stay in use (an issuer
+set is cached for `jwks_cache_ttl` (then refetched in the background while the cached keys keep
+serving); a token with an unknown `kid` refetches it, at most once per `jwks_min_refresh`, so
+keys rotated at the issuer work without a restart while a flood of forged kids cannot hammer the
+issuer. When a refresh fails, the keys already held stay in use (an issuer
 outage does not log everybody out); with no keys at all, verification is Unavailable (503).
 """
 
@@ -56,8 +57,10 @@ class OidcVerifier:
         self._jwks_uri: str | None = None
         self._keys: list[jwt.PyJWK] | None = None
         self._loaded_at = -math.inf  # monotonic time of the last successful JWKS fetch
-        self._attempted_at = -math.inf  # ... of the last attempt, successful or not
+        self._attempted_at = -math.inf  # ... when the last attempt began, successful or not
+        self._finished_at = -math.inf  # ... and when it ended
         self._lock = asyncio.Lock()
+        self._background: asyncio.Task[None] | None = None
 
     async def verify(self, token: str) -> OidcIdentity:
         """The identity a bearer token proves; raises Unauthorized or Unavailable (issuer down)."""
@@ -97,10 +100,17 @@ class OidcVerifier:
         # The same rule as every principal id, so "user:<user>" is always a valid one.
         if not isinstance(user, str) or not PRINCIPAL.match(f"user:{user}"):
             raise Unauthorized("token_invalid", f"the {section.user_claim} claim is not a user id")
-        return OidcIdentity(user=user, roles=self._roles(claims), expires_at=float(claims["exp"]))
+        try:
+            expires_at = float(claims["exp"])  # PyJWT checked it is a number in the future
+        except OverflowError:
+            raise Unauthorized("token_invalid", "the token's exp claim is out of range") from None
+        return OidcIdentity(user=user, roles=self._roles(claims), expires_at=expires_at)
 
     async def aclose(self) -> None:
-        """Nothing to release: every fetch opens and closes its own connection."""
+        """Stop a background refresh; every fetch opens and closes its own connection."""
+        if self._background is not None:
+            self._background.cancel()
+            await asyncio.gather(self._background, return_exceptions=True)
 
     def _roles(self, claims: dict[str, Any]) -> frozenset[str]:
         if not self._section.roles_claim:
@@ -114,8 +124,17 @@ class OidcVerifier:
 
     async def _key_for(self, kid: str | None) -> jwt.PyJWK:
         now = time.monotonic()
-        if self._keys is None or now - self._loaded_at > self._section.jwks_cache_ttl:
+        section = self._section
+        if self._keys is None:
             await self._refresh(since=now)
+        elif (
+            now - self._loaded_at > section.jwks_cache_ttl
+            and now - self._attempted_at >= section.jwks_min_refresh
+            and self._background is None
+        ):
+            # Expired keys keep serving while one task refetches: a slow issuer delays nobody
+            # whose key is known.
+            self._background = asyncio.create_task(self._refresh_later(now), name="oidc-jwks")
         key = self._find(kid)
         if key is None and kid is not None:
             # Rotation at the issuer: a new kid refetches, rate-limited by _refresh.
@@ -131,11 +150,20 @@ class OidcVerifier:
             return keys[0] if len(keys) == 1 else None
         return next((key for key in keys if key.key_id == kid), None)
 
+    async def _refresh_later(self, since: float) -> None:
+        try:
+            await self._refresh(since)
+        except Unavailable:
+            pass  # logged by _refresh; the keys held stay in use
+        finally:
+            self._background = None
+
     async def _refresh(self, since: float) -> None:
-        """Refetch the JWKS unless another task did since `since` or the last attempt is recent."""
+        """Refetch the JWKS unless an attempt ended since `since` (a caller that waited for it
+        takes its result) or the last one began under `jwks_min_refresh` ago."""
         async with self._lock:
             recent = time.monotonic() - self._attempted_at < self._section.jwks_min_refresh
-            if self._attempted_at >= since or recent:
+            if self._finished_at >= since or recent:
                 if not self._keys:
                     raise Unavailable("the OIDC issuer's keys could not be fetched recently")
                 return
@@ -147,6 +175,8 @@ class OidcVerifier:
                 log.warning("oidc_jwks_refresh_failed", error=exc.message, stale=bool(self._keys))
                 if not self._keys:
                     raise
+            finally:
+                self._finished_at = time.monotonic()
 
     def _fetch_keys(self) -> list[jwt.PyJWK]:
         """Blocking: discovery (once) and the JWKS. Runs in a worker thread."""
