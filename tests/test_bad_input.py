@@ -276,6 +276,7 @@ BAD_BODIES = [
     Bad("publish_type_int", "POST", M, {**MSG, "type": 1}, "type"),
     Bad("publish_type_pattern", "POST", M, {**MSG, "type": "Text!"}, "type"),
     Bad("publish_type_too_long", "POST", M, {**MSG, "type": "t" * 33}, "type"),
+    Bad("publish_type_trailing_newline", "POST", M, {**MSG, "type": "text\n"}, "type"),
     Bad("publish_reply_to_str", "POST", M, {**MSG, "reply_to": "x"}, "reply_to"),
     Bad("publish_reply_to_zero", "POST", M, {**MSG, "reply_to": 0}, "reply_to"),
     Bad("publish_reply_to_float", "POST", M, {**MSG, "reply_to": 1.5}, "reply_to"),
@@ -309,6 +310,8 @@ BAD_BODIES = [
     Bad("key_bad_scope", "POST", "/v1/keys", {"name": "k1", "scopes": ["root"]}, "scopes[0]"),
     Bad("key_no_scopes", "POST", "/v1/keys", {"name": "k1", "scopes": []}, "scopes"),
     Bad("key_bad_name", "POST", "/v1/keys", {"name": "a b", "scopes": ["read"]}, "name"),
+    Bad("key_name_trailing_newline", "POST", "/v1/keys", {"name": "k\n", "scopes": ["read"]},
+        "name"),
     Bad("key_long_name", "POST", "/v1/keys", {"name": "k" * 65, "scopes": ["read"]}, "name"),
     Bad("key_missing_name", "POST", "/v1/keys", {"scopes": ["read"]}, "name"),
     Bad("key_past_expiry", "POST", "/v1/keys",
@@ -327,6 +330,11 @@ BAD_BODIES = [
     Bad("create_bad_id", "POST", "/v1/conversations", {"conversation": "a b"}, "conversation"),
     Bad("create_long_id", "POST", "/v1/conversations", {"conversation": "c" * 129},
         "conversation"),
+    Bad("create_id_trailing_newline", "POST", "/v1/conversations", {"conversation": "team\n"},
+        "conversation"),
+    Bad("create_member_trailing_newline", "POST", "/v1/conversations",
+        {"conversation": "@new", "members": [{"principal": "user:bob\n", "role": "owner"}]},
+        "members[0].principal"),
     Bad("create_missing_id", "POST", "/v1/conversations", {"title": "t"}, "conversation"),
     Bad("create_long_title", "POST", "/v1/conversations",
         {"conversation": "@new", "title": "t" * 201}, "title"),
@@ -384,6 +392,8 @@ BAD_CONVERSATIONS = {
     "not_utf8": "%FF",
     "star": "a*b",
     "at": "a@b",
+    "trailing_newline": "team%0A",
+    "nul": "a%00b",
 }
 PATH_ROUTES = [
     ("GET", "/v1/conversations/{c}", None),
@@ -439,7 +449,8 @@ async def test_bad_seq_in_path(
 
 @pytest.mark.parametrize("method", ["PUT", "DELETE"])
 @pytest.mark.parametrize(
-    "principal", ["bob", "user:", "user:a%20b", "group:x", "user:" + "u" * 201]
+    "principal",
+    ["bob", "user:", "user:a%20b", "group:x", "user:" + "u" * 201, "user:eve%0A", "user:e%00"],
 )
 async def test_bad_principal_in_path(ctx: Ctx, method: str, principal: str) -> None:
     path = f"/v1/conversations/{ctx.conversation}/members/{principal}"
@@ -456,6 +467,13 @@ async def test_removing_a_non_member_is_404(ctx: Ctx) -> None:
 async def test_unknown_key_id_is_404(ctx: Ctx, method: str) -> None:
     path = "/v1/keys/nosuchkey000/rotate" if method == "POST" else "/v1/keys/nosuchkey000"
     expect(await ctx.send(method, path), 404, "not_found", "id")
+
+
+@pytest.mark.parametrize("key_id", ["ab%00cd", "short", "UPPERCASE000", "nosuchkey000%0A"])
+@pytest.mark.parametrize("method", ["POST", "DELETE"])
+async def test_malformed_key_id_is_400(ctx: Ctx, method: str, key_id: str) -> None:
+    path = f"/v1/keys/{key_id}/rotate" if method == "POST" else f"/v1/keys/{key_id}"
+    expect(await ctx.send(method, path), 400, "invalid", "id")
 
 
 # Conflicts.

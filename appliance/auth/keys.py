@@ -22,11 +22,12 @@ from appliance.auth.principal import Scope
 from appliance.errors import Conflict, Invalid, NotFound
 
 Conn = psycopg.AsyncConnection[Any]
-KEY = re.compile(r"^ak_(?P<id>[a-z0-9]{12})_(?P<secret>[A-Za-z0-9_-]{43})$")
+KEY = re.compile(r"^ak_(?P<id>[a-z0-9]{12})_(?P<secret>[A-Za-z0-9_-]{43})\Z")
+KEY_ID = re.compile(r"^[a-z0-9]{12}\Z")
 _ID_ALPHABET = "abcdefghijklmnopqrstuvwxyz0123456789"
 
-KeyName = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9._-]{1,64}$")]
-Prefix = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9._:-]{1,128}$")]
+KeyName = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9._-]{1,64}\Z")]
+Prefix = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9._:-]{1,128}\Z")]
 
 
 class KeyCreate(msgspec.Struct, forbid_unknown_fields=True):
@@ -145,8 +146,15 @@ async def list_keys(conn: Conn) -> list[KeyInfo]:
         return [_info(row) for row in await cur.fetchall()]
 
 
+def check_id(key_id: str) -> str:
+    if not KEY_ID.match(key_id):
+        raise Invalid("must be the key's id: 12 characters a-z 0-9", field="id")
+    return key_id
+
+
 async def rotate(conn: Conn, key_id: str, grace: float) -> IssuedKey:
     """A new secret; the current one stays valid for `grace` seconds."""
+    check_id(key_id)
     _, secret = _new_secret()
     async with conn.cursor(row_factory=dict_row) as cur:
         await cur.execute(
@@ -166,6 +174,7 @@ async def rotate(conn: Conn, key_id: str, grace: float) -> IssuedKey:
 
 
 async def revoke(conn: Conn, key_id: str) -> KeyInfo:
+    check_id(key_id)
     async with conn.cursor(row_factory=dict_row) as cur:
         await cur.execute(
             f"""UPDATE api_keys SET revoked_at = coalesce(revoked_at, now())

@@ -11,7 +11,7 @@ SCOPES: tuple[str, ...] = get_args(Scope)
 # `admin` implies every scope but `impersonate`, which is always granted explicitly.
 _ADMIN_IMPLIES = frozenset({"manage", "publish", "read", "subscribe"})
 
-PRINCIPAL = re.compile(r"^(key|user):[A-Za-z0-9._@:|+-]{1,200}$")
+PRINCIPAL = re.compile(r"^(key|user):[A-Za-z0-9._@:|+-]{1,200}\Z")
 
 
 @dataclass(frozen=True, slots=True)

@@ -33,8 +33,8 @@ LongSeconds = Annotated[float, Field(gt=0, le=366 * 86400)]
 # An empty value (e.g. APPLIANCE_S3__SECRET_ACCESS_KEY=) unsets an optional secret, so the
 # environment can switch a baked-in config to boto3's default credential chain.
 OptionalSecret = Annotated[SecretStr | None, BeforeValidator(lambda v: None if v == "" else v)]
-_BUCKET = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
-_PREFIX = re.compile(r"^[A-Za-z0-9_.:-]{1,64}$")
+_BUCKET = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]\Z")
+_PREFIX = re.compile(r"^[A-Za-z0-9_.:-]{1,64}\Z")
 
 
 class Section(BaseModel):

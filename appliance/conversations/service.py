@@ -16,7 +16,7 @@ from appliance.errors import Conflict, Invalid, NotFound
 
 Conn = psycopg.AsyncConnection[Any]
 Role = Literal["owner", "member", "reader"]
-CONVERSATION = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+CONVERSATION = re.compile(r"^[A-Za-z0-9._:-]{1,128}\Z")
 ConversationId = Annotated[str, msgspec.Meta(pattern=CONVERSATION.pattern)]
 PrincipalId = Annotated[str, msgspec.Meta(pattern=PRINCIPAL.pattern)]
 Title = Annotated[str, msgspec.Meta(max_length=200)]
