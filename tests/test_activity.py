@@ -69,6 +69,7 @@ def rec(principal: str, n: int = 0, *, at: datetime | None = None, **fields: Any
     values: dict[str, Any] = {
         "at": at or mid_month(),
         "principal": principal,
+        "via": None,
         "method": "POST",
         "route": "/v1/conversations/{conversation}/messages",
         "status": 201,

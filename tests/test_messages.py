@@ -324,3 +324,39 @@ async def test_authenticated_requests_land_in_the_activity_log(
         "POST", "/v1/conversations/{conversation}/messages", 201, "req-activity-1", True
     )  # fmt: skip
     assert rows[0][:3] == ("POST", "/v1/conversations", 201)
+
+
+async def test_an_impersonated_request_is_logged_as_the_user_via_the_key(
+    settings: dict[str, Any], resources: Resources
+) -> None:
+    settings["activity"] = {"flush_interval": 0.1}
+    user = f"user:{unique('alice')}"
+    name = unique("bridge")
+    impersonator = await issue_key(resources, ["impersonate"], name=name)
+    async with AsyncTestClient(app=create_app(Config.model_validate(settings))) as client:
+        admin = await issue_key(resources, ["admin"])
+        conversation = unique("c")
+        created = await client.post(
+            "/v1/conversations",
+            json={"conversation": conversation, "members": [{"principal": user, "role": "member"}]},
+            headers=bearer(admin),
+        )
+        assert created.status_code == 201, created.text
+        sent = await client.post(
+            f"/v1/conversations/{conversation}/messages",
+            json=body(),
+            headers=bearer(impersonator, **{"X-On-Behalf-Of": user}),
+        )
+        assert sent.status_code == 201, sent.text
+        deadline = asyncio.get_running_loop().time() + 10
+        while True:
+            async with resources.connection() as conn:
+                cur = await conn.execute(
+                    "SELECT via, route, status FROM api_activity WHERE principal = %s", (user,)
+                )
+                rows = await cur.fetchall()
+            if rows:
+                break
+            assert asyncio.get_running_loop().time() < deadline
+            await asyncio.sleep(0.05)
+    assert rows == [(f"key:{name}", "/v1/conversations/{conversation}/messages", 201)]

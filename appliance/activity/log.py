@@ -23,7 +23,7 @@ from appliance.config.model import ActivitySection
 log = structlog.get_logger()
 
 _COPY = (
-    "COPY api_activity (at, principal, method, route, status, duration_ms, ip, request_id)"
+    "COPY api_activity (at, principal, via, method, route, status, duration_ms, ip, request_id)"
     " FROM STDIN"
 )
 _ENSURE = "SELECT appliance_ensure_month_partition('api_activity', %s)"
@@ -35,6 +35,7 @@ _PERMANENT = (psycopg.DataError, psycopg.IntegrityError)
 class ActivityRecord:
     at: datetime  # tz-aware UTC
     principal: str
+    via: str | None  # the key acting for `principal` (X-On-Behalf-Of), else None
     method: str
     route: str  # the route template, not the path
     status: int
@@ -178,7 +179,7 @@ class ActivityLog:
             await self._ensure(conn, _month(batch[0].at))
             async with conn.transaction(), conn.cursor() as cur, cur.copy(_COPY) as copy:
                 for i, r in enumerate(batch, 1):
-                    row = (r.at, r.principal, r.method, r.route, r.status, r.duration_ms)
+                    row = (r.at, r.principal, r.via, r.method, r.route, r.status, r.duration_ms)
                     await copy.write_row((*row, _inet(r.ip), r.request_id))
                     if i % 200 == 0:  # write_row rarely yields: let requests run meanwhile
                         await asyncio.sleep(0)

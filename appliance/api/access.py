@@ -22,7 +22,7 @@ from appliance.api.errors import error_body
 log = structlog.get_logger()
 
 PROBES = frozenset({"/livez", "/readyz", "/metrics"})
-_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}\Z")
 
 
 def _header(scope: Scope, name: bytes) -> str | None:
@@ -91,6 +91,7 @@ def access_layer(app: ASGIApp, max_body_bytes: int) -> ASGIApp:
                         ActivityRecord(
                             at=datetime.now(UTC),
                             principal=principal.id,
+                            via=principal.via,
                             method=method,
                             route=route,
                             status=status,
