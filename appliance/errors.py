@@ -38,25 +38,27 @@ class Invalid(ApplianceError):
     code = "invalid"
 
 
-class Unauthorized(ApplianceError):
-    """Who are you: no, malformed, unknown, revoked or expired credentials. `reason` is the metric
-    label and the error code."""
+class Refused(ApplianceError):
+    """A 401 or 403. `reason` is the error code and the label of the auth-failures metric."""
+
+    def __init__(self, reason: str, message: str, headers: dict[str, str] | None = None) -> None:
+        super().__init__(message, code=reason, headers=headers)
+        self.reason = reason
+
+
+class Unauthorized(Refused):
+    """Who are you: no, malformed, unknown, revoked or expired credentials."""
 
     status = 401
 
     def __init__(self, reason: str, message: str) -> None:
-        super().__init__(message, code=reason, headers={"WWW-Authenticate": "Bearer"})
-        self.reason = reason
+        super().__init__(reason, message, {"WWW-Authenticate": "Bearer"})
 
 
-class Forbidden(ApplianceError):
-    """Known principal, not allowed. `reason` is the metric label and the error code."""
+class Forbidden(Refused):
+    """Known principal, not allowed."""
 
     status = 403
-
-    def __init__(self, reason: str, message: str) -> None:
-        super().__init__(message, code=reason)
-        self.reason = reason
 
 
 class NotFound(ApplianceError):

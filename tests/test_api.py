@@ -107,9 +107,11 @@ async def test_metrics_token(settings: dict[str, Any], resources: Resources) -> 
         bare = await client.get("/metrics", headers={"Authorization": "m-token"})
         lower = await client.get("/metrics", headers={"Authorization": "bearer m-token"})
     assert denied.status_code == 401
-    assert denied.json()["error"]["code"] == "unauthorized"
+    assert denied.json()["error"]["code"] == "metrics_token"
+    assert denied.headers["www-authenticate"] == "Bearer"
     assert wrong.status_code == 401
     assert allowed.status_code == 200
+    assert 'appliance_auth_failures_total{reason="metrics_token"} 2.0' in allowed.text
     assert bare.status_code == 401, "a token without the Bearer scheme is refused"
     assert lower.status_code == 200, "the auth scheme is case-insensitive"
 

@@ -254,6 +254,103 @@ async def test_impersonation_without_the_scope_is_refused_with_4003(api: Api) ->
     assert close_code == 4003
 
 
+async def auth_failures(api: Api, reason: str) -> float:
+    response = await api.http.get("/metrics")
+    assert response.status_code == 200, response.text
+    return samples_with(response.text, "appliance_auth_failures_total", reason=reason)
+
+
+async def expired_key(api: Api, scopes: list[str]) -> str:
+    """A key that expired a moment ago (keys must be created with a future expiry)."""
+    expires = datetime.now(UTC) + timedelta(seconds=1)
+    response = await api.http.post(
+        "/v1/keys",
+        json={"name": unique("k"), "scopes": scopes, "expires_at": expires.isoformat()},
+        headers=auth(api.admin),
+    )
+    assert response.status_code == 201, response.text
+    await asyncio.sleep(max(0.0, (expires - datetime.now(UTC)).total_seconds()) + 0.2)
+    key: str = response.json()["key"]
+    return key
+
+
+@pytest.mark.parametrize(
+    "who",
+    ["none", "malformed", "revoked", "expired", "wrong_scope", "prefix", "non_member_user",
+     "member_user", "reader_user", "subscribe_scope"],
+)  # fmt: skip
+async def test_stream_auth_matrix(api: Api, who: str) -> None:
+    """/v1/stream for every kind of caller: refused at connect (error frame, then 4001 or 4003),
+    refused at subscribe (an error event; the socket stays open), or subscribed."""
+    member, reader = f"user:{unique('member')}", f"user:{unique('reader')}"
+    conversation = await api.conversation(member)
+    response = await api.http.put(
+        f"/v1/conversations/{conversation}/members/{reader}",
+        json={"role": "reader"},
+        headers=auth(await api.manager()),
+    )
+    assert response.status_code == 200, response.text
+    _, impersonator = await api.key("impersonate")
+    headers: dict[str, str] = {}
+    if who == "none":
+        pass
+    elif who == "malformed":
+        headers = {"Authorization": "Bearer ak_short"}
+    elif who == "revoked":
+        key_id, key = await api.key("subscribe")
+        assert (await api.http.delete(f"/v1/keys/{key_id}", headers=auth(api.admin))).is_success
+        headers = auth(key)
+    elif who == "expired":
+        headers = auth(await expired_key(api, ["subscribe"]))
+    elif who == "wrong_scope":
+        headers = auth((await api.key("read", "publish"))[1])
+    elif who == "prefix":
+        response = await api.http.post(
+            "/v1/keys",
+            json={"name": unique("k"), "scopes": ["subscribe"], "conversation_prefix": "zz-"},
+            headers=auth(api.admin),
+        )
+        headers = auth(response.json()["key"])
+    elif who == "non_member_user":
+        headers = auth(impersonator, **{"X-On-Behalf-Of": f"user:{unique('stranger')}"})
+    elif who in ("member_user", "reader_user"):
+        user = member if who == "member_user" else reader
+        headers = auth(impersonator, **{"X-On-Behalf-Of": user})
+    else:
+        headers = auth((await api.key("subscribe"))[1])
+
+    refused_at_connect = {
+        "none": ("missing_credentials", 4001),
+        "malformed": ("malformed_credentials", 4001),
+        "revoked": ("key_revoked", 4001),
+        "expired": ("key_expired", 4001),
+    }
+    refused_at_subscribe = {
+        "wrong_scope": "not_member",
+        "prefix": "prefix",
+        "non_member_user": "not_member",
+    }
+    reason = refused_at_connect.get(who, (refused_at_subscribe.get(who), 0))[0]
+    before = await auth_failures(api, reason) if reason else 0.0
+    async with connect(api.ws_url, additional_headers=headers, open_timeout=TIMEOUT) as ws:
+        if who in refused_at_connect:
+            error, close_code = await refused(ws)
+            assert (error["code"], close_code) == refused_at_connect[who], error
+        elif who in refused_at_subscribe:
+            await send(ws, "subscribe", conversation=conversation)
+            frame = await expect(ws, "error")
+            assert frame["error"]["code"] == refused_at_subscribe[who], frame
+            assert frame["error"]["conversation"] == conversation
+            await send(ws, "ping")
+            await expect(ws, "pong")  # still open
+        else:
+            assert (await subscribe(ws, conversation))["seq"] == 0
+            seq = await api.publish(conversation)
+            assert [m["seq"] for m in await messages(ws, 1)] == [seq]
+    if reason:
+        assert await auth_failures(api, reason) == before + 1
+
+
 # -- 2. several subscriptions, unsubscribe, protocol errors --------------------------------------
 
 
@@ -409,12 +506,14 @@ async def test_removed_member_loses_the_subscription(api: Api) -> None:
         await api.publish(watched)
         assert (await messages(ws, 1))[0]["conversation"] == watched
 
+        ended = await auth_failures(api, "access_ended")
         response = await api.http.delete(
             f"/v1/conversations/{watched}/members/{carol}", headers=auth(await api.manager())
         )
         assert response.status_code == 204, response.text
         error = (await expect(ws, "error"))["error"]
         assert (error["code"], error["conversation"]) == ("forbidden", watched)
+        assert await auth_failures(api, "access_ended") == ended + 1
 
         # Frames are handed over in publish order: a `watched` frame would precede the marker.
         await api.publish(watched, "too late")
@@ -443,6 +542,7 @@ async def test_revoking_a_key_closes_its_sockets_with_4001(api: Api) -> None:
     ):
         for socket_ in (ws, as_dave, other):
             await subscribe(socket_, conversation)
+        before = await auth_failures(api, "key_revoked")
         for revoked in (key_id, impersonator_id):
             response = await api.http.delete(f"/v1/keys/{revoked}", headers=auth(api.admin))
             assert response.status_code == 200, response.text
@@ -453,6 +553,7 @@ async def test_revoking_a_key_closes_its_sockets_with_4001(api: Api) -> None:
         # Other keys' sockets are untouched.
         await send(other, "ping")
         await expect(other, "pong")
+    assert await auth_failures(api, "key_revoked") == before + 2  # one per closed socket
 
 
 async def test_a_socket_closes_when_its_key_expires(api: Api) -> None:
@@ -464,10 +565,12 @@ async def test_a_socket_closes_when_its_key_expires(api: Api) -> None:
     )
     assert response.status_code == 201, response.text
     conversation = await api.conversation()
+    before = await auth_failures(api, "credentials_expired")
     async with api.socket(response.json()["key"]) as ws:
         await subscribe(ws, conversation)
         code, reason, frames = await closed(ws)
     assert (code, reason) == (4001, "credentials_expired"), frames
+    assert await auth_failures(api, "credentials_expired") == before + 1
 
 
 async def test_a_rotated_secret_closes_its_sockets_when_the_grace_ends(api: Api) -> None:

@@ -8,10 +8,10 @@ from typing import Any
 
 from litestar import Request, Response, get
 from litestar.datastructures import State
-from litestar.exceptions import NotAuthorizedException
 
 from appliance import metrics
 from appliance.checks import readiness
+from appliance.errors import Unauthorized
 from appliance.resources import Resources
 
 
@@ -45,7 +45,9 @@ async def metrics_endpoint(request: Request[Any, Any, State], state: State) -> b
         scheme, _, given = request.headers.get("authorization", "").partition(" ")
         expected = token.get_secret_value().encode()
         if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), expected):
-            raise NotAuthorizedException("metrics need `Authorization: Bearer <api.metrics_token>`")
+            raise Unauthorized(
+                "metrics_token", "metrics need `Authorization: Bearer <api.metrics_token>`"
+            )
     return await asyncio.to_thread(metrics.render)
 
 

@@ -18,7 +18,7 @@ import structlog
 
 from appliance import metrics
 from appliance.auth.principal import Principal
-from appliance.errors import OUTAGES, ApplianceError, Unavailable, known
+from appliance.errors import OUTAGES, ApplianceError, Refused, Unavailable, known
 from appliance.messages import history
 
 if TYPE_CHECKING:
@@ -270,6 +270,8 @@ class Session:
                     raise
                 if error is not exc:
                     log.warning("stream_dependency_unavailable", error=str(exc))
+                if isinstance(error, Refused):
+                    metrics.AUTH_FAILURES.labels(error.reason).inc()
                 conversation = getattr(op, "conversation", None)
                 self.send(
                     error_frame(error.code, error.message, error.field, conversation=conversation),
@@ -366,6 +368,7 @@ class Session:
                 self.principal, name, "subscribe"
             ):
                 await self.unsubscribe(name, notify=False)
+                metrics.AUTH_FAILURES.labels("access_ended").inc()
                 self.send(
                     error_frame(
                         "forbidden",
@@ -381,6 +384,10 @@ class Session:
         try:
             principal = await self.svc.auth.authenticate(f"Bearer {self.credential}", None, None)
         except ApplianceError as exc:
+            if self.closing is not None:
+                return  # a recheck of the same change (local, then the hub's) closed it already
+            if isinstance(exc, Refused):
+                metrics.AUTH_FAILURES.labels(exc.reason).inc()
             self.close(CLOSE_UNAUTHORIZED, exc.code)
             return
         self.expire_at(principal.expires_at)
@@ -393,11 +400,12 @@ class Session:
             self.expirer = None
         if at is not None:
             self.expirer = asyncio.get_running_loop().call_at(
-                asyncio.get_running_loop().time() + max(0.0, at - time.time()),
-                self.close,
-                CLOSE_UNAUTHORIZED,
-                "credentials_expired",
+                asyncio.get_running_loop().time() + max(0.0, at - time.time()), self._expired
             )
+
+    def _expired(self) -> None:
+        metrics.AUTH_FAILURES.labels("credentials_expired").inc()
+        self.close(CLOSE_UNAUTHORIZED, "credentials_expired")
 
     async def run(self) -> None:
         for coro in (self.sender(), self.pinger(), self.receiver()):
