@@ -400,6 +400,36 @@ async def test_protocol_errors_leave_the_socket_open(api: Api) -> None:
         await expect(ws, "pong")
 
 
+@pytest.mark.parametrize(
+    ("frame", "field"),
+    [
+        ("not json", "op"),
+        ('{"op": "dance"}', "op"),
+        ("[1, 2]", "op"),
+        ('{"conversation": "c"}', "op"),
+        ('{"op": "subscribe"}', "conversation"),
+        ('{"op": "subscribe", "conversation": 5}', "conversation"),
+        ('{"op": "subscribe", "conversation": "c", "since": "1"}', "since"),
+        ('{"op": "subscribe", "conversation": "c", "since": 1.5}', "since"),
+        ('{"op": "subscribe", "conversation": "c", "colour": "red"}', "colour"),
+        ('{"x": ' + "[" * 5000 + "]" * 5000 + ', "op": "ping"}', "op"),  # skipped to find op
+        (b'{"op": "subscribe", "conversation": "\xff"}'.decode("latin-1"), "conversation"),
+    ],
+    ids=["not_json", "unknown_op", "array", "no_op", "no_conversation", "conversation_int",
+         "since_str", "since_float", "unknown_field", "nested_too_deep", "bad_conversation"],
+)  # fmt: skip
+async def test_a_bad_frame_names_its_field_and_leaves_the_socket_open(
+    api: Api, frame: str, field: str
+) -> None:
+    _, key = await api.key("subscribe")
+    async with api.socket(key) as ws:
+        await ws.send(frame)
+        error = (await expect(ws, "error"))["error"]
+        assert (error["code"], error["field"]) == ("invalid", field), error
+        await send(ws, "ping")
+        await expect(ws, "pong")
+
+
 # -- 3 and 4. resume with `since`, and the seam between replay and live --------------------------
 
 
@@ -644,6 +674,61 @@ async def test_receipts_and_presence(api: Api) -> None:
         assert response.json()["online"] == [alice]
 
 
+async def test_receipts_only_rise_and_are_listed_per_principal(api: Api) -> None:
+    _, key = await api.key("impersonate")
+    bob, carol = f"user:{unique('bob')}", f"user:{unique('carol')}"
+    conversation = await api.conversation(bob, carol)
+    for _ in range(3):
+        await api.publish(conversation)
+
+    async def mark(user: str, kind: str, seq: int) -> int:
+        response = await api.http.post(
+            f"/v1/conversations/{conversation}/receipts",
+            json={"type": kind, "seq": seq},
+            headers=auth(key, **{"X-On-Behalf-Of": user}),
+        )
+        assert response.status_code == 200, response.text
+        assert (response.json()["principal"], response.json()["type"]) == (user, kind)
+        value: int = response.json()["seq"]
+        return value
+
+    assert await mark(bob, "read", 2) == 2
+    assert await mark(bob, "read", 1) == 2  # never lowered: the mark it stays at
+    assert await mark(bob, "delivered", 3) == 3
+    assert await mark(carol, "delivered", 1) == 1
+    response = await api.http.get(
+        f"/v1/conversations/{conversation}/receipts", headers=auth(key, **{"X-On-Behalf-Of": bob})
+    )
+    assert response.status_code == 200, response.text
+    assert response.json() == {
+        "receipts": sorted(
+            [
+                {"principal": bob, "delivered": 3, "read": 2},
+                {"principal": carol, "delivered": 1, "read": 0},
+            ],
+            key=lambda r: r["principal"],
+        )
+    }
+
+
+async def test_a_refused_subscribe_announces_no_presence(api: Api) -> None:
+    _, key = await api.key("impersonate")
+    alice, bob = f"user:{unique('alice')}", f"user:{unique('bob')}"
+    conversation = await api.conversation(alice, bob)
+    async with (
+        api.socket(key, **{"X-On-Behalf-Of": alice}) as ws_alice,
+        api.socket(key, **{"X-On-Behalf-Of": bob}) as ws_bob,
+    ):
+        await subscribe(ws_alice, conversation)
+        await expect(ws_alice, "presence", ignore=frozenset({"ping"}))  # alice herself
+        await send(ws_bob, "subscribe", conversation=conversation, since=99)
+        assert (await expect(ws_bob, "error"))["error"]["field"] == "since"
+        # Frames of one channel arrive in order: a presence event for bob would come first.
+        seq = await api.publish(conversation)
+        frame = await expect(ws_alice, "message", ignore=frozenset({"ping"}))
+        assert frame["message"]["seq"] == seq
+
+
 # -- 11. metrics ---------------------------------------------------------------------------------
 
 
@@ -659,29 +744,43 @@ def samples(text: str) -> dict[str, float]:
 async def test_delivery_latency_and_connections_in_metrics(api: Api) -> None:
     _, key = await api.key("subscribe")
     conversation = await api.conversation()
-    async with api.socket(key) as ws:
-        await subscribe(ws, conversation)
+    before = samples((await api.http.get("/metrics")).text)
+    async with api.socket(key) as ws, api.socket(key) as other:
+        for socket_ in (ws, other):
+            await subscribe(socket_, conversation)
         await api.publish(conversation)
-        await messages(ws, 1)
+        for socket_ in (ws, other):
+            await messages(socket_, 1)
         response = await api.http.get("/metrics")
         assert response.status_code == 200, response.text
         found = samples(response.text)
-    assert found["appliance_delivery_latency_seconds_count"] > 0
-    assert found["appliance_websocket_connections"] >= 1
+    # This module's server is shared, so the figures are compared with their values before.
+    delivered = "appliance_delivery_latency_seconds_count"
+    assert found[delivered] - before.get(delivered, 0.0) == 2  # one per socket it reached
+    connections = "appliance_websocket_connections"
+    assert found[connections] - before.get(connections, 0.0) == 2
 
 
 # -- 6. slow consumer ----------------------------------------------------------------------------
 
 
-@pytest.fixture
+SLOW_LIMITS = {
+    # The queue bound: 10 frames waiting.
+    "queue_max": {"queue_max": 10},
+    # The stall bound: a queue that would hold everything, but a send that stops for 0.5 s.
+    "stall_timeout": {"queue_max": 1_000_000, "stall_timeout": 0.5},
+}
+
+
+@pytest.fixture(params=list(SLOW_LIMITS))
 def slow_server(
-    base_settings: dict[str, Any], migrated: str, tmp_path: Path
+    base_settings: dict[str, Any], migrated: str, tmp_path: Path, request: pytest.FixtureRequest
 ) -> Iterator[ApiProcess]:
-    """A process whose sockets may queue only 10 frames, and that takes big batches."""
+    """A process with a tight slow-consumer bound (one of SLOW_LIMITS) that takes big batches."""
     settings = api_settings(
         copy.deepcopy(base_settings),
         tmp_path,
-        realtime={"queue_max": 10},
+        realtime=SLOW_LIMITS[request.param],
         api={"max_body_bytes": 16 * 1_048_576},
     )
     proc = ApiProcess(tmp_path, settings)
@@ -737,6 +836,21 @@ async def test_slow_consumer_is_closed_with_4008(slow_server: ApiProcess, admin:
         assert resumed == list(range(len(seqs) + 1, published + 1))
 
 
+async def test_a_burst_that_the_client_reads_is_not_a_slow_consumer(api: Api) -> None:
+    """Four batches of 500 at once reach the hub in one read and queue 2,000 frames for the
+    socket before its sender runs: a client that reads them all is not closed."""
+    _, key = await api.key("subscribe")
+    conversation = await api.conversation()
+    async with api.socket(key) as ws:
+        await subscribe(ws, conversation)
+        bodies = [{"n": n} for n in range(500)]
+        sent = await asyncio.gather(*(api.publish_batch(conversation, bodies) for _ in range(4)))
+        assert sorted(seq for batch in sent for seq in batch) == list(range(1, 2001))
+        assert await messages_until(ws, conversation, 2000) == list(range(1, 2001))
+        await send(ws, "ping")
+        await expect(ws, "pong")
+
+
 def samples_with(text: str, name: str, **labels: str) -> float:
     total = 0.0
     for family in text_string_to_metric_families(text):
@@ -777,10 +891,11 @@ async def test_hub_reconnects_after_redis_restart(
                 assert (await messages(ws, 1))[0]["conversation"] == before
 
                 kill_redis()
-                # Empty now: `before` would restart at seq 1 (dropped as already seen), so only
-                # `after`, never published to yet, is checked.
+                # Empty now: `before` restarts at seq 1, below the 1 the socket has, so its
+                # subscription ends with `seq_reset`; `after`, never published to, goes on.
                 start_redis()
                 seqs: list[int] = []
+                reset: list[dict[str, Any]] = []
                 last = 0
                 for _ in range(300):  # publish until the hub is back and one arrives
                     with contextlib.suppress(httpx.HTTPError, AssertionError):
@@ -794,13 +909,28 @@ async def test_hub_reconnects_after_redis_restart(
                         assert event["message"]["conversation"] == after, event
                         seqs.append(event["message"]["seq"])
                         break
+                    if event["event"] == "error":
+                        reset.append(event["error"])
+                        continue
                     assert event["event"] in NOISE, event
                 assert seqs, f"no message after the Redis restart\n{proc.log()}"
                 for _ in range(5):
                     last = await api.publish(after)
-                seqs += await messages_until(ws, after, last)
+                while True:
+                    event = await recv(ws)
+                    if event["event"] == "error":
+                        reset.append(event["error"])
+                    elif event["event"] == "message":
+                        seqs.append(event["message"]["seq"])
+                        if seqs[-1] == last:
+                            break
+                    else:
+                        assert event["event"] in NOISE, event
+                if not reset:  # `before` may catch up after `after` (each retries on its own)
+                    reset.append((await expect(ws, "error"))["error"])
         # Whatever was acknowledged while the hub was still away came from the tail.
         assert seqs == list(range(1, last + 1))
+        assert [(e["code"], e["conversation"]) for e in reset] == [("seq_reset", before)]
     finally:
         proc.stop()
         print(proc.log())

@@ -17,6 +17,7 @@ from appliance.auth.principal import Principal
 from appliance.conversations import service
 from appliance.errors import Forbidden
 from appliance.invalidation import Invalidation, announce
+from appliance.realtime.presence import Presence
 from appliance.realtime.stream import Session, Subscription
 from appliance.resources import Resources
 from tests.messaging import unique
@@ -42,8 +43,8 @@ async def append(svc: Services, conversation: str, *seqs: int) -> None:
 
 def sent(session: Session) -> list[dict[str, Any]]:
     frames = []
-    while not session.queue.empty():
-        frames.append(json.loads(session.queue.get_nowait()[0]))
+    while session.pending:
+        frames.append(json.loads(session.pending.popleft()[0]))
     return frames
 
 
@@ -185,3 +186,77 @@ async def test_presence_tells_principals_apart_whatever_their_ids_hold(
         await pubsub.aclose()  # type: ignore[no-untyped-call]
     assert events == [(f"{user}|b", "online"), (user, "online"), (user, "offline")]
     assert await svc.presence.online(conversation) == [f"{user}|b"]
+
+
+async def test_a_head_below_what_was_sent_after_a_resync_ends_with_seq_reset(
+    svc: Services,
+) -> None:
+    """Redis lost the conversation (counter and tail) and seqs start again: the new 1, 2 would
+    look like duplicates of what the socket already has, so the subscription ends, said."""
+    conversation = unique("c")
+    await append(svc, conversation, 1, 2)  # the tail after the loss: seqs restarted
+    session = session_for(svc)
+    sub = subscribed(session, conversation, 5)  # it had sent up to 5 before the loss
+    sub.live = True
+    sub.resync()  # what the hub does on reconnect
+    for _ in range(200):
+        if conversation not in session.subs:
+            break
+        await asyncio.sleep(0.01)
+    frames = sent(session)
+    assert seqs(frames) == []
+    assert [f["event"] for f in frames] == ["error"]
+    error = frames[0]["error"]
+    assert (error["code"], error["conversation"], error["seq"]) == ("seq_reset", conversation, 2)
+    assert conversation not in session.subs
+
+
+class Recorder:
+    """A hub listener that keeps what it is handed."""
+
+    def __init__(self) -> None:
+        self.frames: list[tuple[int | None, str]] = []
+        self.arrived = asyncio.Event()
+
+    def on_frame(self, seq: int | None, at: float | None, frame: str) -> None:
+        self.frames.append((seq, frame))
+        self.arrived.set()
+
+    def resync(self) -> None:
+        pass
+
+
+async def test_frames_the_hub_cannot_read_are_skipped_and_it_reads_on(svc: Services) -> None:
+    """The hub is the only feed of every socket of the process: a frame someone else published
+    on a conversation's channel (bad JSON, a bad ts, the wrong shape) must not end it."""
+    conversation = unique("c")
+    channel = svc.keys.channel(conversation)
+    recorder = Recorder()
+    await svc.hub.join(channel, recorder)
+    try:
+        for bad in (
+            b"not json",
+            b'{"event":"message","message":{"seq":1,"ts":"not-a-time"}}',
+            b'{"event":"message","message":{"seq":"one","ts":"2026-01-01T00:00:00Z"}}',
+        ):
+            await svc.redis.publish(channel, bad)
+        good = '{"event":"message","message":{"seq":1,"ts":"2026-01-01T00:00:00.000Z"}}'
+        await svc.redis.publish(channel, good)
+        await asyncio.wait_for(recorder.arrived.wait(), 10)
+        assert recorder.frames == [(1, good)]
+    finally:
+        await svc.hub.leave(channel, recorder)
+
+
+async def test_presence_fades_after_its_ttl_without_a_refresh(svc: Services) -> None:
+    """A crashed process refreshes nothing: its sockets drop out of the list after the TTL."""
+    presence = Presence(svc.redis, svc.keys, ttl=1.0, receipt_ttl=60)
+    conversation, user = unique("c"), f"user:{unique('u')}"
+    await presence.join(conversation, user, "socket1")
+    assert await presence.online(conversation) == [user]
+    await asyncio.sleep(0.5)
+    await presence.refresh([(conversation, user, "socket1")])
+    await asyncio.sleep(0.6)  # past the first expiry, within the refreshed one
+    assert await presence.online(conversation) == [user]
+    await asyncio.sleep(1.0)
+    assert await presence.online(conversation) == []

@@ -208,8 +208,8 @@ class MessagesSection(Section):
     max_body_bytes: int = Field(default=65536, ge=64, le=16 * 1_048_576)
     max_batch: int = Field(default=500, ge=1, le=5000)
     max_attachments: int = Field(default=20, ge=0, le=100)
-    # Seconds an Idempotency-Key is remembered.
-    idempotency_window: LongSeconds = 86400.0
+    # Seconds an Idempotency-Key is remembered (Redis keeps it with a millisecond PX).
+    idempotency_window: Annotated[float, Field(ge=1, le=366 * 86400)] = 86400.0
     # Per principal, across all api processes: sustained messages/s and burst.
     rate_per_second: float = Field(default=100.0, gt=0, le=1_000_000)
     rate_burst: int = Field(default=1000, ge=1, le=10_000_000)
@@ -225,8 +225,10 @@ class MessagesSection(Section):
 class RealtimeSection(Section):
     # Seconds between server pings on an idle socket; presence is refreshed on the same beat.
     ping_interval: Seconds = 20.0
-    # Frames queued for one socket before it is closed as a slow consumer (code 4008).
-    queue_max: int = Field(default=1000, ge=10, le=1_000_000)
+    # A socket is closed as a slow consumer (code 4008) when this many frames wait for it, or
+    # when one send to it has not completed for `stall_timeout` seconds.
+    queue_max: int = Field(default=5000, ge=10, le=1_000_000)
+    stall_timeout: Seconds = 10.0
     max_subscriptions: int = Field(default=100, ge=1, le=10_000)
     # Messages replayed for one `since` before the socket is told to page history instead.
     max_replay: int = Field(default=5000, ge=1, le=1_000_000)
@@ -234,6 +236,13 @@ class RealtimeSection(Section):
     presence_ttl: Seconds = 60.0
     # Seconds receipts are kept after their last update.
     receipt_ttl: LongSeconds = 30 * 86400.0
+
+    @model_validator(mode="after")
+    def _presence_outlives_a_beat(self) -> RealtimeSection:
+        # Presence is refreshed once per ping: a shorter TTL would drop live sockets between.
+        if self.presence_ttl <= self.ping_interval:
+            raise ValueError("presence_ttl must be longer than ping_interval")
+        return self
 
 
 class ActivitySection(Section):

@@ -94,6 +94,15 @@ class Presence:
                 pipe.expire(key, int(self._ttl) + 1)
             await pipe.execute()
 
+    async def forget(self, entries: list[tuple[str, str, str]]) -> None:
+        """Remove (conversation, principal, socket id) entries without an event."""
+        if not entries:
+            return
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for conversation, principal, socket_id in entries:
+                pipe.zrem(self._keys.presence(conversation), f"{principal}|{socket_id}")
+            await pipe.execute()
+
     async def leave(self, conversation: str, principal: str, socket_id: str) -> None:
         await self._redis.zrem(self._keys.presence(conversation), f"{principal}|{socket_id}")
         if not await self._present(conversation, principal, time.time()):

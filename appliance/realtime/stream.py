@@ -11,12 +11,14 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
+from collections import deque
 from typing import TYPE_CHECKING, Any, cast
 
 import msgspec
 import structlog
 
 from appliance import metrics
+from appliance.api.body import parse
 from appliance.auth.principal import Principal
 from appliance.errors import OUTAGES, ApplianceError, Refused, Unavailable, known
 from appliance.messages import history
@@ -32,6 +34,7 @@ CLOSE_FORBIDDEN = 4003
 CLOSE_SLOW_CONSUMER = 4008  # resubscribe with `since` = the last seq received
 CLOSE_TRY_AGAIN = 1013  # a dependency is away: reconnect later
 REPLAY_PAGE = 500
+REPLAY_AHEAD = 200  # replayed frames queued ahead of the socket at most
 
 
 class Subscribe(msgspec.Struct, tag="subscribe", tag_field="op", forbid_unknown_fields=True):
@@ -68,6 +71,7 @@ class Subscription:
         # A hub reconnect while catching up: frames may have been lost, read the tail once more.
         self.stale = False
         self.held: list[tuple[int, str, float | None]] = []
+        self.present = False  # announced online: leaving announces offline
 
     @property
     def current(self) -> bool:
@@ -80,7 +84,7 @@ class Subscription:
             self.session.send(frame, None)
         elif not self.live:
             self.held.append((seq, frame, at))
-            if len(self.held) > self.session.queue.maxsize:  # live outruns the catch-up
+            if len(self.held) > self.session.queue_max:  # live outruns the catch-up
                 self.session.slow()
         elif seq == self.last + 1:
             self.last = seq
@@ -102,18 +106,20 @@ class Subscription:
         delay = 0.1
         while self.current:
             try:
-                return await self.catch_up()
+                return await self.catch_up(resynced=True)
             except OUTAGES as exc:
                 log.warning("stream_catch_up_failed", error=str(exc), retry_in=delay)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 5.0)
 
-    async def catch_up(self) -> None:
+    async def catch_up(self, resynced: bool = False) -> None:
         """Send what the tail has after `last`, then the held frames, then go live. Messages the
-        tail no longer has end the subscription with `resume_too_old`: never a silent gap."""
+        tail no longer has end the subscription with `resume_too_old`, and a head gone below
+        `last` after a resync with `seq_reset`: never a silent gap."""
         svc = self.session.svc
         gap = False
         while self.current:
+            resynced = resynced or self.stale
             self.stale = False
             while True:
                 entries = await history.replay(
@@ -121,6 +127,10 @@ class Subscription:
                 )
                 if (entries and entries[0][0] > self.last + 1) or (gap and not entries):
                     return await self.lost()
+                if resynced and not entries and not gap:
+                    head = await history.head(svc.redis, svc.keys, self.conversation)
+                    if head < self.last:
+                        return await self.reset(head)
                 for seq, message in entries:
                     if not self.current:
                         return
@@ -143,19 +153,29 @@ class Subscription:
                 return
 
     async def lost(self) -> None:
+        await self._end(
+            "resume_too_old",
+            f"messages after seq {self.last} are no longer in the recent tail: page the "
+            "history over HTTP, then resubscribe with a newer since",
+            self.last,
+        )
+
+    async def reset(self, head: int) -> None:
+        """The conversation's head is below what was sent: Redis lost its data and seqs start
+        again. Frames with those seqs would look like duplicates: end the subscription instead."""
+        await self._end(
+            "seq_reset",
+            f"the conversation's seqs restarted below {self.last} (Redis lost data): page the "
+            "history over HTTP, then resubscribe",
+            head,
+        )
+
+    async def _end(self, code: str, message: str, seq: int) -> None:
         if not self.current:
             return
         await self.session.unsubscribe(self.conversation, notify=False)
         self.session.send(
-            error_frame(
-                "resume_too_old",
-                f"messages after seq {self.last} are no longer in the recent tail: page the "
-                "history over HTTP, then resubscribe with a newer since",
-                "since",
-                conversation=self.conversation,
-                seq=self.last,
-            ),
-            None,
+            error_frame(code, message, "since", conversation=self.conversation, seq=seq), None
         )
 
 
@@ -173,9 +193,12 @@ class Session:
         self.credential = credential
         self.id = uuid.uuid4().hex[:16]
         self.subs: dict[str, Subscription] = {}
-        self.queue: asyncio.Queue[tuple[str, float | None]] = asyncio.Queue(
-            svc.config.realtime.queue_max
-        )
+        # Frames for the socket, and when the sender began the send it is waiting on.
+        self.pending: deque[tuple[str, float | None]] = deque()
+        self.ready = asyncio.Event()  # set when a frame is queued for the sender
+        self.sending_since: float | None = None
+        self.queue_max = svc.config.realtime.queue_max
+        self.stall_timeout = svc.config.realtime.stall_timeout
         self.tasks: set[asyncio.Task[None]] = set()
         self.closing: tuple[int, str] | None = None
         self.done = asyncio.Event()
@@ -183,17 +206,24 @@ class Session:
         self.expirer: asyncio.TimerHandle | None = None
 
     def send(self, frame: str, at: float | None) -> None:
+        """Queue a frame. A socket is a slow consumer once `queue_max` frames wait or its send
+        has not completed for `stall_timeout`: a burst that a reading client drains is not."""
         if self.closing is not None:
             return
-        try:
-            self.queue.put_nowait((frame, at))
-        except asyncio.QueueFull:
+        since = self.sending_since
+        if len(self.pending) >= self.queue_max or (
+            since is not None and time.monotonic() - since > self.stall_timeout
+        ):
             self.slow()
+            return
+        self.pending.append((frame, at))
+        self.ready.set()
 
     async def send_replayed(self, frame: str, at: float | None) -> None:
-        """A catch-up frame: waits for the socket instead of overflowing the queue (a long
-        replay is not a slow consumer), and leaves half the queue to live frames and pings."""
-        while self.closing is None and self.queue.qsize() >= self.queue.maxsize // 2:
+        """A catch-up frame: waits for the socket instead of filling the queue (a long replay
+        is not a slow consumer), so live frames and pings never queue behind much of it."""
+        ahead = min(REPLAY_AHEAD, self.queue_max // 2)
+        while self.closing is None and len(self.pending) >= ahead:
             self.room.clear()
             await self.room.wait()
         self.send(frame, at)
@@ -225,12 +255,18 @@ class Session:
             self.close(1011, "internal error")
 
     async def sender(self) -> None:
-        send = self.ws.send
+        send, pending, ready = self.ws.send, self.pending, self.ready
         observe = metrics.DELIVERY_LATENCY.observe
         while True:
-            frame, at = await self.queue.get()
+            if not pending:
+                ready.clear()
+                await ready.wait()
+                continue
+            frame, at = pending.popleft()
             self.room.set()
+            self.sending_since = time.monotonic()
             await send({"type": "websocket.send", "text": frame, "bytes": None})
+            self.sending_since = None
             if at is not None:
                 observe(time.time() - at)
 
@@ -239,9 +275,14 @@ class Session:
         while True:
             await asyncio.sleep(interval)
             self.send('{"event":"ping"}', None)
-            entries = [(c, self.principal.id, self.id) for c in self.subs]
+            entries = [
+                (c, self.principal.id, self.id) for c, sub in self.subs.items() if sub.present
+            ]
             try:
                 await self.svc.presence.refresh(entries)
+                # An unsubscribe while the refresh was out: it may have put the entry back.
+                gone = [entry for entry in entries if entry[0] not in self.subs]
+                await self.svc.presence.forget(gone)
             except OUTAGES as exc:  # presence fades; the socket lives on
                 log.warning("presence_refresh_failed", error=str(exc))
 
@@ -252,12 +293,9 @@ class Session:
                 self.close(1000, "")
                 return
             raw = cast("str | bytes", event.get("text") or event.get("bytes") or b"")
+            op: Subscribe | Unsubscribe | Ping | None = None
             try:
-                op = _decode_op(raw)
-            except (msgspec.ValidationError, msgspec.DecodeError) as exc:
-                self.send(error_frame("invalid", str(exc), "op"), None)
-                continue
-            try:
+                op = parse(_decode_op, raw, "op")
                 if isinstance(op, Subscribe):
                     await self.subscribe(op.conversation, op.since)
                 elif isinstance(op, Unsubscribe):
@@ -338,6 +376,7 @@ class Session:
         )
         try:
             await svc.presence.join(conversation, self.principal.id, self.id)
+            sub.present = True
         except OUTAGES as exc:  # presence is best effort; the messages are not
             log.warning("presence_join_failed", error=str(exc))
         await sub.catch_up()
@@ -350,7 +389,8 @@ class Session:
             return
         await self.svc.hub.leave(self.svc.keys.channel(conversation), sub)
         try:
-            await self.svc.presence.leave(conversation, self.principal.id, self.id)
+            if sub.present:  # a refused subscribe never went online
+                await self.svc.presence.leave(conversation, self.principal.id, self.id)
         except OUTAGES as exc:  # the entry fades after presence_ttl
             log.warning("presence_leave_failed", error=str(exc))
         if notify:
