@@ -145,10 +145,14 @@ class Hub:
                 if confirmed is not None and not confirmed.done():
                     confirmed.set_result(None)
             elif kind == "message":
-                if channel == invalidations:
-                    self._invalidate(message["data"])
-                else:
-                    self._dispatch(channel, message["data"])
+                try:
+                    if channel == invalidations:
+                        self._invalidate(message["data"])
+                    else:
+                        self._dispatch(channel, message["data"])
+                except Exception:
+                    # This task is every local socket's only feed: one bad frame must not end it.
+                    log.exception("hub_frame_failed", channel=channel)
 
     def _invalidate(self, payload: bytes) -> None:
         try:
@@ -162,14 +166,14 @@ class Hub:
         listeners = self._channels.get(channel)
         if not listeners:
             return
+        seq = at = None
         try:
             head = _decode_frame(payload)
-        except msgspec.DecodeError:
+            if head.message is not None:  # parsed once, whatever the number of listeners
+                seq, at = head.message.seq, datetime.fromisoformat(head.message.ts).timestamp()
+        except (msgspec.DecodeError, ValueError):  # not one of ours (ValidationError included)
             log.warning("hub_bad_frame", channel=channel)
             return
-        seq = at = None
-        if head.message is not None:  # parsed once, whatever the number of listeners
-            seq, at = head.message.seq, datetime.fromisoformat(head.message.ts).timestamp()
         frame = payload.decode()
         for listener in list(listeners):
             listener.on_frame(seq, at, frame)
