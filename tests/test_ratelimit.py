@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 
 from appliance.config.model import MessagesSection
@@ -43,3 +44,17 @@ async def test_a_lease_spares_round_trips_and_a_refusal_names_the_wait(
         assert await limiter.acquire(principal, 1) == 0.0
     assert float((await resources.redis.hget(bucket, "tokens")) or 0) == left
     assert await limiter.acquire(principal, 25) > 0  # more than the bucket holds
+
+
+async def test_concurrent_callers_of_one_process_share_their_refills(resources: Resources) -> None:
+    """Callers that find the lease empty at once each take tokens; what each took is added to
+    the lease, so none is refused while the bucket holds plenty."""
+    section = MessagesSection(rate_per_second=50, rate_burst=100, max_batch=100)
+    limiter = RateLimiter(resources.redis, resources.keys, section)
+    principal = f"key:{unique('p')}"
+    waits = await asyncio.gather(*(limiter.acquire(principal, 1) for _ in range(20)))
+    assert waits == [0.0] * 20
+    # Twenty refills of 1 + 5 took 100 tokens: 80 are left in the lease, spent without Redis.
+    bucket = resources.keys.rate(principal)
+    assert float((await resources.redis.hget(bucket, "tokens")) or 0) < 1
+    assert [await limiter.acquire(principal, 1) for _ in range(80)] == [0.0] * 80

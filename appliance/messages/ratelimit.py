@@ -45,9 +45,16 @@ class RateLimiter:
                 args=[self._rate, self._burst, cost, cost + self._chunk],
             )
         )
+        # Concurrent callers of this process may have refilled the lease meanwhile: what they
+        # took is added to, never replaced (or it would be forfeited unused).
+        tokens, expires = self._leases.get(principal, (0.0, 0.0))
+        tokens = tokens if expires > now else 0.0
         if granted < 0:
+            if tokens >= cost:  # a concurrent refill covers this one
+                self._leases[principal] = (tokens - cost, expires)
+                return 0.0
             return -granted / 1000
         if len(self._leases) >= _MAX_LEASES:
             self._leases.clear()
-        self._leases[principal] = (granted - cost, now + LEASE_SECONDS)
+        self._leases[principal] = (tokens + granted - cost, now + LEASE_SECONDS)
         return 0.0
