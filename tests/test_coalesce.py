@@ -160,3 +160,13 @@ async def test_a_lost_server_fails_every_waiting_caller_and_nothing_is_resent(
         assert await r.lrange("k", 0, -1) == [b"after"]
     finally:
         await r.aclose()
+
+
+async def test_a_script_redis_cannot_load_fails_each_caller_with_its_error(
+    redis: aioredis.Redis,
+) -> None:
+    run = ScriptCoalescer(redis, "this is not lua")
+    results = await asyncio.wait_for(
+        asyncio.gather(*(run(["k"], ["a"]) for _ in range(3)), return_exceptions=True), 10
+    )
+    assert all(isinstance(e, ResponseError) and "compil" in str(e).lower() for e in results)

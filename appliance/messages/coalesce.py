@@ -55,16 +55,7 @@ class ScriptCoalescer:
 
     async def _send(self, batch: list[_Call]) -> None:
         try:
-            replies = await self._execute(batch)
-            unsent = [i for i, reply in enumerate(replies) if isinstance(reply, NoScriptError)]
-            if unsent:
-                await self._redis.script_load(self._script.script)
-                resent = await self._execute([batch[i] for i in unsent])
-                for i, reply in zip(unsent, resent, strict=True):
-                    replies[i] = reply
-        except Exception as exc:
-            _fail(batch, exc)
-            return
+            replies = await self._replies(batch)
         except BaseException:
             _fail(batch, RedisConnectionError("the api is shutting down"))
             raise
@@ -76,11 +67,31 @@ class ScriptCoalescer:
             else:
                 future.set_result(reply)
 
-    async def _execute(self, batch: list[_Call]) -> list[Any]:
+    async def _replies(self, batch: list[_Call]) -> list[Any]:
+        """One reply per call: the script's, its error reply, or the error its pipeline met."""
+        replies = await self._attempt(batch)
+        unsent = [i for i, reply in enumerate(replies) if isinstance(reply, NoScriptError)]
+        if unsent:
+            try:
+                await self._redis.script_load(self._script.script)
+            except Exception as exc:
+                resent: list[Any] = [exc] * len(unsent)
+            else:
+                resent = await self._attempt([batch[i] for i in unsent])
+            for i, reply in zip(unsent, resent, strict=True):
+                replies[i] = reply
+        return replies
+
+    async def _attempt(self, batch: list[_Call]) -> list[Any]:
+        """One pipeline. A connection lost on the way is every call's error: which scripts ran
+        is unknown, as for calls on separate connections when Redis goes away."""
         pipe = self._redis.pipeline(transaction=False)
         for keys, args, _ in batch:
             pipe.evalsha(self._script.sha, len(keys), *keys, *args)
-        replies: list[Any] = await pipe.execute(raise_on_error=False)
+        try:
+            replies: list[Any] = await pipe.execute(raise_on_error=False)
+        except Exception as exc:
+            return [exc] * len(batch)
         return replies
 
 
