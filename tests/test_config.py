@@ -321,3 +321,10 @@ def test_empty_env_secret_switches_to_default_credential_chain(cfg: Any) -> None
     )
     assert config.s3.access_key_id == ""
     assert config.s3.secret_access_key is None
+
+
+def test_realtime_and_idempotency_bounds_name_their_keys(cfg: Any) -> None:
+    found = problems(cfg({"messages": {"idempotency_window": 0.0004}}))
+    assert "greater than or equal to 1" in found["messages.idempotency_window"]
+    found = problems(cfg({"realtime": {"ping_interval": 60, "presence_ttl": 5}}))
+    assert "presence_ttl must be longer than ping_interval" in found["realtime"]

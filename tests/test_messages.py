@@ -11,6 +11,7 @@ from litestar.testing import AsyncTestClient
 
 from appliance.api.app import create_app
 from appliance.config import Config
+from appliance.messages import history
 from appliance.redis_keys import shard_of
 from appliance.resources import Resources
 from tests.messaging import bearer, body, issue_key, unique
@@ -109,8 +110,8 @@ async def test_reseeding_survives_a_trimmed_tail(api: Client, resources: Resourc
     await redis.xtrim(keys.tail(conversation), maxlen=0, approximate=False)
     await redis.delete(keys.seq(conversation))
     path = f"/v1/conversations/{conversation}/messages"
-    head = await api.get(f"{path}?before=0", headers=bearer(key))
-    assert head.status_code == 200
+    # What a subscribe reports as the head, from the empty tail's last generated id.
+    assert await history.head(redis, keys, conversation) == 3
     assert (await publish(api, conversation, key))["seq"] == 4
     assert [entry_id for entry_id, _ in await redis.xrange(keys.tail(conversation))] == [b"4-0"]
     # A refused publish (reply_to beyond the head) re-seeds nothing half-way either.
@@ -214,13 +215,15 @@ async def test_idempotency_keys_of_principals_never_run_into_each_other(
 async def test_idempotency_window_is_configurable(
     settings: dict[str, Any], resources: Resources
 ) -> None:
-    settings["messages"] = {"idempotency_window": 0.2}
+    settings["messages"] = {"idempotency_window": 1.0}  # the smallest allowed
     async with AsyncTestClient(app=create_app(Config.model_validate(settings))) as client:
         conversation, key = await conversation_with_key(client, resources)
         path = f"/v1/conversations/{conversation}/messages"
         headers = bearer(key, **{"Idempotency-Key": "k"})
         assert (await client.post(path, json=body(), headers=headers)).json()["seq"] == 1
-        await asyncio.sleep(0.4)
+        again = await client.post(path, json=body(), headers=headers)
+        assert again.status_code == 200 and again.json()["seq"] == 1  # within the window
+        await asyncio.sleep(1.3)
         later = await client.post(path, json=body(), headers=headers)
         assert later.status_code == 201 and later.json()["seq"] == 2
 
