@@ -2,8 +2,8 @@
 
 While a pipeline is out, the calls that arrive queue up and leave together in the next one, so
 under load the round trip (and most of redis-py's per-command work) is paid once per batch, while
-a lone call on an idle process leaves at once. Redis runs each script atomically and in the order
-sent, so a batch does exactly what the same scripts sent one by one would.
+a call on an idle process leaves at once, from its own task. Redis runs each script atomically
+and in the order sent, so a batch does exactly what the same scripts sent one by one would.
 
 Nothing is resent after an error: a script whose reply was lost may have run. Each caller gets the
 error (the api answers 503) and decides. Only NOSCRIPT (the server's script cache was emptied,
@@ -27,17 +27,30 @@ class ScriptCoalescer:
     def __init__(self, redis: aioredis.Redis, script: str) -> None:
         self._redis = redis
         self._script = redis.register_script(script)  # its sha, and its text for SCRIPT LOAD
-        self._queue: list[_Call] = []
-        self._sender: asyncio.Task[None] | None = None
+        self._queue: list[_Call] = []  # calls waiting for the pipeline that is out
+        self._busy = False  # a pipeline is out
+        self._sender: asyncio.Task[None] | None = None  # sends what queued meanwhile
 
     async def __call__(self, keys: Sequence[Any], args: Sequence[Any]) -> Any:
         """The script's reply for these keys and args, or the error that its pipeline met."""
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        self._queue.append((keys, args, future))
-        if self._sender is None:
-            # Starts on the next turn of the loop: calls made until then join the first batch.
+        call = (keys, args, future)
+        if self._busy:
+            self._queue.append(call)
+            return await future
+        self._busy = True
+        try:
+            await self._send([call])
+        finally:
+            self._then()
+        return future.result()
+
+    def _then(self) -> None:
+        """After a pipeline: what queued meanwhile leaves as the next one, from a task."""
+        if self._queue:
             self._sender = asyncio.create_task(self._send_queued(), name="publish-pipeline")
-        return await future
+        else:
+            self._busy = False
 
     async def _send_queued(self) -> None:
         try:
@@ -46,19 +59,20 @@ class ScriptCoalescer:
                 batch = [call for call in self._queue if not call[2].done()]
                 self._queue = []
                 if batch:
-                    await self._send(batch)
+                    try:
+                        await self._send(batch)
+                    except BaseException:
+                        _fail(batch, RedisConnectionError("the api is shutting down"))
+                        raise
         finally:
+            self._busy = False
             self._sender = None
             # Only a cancelled sender leaves calls behind (the event loop is shutting down).
             batch, self._queue = self._queue, []
             _fail(batch, RedisConnectionError("the api is shutting down"))
 
     async def _send(self, batch: list[_Call]) -> None:
-        try:
-            replies = await self._replies(batch)
-        except BaseException:
-            _fail(batch, RedisConnectionError("the api is shutting down"))
-            raise
+        replies = await self._replies(batch)
         for (_, _, future), reply in zip(batch, replies, strict=True):
             if future.done():  # the caller stopped waiting while its script was out: it ran
                 continue
