@@ -294,6 +294,13 @@ def main() -> int:
     parser.add_argument(
         "--half-seconds", type=float, default=8, help="length of each half-load phase"
     )
+    parser.add_argument(
+        "--half-rate",
+        type=float,
+        default=None,
+        help="publish req/s of the paced phase instead of half the max (to compare two builds"
+        " at one rate)",
+    )
     parser.add_argument("--connections", type=int, default=64)
     parser.add_argument("--batch", type=int, default=100, help="messages per batch request")
     parser.add_argument("--conversations", type=int, default=8, help="published to in turn")
@@ -362,6 +369,8 @@ def main() -> int:
         for i in range(args.rounds):
             for phase in (noop, publish):
                 target = top[phase.name].rate / 2
+                if phase is publish and args.half_rate:
+                    target = args.half_rate
                 halves[phase.name].append(r := load(phase, args.half_seconds, target))
                 show(f"{phase.name} #{i + 1}", phase, r, f"   (target {target:.0f} req/s)")
 

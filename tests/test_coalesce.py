@@ -61,7 +61,7 @@ async def test_calls_after_a_batch_form_the_next_one(redis: aioredis.Redis) -> N
     run = ScriptCoalescer(redis, SCRIPT)
     try:
         first = asyncio.gather(*(run([key], ["a"]) for _ in range(10)))
-        await asyncio.sleep(0)  # the first batch leaves; these queue behind it
+        await asyncio.sleep(0)  # the first call is out, nine queue behind it; these behind them
         second = asyncio.gather(*(run([key], ["b"]) for _ in range(10)))
         assert await first == list(range(1, 11))
         assert await second == list(range(11, 21))
@@ -104,7 +104,7 @@ async def test_a_caller_cancelled_before_its_batch_leaves_is_not_sent(
     run = ScriptCoalescer(redis, SCRIPT)
     try:
         calls = [asyncio.ensure_future(run([key], [str(i)])) for i in range(3)]
-        await asyncio.sleep(0)  # all three queued; the batch leaves on the next turn
+        await asyncio.sleep(0)  # the first is out; the other two queue behind it
         calls[1].cancel()
         done = await asyncio.gather(*calls, return_exceptions=True)
         assert done[0] == 1 and done[2] == 2
