@@ -26,6 +26,7 @@ class Invalidation(msgspec.Struct, frozen=True):
     kind: Literal["key", "conversation", "member"]
     id: str  # key id or conversation id
     principal: str | None = None  # for "member"
+    origin: str | None = None  # the announcing api process (its own events are applied already)
 
 
 def encode(event: Invalidation) -> bytes:

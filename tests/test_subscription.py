@@ -260,3 +260,23 @@ async def test_presence_fades_after_its_ttl_without_a_refresh(svc: Services) -> 
     assert await presence.online(conversation) == [user]
     await asyncio.sleep(1.0)
     assert await presence.online(conversation) == []
+
+
+async def test_a_process_applies_its_own_announcement_once(svc: Services) -> None:
+    """The hub hears this process's announcements too: they were applied when made, so they
+    are skipped there, while another process's are applied."""
+    before = svc.access.generation
+    await svc.announce(Invalidation("conversation", unique("c")))
+    applied_once = svc.access.generation - before
+    assert applied_once > 0
+    # Another process's event after it on the same channel: once it is applied, the hub has
+    # read (and skipped) ours.
+    await announce(svc.redis, svc.keys, Invalidation("conversation", unique("c")))
+    for _ in range(200):
+        if svc.access.generation - before == 2 * applied_once:
+            break
+        await asyncio.sleep(0.01)
+    else:
+        pytest.fail("the other process's invalidation never arrived")
+    await asyncio.sleep(0.1)
+    assert svc.access.generation - before == 2 * applied_once

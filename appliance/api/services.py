@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import uuid
 from collections.abc import AsyncIterator
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
+import msgspec
 import psycopg
 import redis.asyncio as aioredis
 
@@ -34,6 +36,8 @@ class Services:
     activity: ActivityLog
     hub: Hub = field(init=False)
     sessions: set[Session] = field(default_factory=set)
+    # Marks this process's announcements: the hub hears them too, and they are applied already.
+    origin: str = field(default_factory=lambda: uuid.uuid4().hex)
 
     @property
     def config(self) -> Config:
@@ -53,11 +57,17 @@ class Services:
     async def announce(self, event: Invalidation) -> None:
         """A committed change: applied to this process's caches and sockets at once, then told to
         the others (best effort, see appliance/invalidation.py)."""
-        self.invalidate(event)
+        event = msgspec.structs.replace(event, origin=self.origin)
+        self._apply(event)
         await announce(self.redis, self.keys, event)
 
     def invalidate(self, event: Invalidation | None) -> None:
-        """An invalidation event from any api process (None: events may have been missed)."""
+        """An invalidation event from the hub (None: events may have been missed); this
+        process's own were applied when it made them."""
+        if event is None or event.origin != self.origin:
+            self._apply(event)
+
+    def _apply(self, event: Invalidation | None) -> None:
         self.access.forget(event)
         if event is None or event.kind == "key":
             self.auth.forget(event.id if event else None)
