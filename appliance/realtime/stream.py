@@ -425,7 +425,7 @@ class Session:
             principal = await self.svc.auth.authenticate(f"Bearer {self.credential}", None, None)
         except ApplianceError as exc:
             if self.closing is not None:
-                return  # a recheck of the same change (local, then the hub's) closed it already
+                return  # a concurrent recheck (two changes to the key) closed it already
             if isinstance(exc, Refused):
                 metrics.AUTH_FAILURES.labels(exc.reason).inc()
             self.close(CLOSE_UNAUTHORIZED, exc.code)
