@@ -21,6 +21,8 @@ from prometheus_client import (
     multiprocess,
 )
 
+from appliance.errors import Refused
+
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 _LIVE_FILE = re.compile(r"^gauge_live\w+?_(\d+)\.db$")
 
@@ -90,6 +92,12 @@ RATE_LIMITED = Counter("appliance_rate_limited_total", "Requests refused with 42
 ACTIVITY_RECORDS = Counter(
     "appliance_activity_records_total", "API activity records by outcome", ["outcome"]
 )
+
+
+def count_refused(error: Exception) -> None:
+    """Count a 401 or 403 (an appliance Refused) by its reason; any other error is not one."""
+    if isinstance(error, Refused):
+        AUTH_FAILURES.labels(error.reason).inc()
 
 
 def sample_process(program: str) -> None:

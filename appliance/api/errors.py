@@ -11,7 +11,7 @@ from litestar.status_codes import HTTP_500_INTERNAL_SERVER_ERROR
 from litestar.types import ExceptionHandlersMap
 
 from appliance import metrics
-from appliance.errors import OUTAGES, ApplianceError, Refused, known
+from appliance.errors import OUTAGES, ApplianceError, known
 
 log = structlog.get_logger()
 
@@ -50,8 +50,7 @@ def _validation_field(exc: ValidationException) -> tuple[str | None, str]:
 def handle_appliance_error(_: Request[Any, Any, Any], exc: ApplianceError) -> Response[Any]:
     if exc.status >= 500:
         log.error("request_failed", code=exc.code, error=exc.message)
-    if isinstance(exc, Refused):
-        metrics.AUTH_FAILURES.labels(exc.reason).inc()
+    metrics.count_refused(exc)
     response = error_response(exc.status, exc.code, exc.message, exc.field)
     response.headers.update(exc.headers)
     return response

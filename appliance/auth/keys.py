@@ -22,8 +22,9 @@ from appliance.auth.principal import Scope
 from appliance.errors import Conflict, Invalid, NotFound
 
 Conn = psycopg.AsyncConnection[Any]
-KEY = re.compile(r"^ak_(?P<id>[a-z0-9]{12})_(?P<secret>[A-Za-z0-9_-]{43})\Z")
-KEY_ID = re.compile(r"^[a-z0-9]{12}\Z")
+_ID = r"[a-z0-9]{12}"
+KEY = re.compile(rf"^ak_(?P<id>{_ID})_(?P<secret>[A-Za-z0-9_-]{{43}})\Z")
+KEY_ID = re.compile(rf"^{_ID}\Z")
 _ID_ALPHABET = "abcdefghijklmnopqrstuvwxyz0123456789"
 
 KeyName = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9._-]{1,64}\Z")]

@@ -4,8 +4,8 @@ The discovery document and the JWKS are fetched lazily, in a worker thread, on f
 set is cached for `jwks_cache_ttl` (then refetched in the background while the cached keys keep
 serving); a token with an unknown `kid` refetches it, at most once per `jwks_min_refresh`, so
 keys rotated at the issuer work without a restart while a flood of forged kids cannot hammer the
-issuer. When a refresh fails, the keys already held stay in use (an issuer
-outage does not log everybody out); with no keys at all, verification is Unavailable (503).
+issuer. When a refresh fails, the keys already held stay in use (an issuer outage does not log
+everybody out); with no keys at all, verification is Unavailable (503).
 """
 
 from __future__ import annotations

@@ -17,7 +17,7 @@ from appliance.api.deps import DEPENDENCIES, Req, Who, services
 from appliance.api.json import json_response
 from appliance.api.services import Services
 from appliance.auth.authenticate import bearer
-from appliance.errors import Invalid, Refused, known
+from appliance.errors import Invalid, known
 from appliance.messages import history
 from appliance.realtime.presence import ReceiptIn
 from appliance.realtime.stream import (
@@ -79,8 +79,7 @@ async def stream(socket: WebSocket[Any, Any, Any]) -> None:
         error = known(exc)
         if error is None:
             raise
-        if isinstance(error, Refused):
-            metrics.AUTH_FAILURES.labels(error.reason).inc()
+        metrics.count_refused(error)
         codes = {401: CLOSE_UNAUTHORIZED, 403: CLOSE_FORBIDDEN, 503: CLOSE_TRY_AGAIN}
         await socket.send_data(error_frame(error.code, error.message, error.field))
         await socket.close(codes.get(error.status, 1011), error.code)

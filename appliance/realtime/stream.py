@@ -20,7 +20,7 @@ import structlog
 from appliance import metrics
 from appliance.api.body import parse
 from appliance.auth.principal import Principal
-from appliance.errors import OUTAGES, ApplianceError, Refused, Unavailable, known
+from appliance.errors import OUTAGES, ApplianceError, Unavailable, known
 from appliance.messages import history
 
 if TYPE_CHECKING:
@@ -308,8 +308,7 @@ class Session:
                     raise
                 if error is not exc:
                     log.warning("stream_dependency_unavailable", error=str(exc))
-                if isinstance(error, Refused):
-                    metrics.AUTH_FAILURES.labels(error.reason).inc()
+                metrics.count_refused(error)
                 conversation = getattr(op, "conversation", None)
                 self.send(
                     error_frame(error.code, error.message, error.field, conversation=conversation),
@@ -426,8 +425,7 @@ class Session:
         except ApplianceError as exc:
             if self.closing is not None:
                 return  # a concurrent recheck (two changes to the key) closed it already
-            if isinstance(exc, Refused):
-                metrics.AUTH_FAILURES.labels(exc.reason).inc()
+            metrics.count_refused(exc)
             self.close(CLOSE_UNAUTHORIZED, exc.code)
             return
         self.expire_at(principal.expires_at)
