@@ -328,3 +328,52 @@ def test_realtime_and_idempotency_bounds_name_their_keys(cfg: Any) -> None:
     assert "greater than or equal to 1" in found["messages.idempotency_window"]
     found = problems(cfg({"realtime": {"ping_interval": 60, "presence_ttl": 5}}))
     assert "presence_ttl must be longer than ping_interval" in found["realtime"]
+
+
+@pytest.mark.parametrize(
+    ("section", "value", "rule"),
+    [
+        ("postgres.dsn", "postgresql://u:pw-secret@db:notaport/app", "port must be a number"),
+        ("postgres.dsn", "postgresql://u:pw-secret@db:99999/app", "port must be a number"),
+        ("postgres.dsn", "postgresql://u:pw-secret@h1:5432,h2:x/app", "port must be a number"),
+        ("postgres.dsn", "postgresql://u:pw-secret@db/app?port=abc", "port must be a number"),
+        ("redis.url", "redis://:pw-secret@cache:notaport/0", "port must be a number"),
+        ("redis.url", "redis://:pw-secret@cache:70000/0", "port must be a number"),
+        ("redis.url", "redis://:pw-secret@cache:6379/zero", "database number"),
+        ("redis.url", "redis://:pw-secret@[::1:6379/0", "not a valid URL"),
+        ("redis.url", "unix://", "socket's path"),
+    ],
+)
+def test_dsn_and_redis_url_shape_checked_at_config_check(
+    cfg: Any, section: str, value: str, rule: str
+) -> None:
+    """A bad port or shape fails `config check`, not the first connect; the value is never shown."""
+    name, key = section.split(".")
+    found = problems(cfg({name: {key: value}}))
+    assert rule in found[section]
+    assert "pw-secret" not in found[section]
+    assert "notaport" not in found[section]
+
+
+@pytest.mark.parametrize(
+    ("section", "value"),
+    [
+        ("postgres.dsn", "postgresql://u@h1:5432,h2:5433/app"),
+        ("postgres.dsn", "postgresql://u@[::1]:5432/app"),
+        ("postgres.dsn", "postgresql:///app?host=/run/postgresql"),
+        ("redis.url", "rediss://:pw@cache.example.com:6380/2"),
+        ("redis.url", "redis://cache"),
+        ("redis.url", "unix:///run/redis.sock?db=1"),
+    ],
+)
+def test_valid_dsn_and_redis_url_shapes_pass(cfg: Any, section: str, value: str) -> None:
+    name, key = section.split(".")
+    config = load_config(cfg({name: {key: value}}), {})
+    assert getattr(getattr(config, name), key).get_secret_value() == value
+
+
+def test_cli_config_check_refuses_a_dsn_port_that_is_not_a_number(cfg: Any) -> None:
+    path = cfg({"postgres": {"dsn": "postgresql://u@db:notaport/app"}})
+    checked = _cli("config", "check", env={"APPLIANCE_CONFIG": str(path)})
+    assert checked.returncode == 2
+    assert "postgres.dsn: port must be a number from 1 to 65535" in checked.stderr

@@ -10,6 +10,7 @@ from __future__ import annotations
 import re
 import socket
 from typing import Annotated, Literal
+from urllib.parse import urlsplit
 
 import psycopg
 from croniter import croniter
@@ -35,6 +36,10 @@ LongSeconds = Annotated[float, Field(gt=0, le=366 * 86400)]
 OptionalSecret = Annotated[SecretStr | None, BeforeValidator(lambda v: None if v == "" else v)]
 _BUCKET = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]\Z")
 _PREFIX = re.compile(r"^[A-Za-z0-9_.:-]{1,64}\Z")
+
+
+def _valid_port(text: str) -> bool:
+    return text.isascii() and text.isdigit() and 1 <= int(text) <= 65535
 
 
 class Section(BaseModel):
@@ -81,12 +86,16 @@ class PostgresSection(Section):
         if not value.startswith(("postgresql://", "postgres://")):
             raise ValueError("must be a postgresql:// URL")
         try:
-            conninfo_to_dict(value)
+            params = conninfo_to_dict(value)
         except psycopg.Error:
             # libpq's own message quotes the offending text, which may be the password.
             raise ValueError(
                 "is not a valid libpq URL (percent-encode special characters in the password)"
             ) from None
+        # libpq parses a port lazily, so `host:notaport` would pass until the first connect.
+        ports = str(params.get("port") or "")
+        if ports and not all(_valid_port(p) for p in ports.split(",") if p):
+            raise ValueError("port must be a number from 1 to 65535")
         return dsn
 
     @model_validator(mode="after")
@@ -105,8 +114,28 @@ class RedisSection(Section):
     @field_validator("url")
     @classmethod
     def _url_scheme(cls, url: SecretStr) -> SecretStr:
-        if not url.get_secret_value().startswith(("redis://", "rediss://", "unix://")):
+        value = url.get_secret_value()
+        if not value.startswith(("redis://", "rediss://", "unix://")):
             raise ValueError("must be a redis://, rediss:// or unix:// URL")
+        # The shape redis-py's from_url needs, checked now rather than at the first connect.
+        # Messages never quote the URL: it may hold the password.
+        try:
+            parts = urlsplit(value)
+        except ValueError:
+            raise ValueError("is not a valid URL (a bracketed IPv6 host must be closed)") from None
+        if parts.scheme == "unix":
+            if not parts.path:
+                raise ValueError("a unix:// URL needs the socket's path")
+            return url
+        try:
+            port = parts.port
+        except ValueError:
+            raise ValueError("port must be a number from 1 to 65535") from None
+        if port == 0:
+            raise ValueError("port must be a number from 1 to 65535")
+        db = parts.path.strip("/")
+        if db and not (db.isascii() and db.isdigit()):
+            raise ValueError("the path must be a database number (redis://host:6379/0)")
         return url
 
     @field_validator("key_prefix")
