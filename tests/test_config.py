@@ -179,6 +179,48 @@ def test_env_errors_name_the_variable_or_key(cfg: Any) -> None:
     assert "unknown setting" in found["APPLIANCE_NOSECTION"]
     assert "unknown setting" in found["APPLIANCE_CONFIGG"]
     assert "valid integer" in found["api.port"]
+    # The key and the variable that set it: the admin looks in the environment, not the file.
+    assert found["api.port"].endswith("(set by APPLIANCE_API__PORT)")
+    assert found["APPLIANCE_API__PROT"].endswith("(did you mean APPLIANCE_API__PORT?)")
+    assert found["APPLIANCE_CONFIGG"].endswith("(did you mean APPLIANCE_CONFIG?)")
+    assert "did you mean" not in found["APPLIANCE_NOSECTION"]
+
+
+def test_env_value_errors_name_the_variable_for_lists_and_secret_files(
+    cfg: Any, tmp_path: Path
+) -> None:
+    secret = tmp_path / "dsn"
+    secret.write_text("postgresql://u:pw@db:notaport/app\n")
+    found = problems(
+        cfg({"api": {"workers": "many"}}),
+        {
+            "APPLIANCE_APPLIANCE__ROLES": "api,mailer",
+            "APPLIANCE_POSTGRES__DSN__FILE": str(secret),
+        },
+    )
+    assert found["appliance.roles.1"].endswith("(set by APPLIANCE_APPLIANCE__ROLES)")
+    assert found["postgres.dsn"].endswith("(set by APPLIANCE_POSTGRES__DSN__FILE)")
+    # A bad value from the TOML names no variable.
+    assert "set by" not in found["api.workers"]
+
+
+def test_misspelled_toml_keys_get_a_suggestion(cfg: Any) -> None:
+    found = problems(
+        cfg(
+            {
+                "api": {"prot": 1},
+                "postgress": {"dsn": "postgresql://u@db/app"},
+                "postgres": {"dsn_flie": "/run/secrets/dsn"},
+                "schedules": {"prune_job_lg": {"cron": "* * * * *"}},
+                "realtime": {"zzzz": 1},
+            }
+        )
+    )
+    assert found["api.prot"] == "unknown key (did you mean port?)"
+    assert found["postgress"] == "unknown key (did you mean postgres?)"
+    assert found["postgres.dsn_flie"] == "unknown key (did you mean dsn_file?)"
+    assert found["schedules.prune_job_lg"] == "unknown key (did you mean prune_job_log?)"
+    assert found["realtime.zzzz"] == "unknown key"
 
 
 def test_reserved_variables_are_not_settings(cfg: Any) -> None:
@@ -220,7 +262,7 @@ def test_unreadable_secret_file_is_named(cfg: Any, tmp_path: Path) -> None:
 
 def test_file_key_for_non_secret_is_unknown(cfg: Any, tmp_path: Path) -> None:
     found = problems(cfg({"api": {"port_file": str(tmp_path / "p")}}))
-    assert found["api.port_file"] == "unknown key"
+    assert found["api.port_file"] == "unknown key: only secrets may come from a file"
 
 
 def test_errors_never_echo_secret_values(cfg: Any) -> None:
