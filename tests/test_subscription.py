@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -14,12 +15,13 @@ import pytest
 
 from appliance.api.services import Services, open_services
 from appliance.auth.principal import Principal
+from appliance.config import Config
 from appliance.conversations import service
-from appliance.errors import Forbidden
+from appliance.errors import ApplianceError, Forbidden
 from appliance.invalidation import Invalidation, announce
 from appliance.realtime.presence import Presence
 from appliance.realtime.stream import Session, Subscription
-from appliance.resources import Resources
+from appliance.resources import Resources, open_resources
 from tests.messaging import unique
 
 
@@ -248,18 +250,44 @@ async def test_frames_the_hub_cannot_read_are_skipped_and_it_reads_on(svc: Servi
         await svc.hub.leave(channel, recorder)
 
 
+async def until_time(at: float) -> None:
+    """Wait until the wall clock passes `at` (presence expiries are wall-clock scores)."""
+    while time.time() <= at:
+        await asyncio.sleep(max(0.01, at - time.time()))
+
+
 async def test_presence_fades_after_its_ttl_without_a_refresh(svc: Services) -> None:
-    """A crashed process refreshes nothing: its sockets drop out of the list after the TTL."""
-    presence = Presence(svc.redis, svc.keys, ttl=1.0, receipt_ttl=60)
+    """A crashed process refreshes nothing: its sockets drop out of the list after the TTL.
+
+    Nothing here depends on how fast the machine is: presence is "expiry score >= now", with
+    now read when `online()` is called, so an answer that came back before the refreshed expiry
+    must list the user, and one asked for after it must not; the refresh is read as a score."""
+    ttl = 2.0
+    presence = Presence(svc.redis, svc.keys, ttl=ttl, receipt_ttl=60)
     conversation, user = unique("c"), f"user:{unique('u')}"
+    key, member = svc.keys.presence(conversation), f"{user}|socket1"
     await presence.join(conversation, user, "socket1")
     assert await presence.online(conversation) == [user]
-    await asyncio.sleep(0.5)
+    joined = await svc.redis.zscore(key, member)
+    assert joined is not None
+    await until_time(joined - ttl / 2)
     await presence.refresh([(conversation, user, "socket1")])
-    await asyncio.sleep(0.6)  # past the first expiry, within the refreshed one
-    assert await presence.online(conversation) == [user]
-    await asyncio.sleep(1.0)
-    assert await presence.online(conversation) == []
+    refreshed = await svc.redis.zscore(key, member)
+    assert refreshed is not None and refreshed >= joined + ttl / 2  # pushed back
+    await until_time(joined)  # past the first expiry
+    deadline = refreshed + 30
+    while True:
+        asked = time.time()
+        online = await presence.online(conversation)
+        answered = time.time()
+        if answered < refreshed:
+            assert online == [user], "gone before the refreshed expiry"
+        if asked > refreshed:
+            assert online == [], "still listed after the refreshed expiry"
+        if not online:
+            break
+        assert answered < deadline, "presence never faded"
+        await asyncio.sleep(0.05)
 
 
 async def test_a_process_applies_its_own_announcement_once(svc: Services) -> None:
@@ -280,3 +308,149 @@ async def test_a_process_applies_its_own_announcement_once(svc: Services) -> Non
         pytest.fail("the other process's invalidation never arrived")
     await asyncio.sleep(0.1)
     assert svc.access.generation - before == 2 * applied_once
+
+
+# -- limits and broadcasts that must not happen --------------------------------------------------
+
+
+@pytest.fixture
+async def tight(settings: dict[str, Any], migrated: str) -> AsyncIterator[Services]:
+    """Services of a process with small realtime limits: 2 subscriptions, a replay of 5."""
+    settings["realtime"] = {"max_subscriptions": 2, "max_replay": 5}
+    async with (
+        open_resources(Config.model_validate(settings), "test") as res,
+        open_services(res) as services,
+    ):
+        yield services
+
+
+async def conversations(svc: Services, count: int) -> list[str]:
+    names = [unique("c") for _ in range(count)]
+    async with svc.resources.connection() as conn:
+        for name in names:
+            await service.create(conn, service.ConversationCreate(conversation=name), "key:t")
+    return names
+
+
+async def test_a_subscription_beyond_max_subscriptions_is_refused(tight: Services) -> None:
+    a, b, c = await conversations(tight, 3)
+    session = session_for(tight)
+    try:
+        await session.subscribe(a, None)
+        await session.subscribe(b, None)
+        with pytest.raises(ApplianceError) as refused:
+            await session.subscribe(c, None)
+        assert (refused.value.code, refused.value.field) == (
+            "too_many_subscriptions",
+            "conversation",
+        )
+        assert "2" in refused.value.message
+        assert set(session.subs) == {a, b}
+        # A slot freed is a slot to use.
+        await session.unsubscribe(a, notify=False)
+        await session.subscribe(c, None)
+        assert set(session.subs) == {b, c}
+    finally:
+        for name in list(session.subs):
+            await session.unsubscribe(name, notify=False)
+
+
+async def test_a_resume_beyond_max_replay_is_refused_and_one_within_it_replays(
+    tight: Services,
+) -> None:
+    (conversation,) = await conversations(tight, 1)
+    await append(tight, conversation, *range(1, 11))  # head 10; max_replay 5
+    session = session_for(tight)
+    try:
+        await session.subscribe(conversation, 4)  # 6 to replay
+        frames = sent(session)
+        assert [f["event"] for f in frames] == ["error"], frames
+        error = frames[0]["error"]
+        assert (error["code"], error["field"], error["conversation"], error["head"]) == (
+            "resume_too_old",
+            "since",
+            conversation,
+            10,
+        )
+        assert conversation not in session.subs
+        await session.subscribe(conversation, 5)  # exactly max_replay: replayed
+        frames = sent(session)
+        assert frames[0] == {"event": "subscribed", "conversation": conversation, "seq": 10}
+        assert seqs(frames) == [6, 7, 8, 9, 10]
+    finally:
+        await session.unsubscribe(conversation, notify=False)
+
+
+async def channel_events(svc: Services, conversation: str, action: Any) -> list[dict[str, Any]]:
+    """Every event published on the conversation's channel while `action()` ran, in order:
+    a marker published after it bounds the read, so an extra event cannot go unseen."""
+    pubsub = svc.redis.pubsub()
+    await pubsub.subscribe(svc.keys.channel(conversation))
+    try:
+        await asyncio.wait_for(pubsub.get_message(timeout=10), 10)  # the confirmation
+        await action()
+        await svc.redis.publish(svc.keys.channel(conversation), '{"event":"marker"}')
+        events = []
+        async with asyncio.timeout(10):
+            while True:
+                frame = await pubsub.get_message(ignore_subscribe_messages=True, timeout=10)
+                if frame is None:
+                    continue
+                event = json.loads(frame["data"])
+                if event["event"] == "marker":
+                    return events
+                events.append(event)
+    finally:
+        await pubsub.aclose()  # type: ignore[no-untyped-call]
+
+
+async def test_online_is_announced_once_per_principal_and_offline_once_all_left(
+    svc: Services,
+) -> None:
+    """A second socket of a principal, a refresh, and a re-subscribe while another socket is
+    still there announce nothing: `online` when the first arrives, `offline` when the last
+    leaves, and nothing else."""
+    conversation, user, other = unique("c"), f"user:{unique('a')}", f"user:{unique('b')}"
+    presence = svc.presence
+
+    async def comings_and_goings() -> None:
+        await presence.join(conversation, user, "s1")
+        await presence.join(conversation, user, "s2")  # a second socket
+        await presence.refresh([(conversation, user, "s1"), (conversation, user, "s2")])
+        await presence.leave(conversation, user, "s1")
+        await presence.join(conversation, user, "s1")  # a re-subscribe
+        await presence.join(conversation, other, "s3")
+        await presence.leave(conversation, user, "s1")
+        await presence.leave(conversation, user, "s2")
+        await presence.join(conversation, user, "s4")  # back after being offline
+
+    events = await channel_events(svc, conversation, comings_and_goings)
+    assert [(e["event"], e["principal"], e["status"]) for e in events] == [
+        ("presence", user, "online"),
+        ("presence", other, "online"),
+        ("presence", user, "offline"),
+        ("presence", user, "online"),
+    ]
+    assert all(e["conversation"] == conversation for e in events)
+    assert await presence.online(conversation) == sorted([user, other])
+
+
+async def test_a_receipt_is_broadcast_only_when_its_mark_rises(svc: Services) -> None:
+    conversation, user = unique("c"), f"user:{unique('a')}"
+    presence = svc.presence
+    marks: list[int] = []
+
+    async def receipts() -> None:
+        marks.append(await presence.receipt(conversation, user, "read", 2))
+        marks.append(await presence.receipt(conversation, user, "read", 1))  # lower
+        marks.append(await presence.receipt(conversation, user, "read", 2))  # the same
+        marks.append(await presence.receipt(conversation, user, "delivered", 2))  # another kind
+        marks.append(await presence.receipt(conversation, user, "read", 3))
+
+    events = await channel_events(svc, conversation, receipts)
+    assert marks == [2, 2, 2, 2, 3]
+    assert [(e["event"], e["principal"], e["type"], e["seq"]) for e in events] == [
+        ("receipt", user, "read", 2),
+        ("receipt", user, "delivered", 2),
+        ("receipt", user, "read", 3),
+    ]
