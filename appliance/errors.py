@@ -100,12 +100,21 @@ OUTAGES: tuple[type[Exception], ...] = (
 
 def known(exc: BaseException) -> ApplianceError | None:
     """What the caller is told of `exc`: itself, a 503 naming the dependency for one of OUTAGES
-    (the client's detail is for the log only), or None: a bug."""
+    (the client's detail is for the log only), a 400 for a value PostgreSQL refused, or None:
+    a bug."""
     if isinstance(exc, ApplianceError):
         return exc
     if isinstance(exc, OUTAGES):
         return unavailable("postgresql" if isinstance(exc, psycopg.Error) else "redis")
+    if isinstance(exc, psycopg.DataError):
+        return refused_value()
     return None
+
+
+def refused_value() -> Invalid:
+    """The last line of defence behind the validation at the edge (api/body.py): PostgreSQL
+    refused a value it was given (NUL, out of range, ...). Its detail is for the log only."""
+    return Invalid("a value in this request cannot be stored (refused by the database)")
 
 
 def unavailable(dependency: str) -> Unavailable:

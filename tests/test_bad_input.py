@@ -16,12 +16,15 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import msgspec
+import psycopg
 import pytest
 import pytest_asyncio
 from litestar.testing import AsyncTestClient
 
 from appliance.api.app import create_app
+from appliance.api.errors import EXCEPTION_HANDLERS
 from appliance.config import Config
+from appliance.errors import Invalid, known
 from appliance.resources import Resources, open_resources
 from tests.messaging import bearer, issue_key, unique
 
@@ -381,6 +384,128 @@ async def test_bad_body_names_the_field(ctx: Ctx, bad: Bad) -> None:
         path = path.replace("{key}", victim[3:15])
     response = await ctx.send(bad.method, path, payload, user=bad.user)
     expect(response, 400, "invalid", bad.field)
+
+
+# Values PostgreSQL cannot store (NUL in text, \u0000 in jsonb; lone surrogates): every string
+# field of every body, object keys included, at any depth; 400 naming the place, never a 500.
+
+NUL = "a\u0000b"
+C = "/v1/conversations"
+P = "/v1/conversations/{c}"
+MEMBER = "/v1/conversations/{c}/members/user:eve"
+K = "/v1/keys"
+R = "/v1/conversations/{c}/receipts"
+KEY = {"name": "@name", "scopes": ["read"]}
+NEW = {"conversation": "@new"}
+
+
+def _nested(depth: int) -> Any:
+    value: Any = 1
+    for _ in range(depth):
+        value = [value]
+    return value
+
+
+UNSTORABLE = [
+    # POST /v1/conversations
+    Bad("create_title", "POST", C, {**NEW, "title": NUL}, "title"),
+    Bad("create_title_only_nul", "POST", C, {**NEW, "title": "\u0000"}, "title"),
+    Bad("create_conversation_id", "POST", C, {"conversation": NUL}, "conversation"),
+    Bad("create_metadata_value", "POST", C, {**NEW, "metadata": {"k": "\u0000"}}, "metadata.k"),
+    Bad("create_metadata_key", "POST", C, {**NEW, "metadata": {NUL: 1}}, "metadata"),
+    Bad("create_metadata_nested_value", "POST", C,
+        {**NEW, "metadata": {"a": {"b": [1, NUL]}}}, "metadata.a.b[1]"),
+    Bad("create_metadata_nested_key", "POST", C,
+        {**NEW, "metadata": {"a": [{"ok": 1}, {NUL: 1}]}}, "metadata.a[1]"),
+    Bad("create_member_principal", "POST", C,
+        {**NEW, "members": [{"principal": "user:a", "role": "member"},
+                            {"principal": f"user:{NUL}", "role": "member"}]},
+        "members[1].principal"),
+    Bad("create_member_role", "POST", C,
+        {**NEW, "members": [{"principal": "user:a", "role": NUL}]}, "members[0].role"),
+    Bad("create_surrogate_title", "POST", C,
+        b'{"conversation": "x", "title": "\\ud800"}', "body"),
+    Bad("create_metadata_too_deep", "POST", C,
+        {**NEW, "metadata": {"k": _nested(40)}}, "metadata.k" + "[0]" * 31),
+    # PATCH /v1/conversations/{c}
+    Bad("patch_title", "PATCH", P, {"title": NUL}, "title"),
+    Bad("patch_metadata_value", "PATCH", P, {"metadata": {"k": "\u0000"}}, "metadata.k"),
+    Bad("patch_metadata_key", "PATCH", P, {"metadata": {"x": {NUL: "v"}}}, "metadata.x"),
+    Bad("patch_metadata_list_value", "PATCH", P, {"metadata": {"l": ["ok", NUL]}},
+        "metadata.l[1]"),
+    # PUT /v1/conversations/{c}/members/{principal}
+    Bad("member_role", "PUT", MEMBER, {"role": NUL}, "role"),
+    # POST /v1/keys, rotate
+    Bad("key_name", "POST", K, {**KEY, "name": NUL}, "name"),
+    Bad("key_scope", "POST", K, {**KEY, "scopes": ["read", NUL]}, "scopes[1]"),
+    Bad("key_prefix", "POST", K, {**KEY, "conversation_prefix": NUL}, "conversation_prefix"),
+    Bad("key_expires_at", "POST", K, {**KEY, "expires_at": f"2999-01-01T00:00:00Z{NUL}"},
+        "expires_at"),
+    Bad("rotate_grace", "POST", "/v1/keys/{key}/rotate", {"grace": NUL}, "grace"),
+    # Publish, receipts
+    Bad("publish_type", "POST", M, {**MSG, "type": NUL}, "type"),
+    Bad("publish_attachment_name", "POST", M,
+        {**MSG, "attachments": [{**GOOD_ATTACHMENT, "name": NUL}]}, "attachments[0].name"),
+    Bad("batch_type", "POST", B, {"messages": [MSG, {**MSG, "type": NUL}]}, "messages[1].type"),
+    Bad("receipt_type", "POST", R, {"type": NUL, "seq": 1}, "type", user=True),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("bad", UNSTORABLE, ids=lambda b: b.name)
+async def test_unstorable_value_is_400_naming_the_field(ctx: Ctx, bad: Bad) -> None:
+    payload = bad.payload
+    if isinstance(payload, dict):
+        payload = {
+            k: unique(v[1:]) if isinstance(v, str) and v.startswith("@") else v
+            for k, v in payload.items()
+        }
+    path = bad.path
+    if "{key}" in path:
+        victim = await issue_key(ctx.resources, ["read"])
+        path = path.replace("{key}", victim[3:15])
+    response = await ctx.send(bad.method, path, payload, user=bad.user)
+    expect(response, 400, "invalid", bad.field)
+
+
+async def test_unstorable_patch_changes_nothing(ctx: Ctx) -> None:
+    before = (await ctx.send("GET", P)).json()
+    refused = await ctx.send("PATCH", P, {"title": "fine", "metadata": {"k": NUL}})
+    expect(refused, 400, "invalid", "metadata.k")
+    assert (await ctx.send("GET", P)).json() == before
+
+
+async def test_nul_in_json_text_is_still_a_message_body(ctx: Ctx) -> None:
+    """Message bodies live in Redis as the client's bytes: a \u0000 in them is the client's JSON."""
+    published = await ctx.publish({"type": "text", "body": {"text": NUL}})
+    assert published.status_code == 201, published.text
+    seq = published.json()["seq"]
+    message = (await ctx.send("GET", f"{ctx.messages}/{seq}")).json()
+    assert message["body"] == {"text": NUL}
+
+
+async def test_nul_in_on_behalf_of_is_refused(ctx: Ctx) -> None:
+    headers = bearer(ctx.impersonator, **{"X-On-Behalf-Of": f"user:{NUL}"})
+    response = await ctx.api.get(f"/v1/conversations/{ctx.conversation}", headers=headers)
+    expect(response, 403, "impersonate_denied", None)
+
+
+async def test_metadata_at_the_depth_limit_is_stored(ctx: Ctx) -> None:
+    deep = {"k": _nested(31)}  # the object itself is level 1
+    response = await ctx.send("PATCH", P, {"metadata": deep})
+    assert response.status_code == 200, response.text
+    assert response.json()["metadata"] == deep
+
+
+async def test_a_value_postgresql_refuses_is_400_never_500(ctx: Ctx) -> None:
+    """The last line of defence: whatever DataError gets past validation maps to 400 invalid."""
+    async with ctx.resources.connection() as conn:
+        with pytest.raises(psycopg.DataError) as caught:
+            await conn.execute("SELECT %s::jsonb", ('{"k": "\\u0000"}',))
+    assert isinstance(known(caught.value), Invalid)
+    handler = EXCEPTION_HANDLERS[psycopg.DataError]
+    response = handler(None, caught.value)  # type: ignore[arg-type]
+    assert response.status_code == 400
+    assert response.content["error"]["code"] == "invalid"
 
 
 # Path parameters.

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import psycopg
 import structlog
 from litestar import Request, Response
 from litestar.exceptions import HTTPException, ValidationException
@@ -11,7 +12,7 @@ from litestar.status_codes import HTTP_500_INTERNAL_SERVER_ERROR
 from litestar.types import ExceptionHandlersMap
 
 from appliance import metrics
-from appliance.errors import OUTAGES, ApplianceError, known
+from appliance.errors import OUTAGES, ApplianceError, known, refused_value
 
 log = structlog.get_logger()
 
@@ -79,6 +80,15 @@ def handle_outage(_: Request[Any, Any, Any], exc: Exception) -> Response[Any]:
     return response
 
 
+def handle_data_error(_: Request[Any, Any, Any], exc: psycopg.DataError) -> Response[Any]:
+    """A value PostgreSQL refused that validation at the edge let through: a 400, never a 500,
+    and logged as the validation gap it is."""
+    first = (str(exc).splitlines() or [""])[0]
+    log.error("database_refused_value", error=first, type=type(exc).__name__)
+    refused = refused_value()
+    return error_response(refused.status, refused.code, refused.message, refused.field)
+
+
 def handle_unexpected(_: Request[Any, Any, Any], exc: Exception) -> Response[Any]:
     log.error("unhandled_exception", exc_info=exc)
     return error_response(HTTP_500_INTERNAL_SERVER_ERROR, "internal", "internal error")
@@ -88,5 +98,6 @@ EXCEPTION_HANDLERS: ExceptionHandlersMap = {
     ApplianceError: handle_appliance_error,
     HTTPException: handle_http_exception,
     **dict.fromkeys(OUTAGES, handle_outage),
+    psycopg.DataError: handle_data_error,
     Exception: handle_unexpected,
 }
