@@ -1,12 +1,16 @@
 """Dependency checks with latency, shared by `/readyz`, `appliance wait`, `status` and `doctor`.
 
 A check is an async callable returning a short detail string or raising; `run_check` turns it into
-a `CheckResult` under a timeout, so no check can hang a probe.
+a `CheckResult` under a timeout, so no check can hang a probe. A failure's detail starts with its
+cause (`connection refused: …`, `DNS failure: …`, `timeout: …`, `authentication failed: …`), so an
+operator knows what to fix before reading the client's message.
 """
 
 from __future__ import annotations
 
 import asyncio
+import socket
+import ssl
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass
@@ -42,6 +46,58 @@ class CheckResult:
         return asdict(self)
 
 
+# Causes, most specific first, with lower-case fragments of the clients' messages. libpq gives
+# only text; redis-py and botocore also chain the socket error, which `cause_of` reads first.
+CAUSES: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("DNS failure", ("could not translate host name", "failed to resolve host",
+                     "name or service not known", "nodename nor servname",
+                     "temporary failure in name resolution", "no address associated")),
+    ("connection refused", ("connection refused", "error 111 ", "connect call failed")),
+    ("authentication failed", ("password authentication failed", "authentication failed",
+                               "no pg_hba.conf entry", "invalid username-password", "wrongpass",
+                               "noauth", "invalidaccesskeyid", "signaturedoesnotmatch",
+                               "accessdenied", "forbidden")),
+    ("TLS failure", ("ssl error", "sslerror", "certificate verify", "tlsv1")),
+    ("timeout", ("timeout", "timed out")),
+)  # fmt: skip
+
+
+def cause_of(exc: BaseException) -> str | None:
+    """What kind of failure `exc` is (a key of CAUSES), from its chain or its message."""
+    seen: list[BaseException] = []
+    node: BaseException | None = exc
+    while node is not None and node not in seen and len(seen) < 10:
+        seen.append(node)
+        node = node.__cause__ or node.__context__
+    for node in reversed(seen):  # the socket error at the bottom is the most precise
+        if isinstance(node, socket.gaierror):
+            return "DNS failure"
+        if isinstance(node, ConnectionRefusedError):
+            return "connection refused"
+        if isinstance(node, ssl.SSLError):
+            return "TLS failure"
+        if isinstance(node, TimeoutError):
+            return "timeout"
+    text = " ".join(str(n) for n in seen).lower()
+    if "role" in text and "does not exist" in text:
+        return "authentication failed"
+    if "database" in text and "does not exist" in text:
+        return "database does not exist"
+    for cause, fragments in CAUSES:
+        if any(f in text for f in fragments):
+            return cause
+    return None
+
+
+def describe(exc: BaseException) -> str:
+    """One line: the cause, then the client's first line (hosts and ports, never a password)."""
+    message = (str(exc) or type(exc).__name__).strip().splitlines()[0].strip()
+    cause = cause_of(exc)
+    if cause is None or message.lower().startswith(cause.lower()):
+        return message
+    return f"{cause}: {message}"
+
+
 async def run_check(name: str, check: Check, timeout: float) -> CheckResult:
     started = time.perf_counter()
     try:
@@ -49,12 +105,14 @@ async def run_check(name: str, check: Check, timeout: float) -> CheckResult:
             detail = await check()
         ok = True
     except TimeoutError:
-        ok, detail = False, f"no answer within {timeout:g}s"
-    except (CheckFailed, ApplianceError, PgError, RedisError, OSError) as exc:
-        ok, detail = False, str(exc) or type(exc).__name__
+        ok, detail = False, f"timeout: no answer within {timeout:g}s"
+    except CheckFailed as exc:
+        ok, detail = False, str(exc)
+    except (ApplianceError, PgError, RedisError, OSError) as exc:
+        ok, detail = False, describe(exc)
     except Exception as exc:
         # Anything else is a failed check too: a probe answers 503 with the reason, never 500.
-        ok, detail = False, f"{type(exc).__name__}: {exc}"
+        ok, detail = False, f"{type(exc).__name__}: {describe(exc)}"
     latency = round((time.perf_counter() - started) * 1000, 2)
     return CheckResult(name, ok, latency, detail)
 

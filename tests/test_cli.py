@@ -103,6 +103,108 @@ def test_status_exits_1_when_a_dependency_is_down(settings: dict[str, Any], tmp_
     assert done.returncode == 1
     assert "postgres" in done.stdout
     assert "FAIL" in done.stdout
+    assert "Traceback" not in done.stderr
+
+
+def test_status_names_the_cause_and_what_it_skipped(
+    settings: dict[str, Any], tmp_path: Path
+) -> None:
+    """Refused is said as refused (not "no answer within 2s"), and only what needs it is skipped."""
+    settings["postgres"]["dsn"] = f"postgresql://postgres:pg-secret@127.0.0.1:{free_port()}/x"
+    done = cli(write_toml(tmp_path / "c.toml", settings), "status", "--json")
+    assert done.returncode == 1
+    data = json.loads(done.stdout)
+    deps = {d["name"]: d for d in data["dependencies"]}
+    assert deps["postgres"]["detail"].startswith("connection refused: ")
+    assert deps["postgres"]["latency_ms"] < 1000  # said at once, not after check_timeout
+    assert deps["redis"]["ok"] and deps["s3"]["ok"]
+    assert data["skipped"] == {
+        "schema": "needs postgres, which failed",
+        "queue": "needs postgres, which failed",
+        "schedules": "needs postgres, which failed",
+    }
+    assert isinstance(data["programs"], list)  # Redis answered: heartbeats are still shown
+    assert "pg-secret" not in done.stdout + done.stderr
+    text = cli(write_toml(tmp_path / "c.toml", settings), "status")
+    assert "queue:\n  (skipped: needs postgres, which failed)" in text.stdout
+    assert "programs:\n  (no heartbeats)" in text.stdout
+
+
+def test_doctor_names_the_cause_the_key_and_the_skipped_checks(
+    settings: dict[str, Any], migrated: str, tmp_path: Path
+) -> None:
+    settings["redis"]["url"] = f"redis://:r-secret@127.0.0.1:{free_port()}/0"
+    done = cli(write_toml(tmp_path / "c.toml", settings), "doctor")
+    assert done.returncode == 1
+    lines = done.stdout.splitlines()
+    redis_line = next(i for i, line in enumerate(lines) if line.startswith("redis "))
+    assert lines[redis_line].split()[:2] == ["redis", "FAIL"]
+    assert "connection refused: " in lines[redis_line]
+    assert "hint: nothing listens at the host and port of redis.url" in lines[redis_line + 1]
+    # PostgreSQL answered: the schema is still checked; the job round trip needs Redis.
+    assert any(line.split()[:2] == ["schema", "ok"] for line in lines), done.stdout
+    assert "jobs       SKIP  needs redis, which failed" in lines
+    assert "r-secret" not in done.stdout + done.stderr
+    assert "Traceback" not in done.stderr
+
+
+def test_doctor_names_a_missing_database_and_a_refused_user(
+    settings: dict[str, Any], tmp_path: Path
+) -> None:
+    base = settings["postgres"]["dsn"].rsplit("/", 1)[0]
+    settings["postgres"]["dsn"] = f"{base}/no_such_db_{uuid.uuid4().hex[:8]}"
+    done = cli(write_toml(tmp_path / "a.toml", settings), "doctor")
+    assert done.returncode == 1
+    assert "postgres   FAIL" in done.stdout
+    assert "database does not exist: " in done.stdout
+    assert "hint: create the database named in postgres.dsn" in done.stdout
+    assert "schema     SKIP  needs postgres, which failed" in done.stdout
+    settings["postgres"]["dsn"] = base.replace("//postgres@", "//no_such_role@") + "/postgres"
+    done = cli(write_toml(tmp_path / "b.toml", settings), "doctor")
+    assert "authentication failed: " in done.stdout, done.stdout
+    assert "hint: the credentials in postgres.dsn are refused" in done.stdout
+
+
+async def test_check_causes_from_the_real_clients() -> None:
+    """DNS failure, refusal and timeout, read from what psycopg and redis-py really raise."""
+    import socket
+
+    import psycopg
+    import redis.asyncio as aioredis
+
+    from appliance.checks import run_check
+
+    async def pg(dsn: str) -> str:
+        async with await psycopg.AsyncConnection.connect(dsn, connect_timeout=2):
+            return "ok"
+
+    def redis_ping(url: str) -> Any:
+        async def check() -> str:
+            client = aioredis.Redis.from_url(url, socket_connect_timeout=2)
+            try:
+                await client.ping()
+            finally:
+                await client.aclose()
+            return "ok"
+
+        return check
+
+    closed = free_port()
+    refused = await run_check("postgres", lambda: pg(f"postgresql://u@127.0.0.1:{closed}/x"), 5)
+    assert refused.detail.startswith("connection refused: "), refused.detail
+    refused = await run_check("redis", redis_ping(f"redis://127.0.0.1:{closed}/0"), 5)
+    assert refused.detail.startswith("connection refused: "), refused.detail
+    dns = await run_check("redis", redis_ping("redis://no-such-host.invalid:6379/0"), 5)
+    assert dns.detail.startswith(("DNS failure: ", "timeout: ")), dns.detail
+    dns = await run_check("postgres", lambda: pg("postgresql://u@no-such-host.invalid/x"), 5)
+    assert dns.detail.startswith(("DNS failure: ", "timeout: ")), dns.detail
+    # A listener that never answers: the check's own deadline, said as a timeout.
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen()
+        port = silent.getsockname()[1]
+        hung = await run_check("postgres", lambda: pg(f"postgresql://u@127.0.0.1:{port}/x"), 0.5)
+    assert hung.detail == "timeout: no answer within 0.5s"
 
 
 def test_doctor_fails_the_job_line_with_a_hint_when_no_worker_runs(

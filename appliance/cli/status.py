@@ -1,4 +1,9 @@
-"""`appliance status` (what runs, how it is doing) and `appliance doctor` (ok/FAIL with hints)."""
+"""`appliance status` (what runs, how it is doing) and `appliance doctor` (ok/FAIL with hints).
+
+Both check the dependencies first with one-off connections, so a failure shows its cause (refused,
+DNS failure, timeout, authentication) instead of a pool's wait; what needs a dependency that failed
+is reported as skipped, naming it, and everything else still runs.
+"""
 
 from __future__ import annotations
 
@@ -18,8 +23,20 @@ from appliance.config import Config, load_config
 from appliance.db.migrate import expected_version, schema_version
 from appliance.diagnostics.roundtrip import ping_worker
 from appliance.errors import ConfigError
-from appliance.resources import Resources, open_resources
+from appliance.redis_keys import client
+from appliance.resources import ConnFactory, direct_connection, keys_for, open_resources
+from appliance.storage import Storage
 
+# The config key to look at, by dependency; the cause (the detail's start) says what to look for.
+KEYS = {"postgres": "postgres.dsn", "redis": "redis.url", "s3": "the [s3] section"}
+CAUSE_HINTS = {
+    "connection refused": "nothing listens at the host and port of {key}: is it running there?",
+    "DNS failure": "the host name in {key} does not resolve",
+    "timeout": "no answer from the host in {key}: a firewall, or the wrong host",
+    "authentication failed": "the credentials in {key} are refused",
+    "database does not exist": "create the database named in {key}, or fix its name",
+    "TLS failure": "check the TLS settings in {key} and the server's certificate",
+}
 HINTS = {
     "postgres": "check postgres.dsn and that PostgreSQL accepts connections",
     "redis": "check redis.url and that Redis answers PING",
@@ -28,30 +45,79 @@ HINTS = {
     "heartbeats": "a program is not running: `supervisorctl status` inside the container",
     "jobs": "the worker did not answer: is it running (`appliance status`)?",
 }
+# What each later part needs, for "skipped" lines.
+NEEDS = {
+    "programs": ("redis",),
+    "schema": ("postgres",),
+    "queue": ("postgres",),
+    "schedules": ("postgres",),
+    "jobs": ("postgres", "redis"),
+}
 
 
-async def _gather(res: Resources) -> dict[str, Any]:
-    checks = dependency_checks(res.config, res.connection, res.redis, res.storage)
-    deps = await run_checks(checks, res.config.api.check_timeout)
+def hint(result: CheckResult) -> str:
+    """The fix for a failed check: by cause and config key for a dependency, else by check."""
+    key = KEYS.get(result.name)
+    if key is not None:
+        for cause, text in CAUSE_HINTS.items():
+            if result.detail.startswith(cause):
+                return text.format(key=key)
+    return HINTS[result.name]
+
+
+def skipped(parts: list[str], deps: list[CheckResult]) -> dict[str, str]:
+    """Part → why it did not run, for each part whose dependencies did not all answer."""
+    failed = {d.name for d in deps if not d.ok}
+    out = {}
+    for part in parts:
+        missing = [n for n in NEEDS[part] if n in failed]
+        if missing:
+            out[part] = f"needs {' and '.join(missing)}, which failed"
+    return out
+
+
+async def _dependencies(
+    config: Config, name: str
+) -> tuple[list[CheckResult], ConnFactory, Storage]:
+    """The dependency checks over one-off connections: no pool retries hide the cause."""
+    connection = direct_connection(config, name)
+    storage = Storage.create(config.s3)
+    redis = client(config.redis, name)
+    try:
+        checks = dependency_checks(config, connection, redis, storage)
+        return await run_checks(checks, config.api.check_timeout), connection, storage
+    finally:
+        await redis.aclose()
+
+
+async def _status(config: Config) -> dict[str, Any]:
+    deps, connection, _ = await _dependencies(config, "status")
     out: dict[str, Any] = {
         "dependencies": [d.as_dict() for d in deps],
         "expected_schema": expected_version(),
+        "skipped": skipped(["programs", "schema", "queue", "schedules"], deps),
     }
-    if not all(d.ok for d in deps):
-        return out
     now = time.time()
-    out["programs"] = [
-        {
-            "program": b.program,
-            "instance": b.instance,
-            "pid": b.pid,
-            "heartbeat_age_s": round(b.age, 1),
-            "uptime_s": round(now - b.started),
-        }
-        for b in await heartbeat.read_all(res.redis, res.keys)
-    ]
+    if "programs" not in out["skipped"]:
+        redis = client(config.redis, "status")
+        try:
+            beats = await heartbeat.read_all(redis, keys_for(config))
+        finally:
+            await redis.aclose()
+        out["programs"] = [
+            {
+                "program": b.program,
+                "instance": b.instance,
+                "pid": b.pid,
+                "heartbeat_age_s": round(b.age, 1),
+                "uptime_s": round(now - b.started),
+            }
+            for b in beats
+        ]
+    if "schema" in out["skipped"]:
+        return out
     queue = sql.Identifier(db_settings().queue_table)
-    async with res.connection() as conn:
+    async with connection() as conn:
         out["schema"] = await schema_version(conn)
         cur = await conn.execute(
             sql.SQL(
@@ -78,21 +144,17 @@ async def _gather(res: Resources) -> dict[str, Any]:
     return out
 
 
-async def _status(config: Config) -> dict[str, Any]:
-    async with open_resources(config, "status") as res:
-        return await _gather(res)
-
-
 def _print_status(data: dict[str, Any]) -> None:
     click.echo("dependencies:")
     for d in data["dependencies"]:
         click.echo(
             f"  {d['name']:<10} {mark(d['ok']):<4} {d['latency_ms']:>8.1f} ms  {d['detail']}"
         )
-    if "schema" not in data:
-        click.echo("(programs, queue and schedules show once every dependency answers)")
-        return
-    click.echo(f"schema: version {data['schema']} (expected {data['expected_schema']})")
+    skip = data["skipped"]
+    if "schema" in skip:
+        click.echo(f"schema: (skipped: {skip['schema']})")
+    else:
+        click.echo(f"schema: version {data['schema']} (expected {data['expected_schema']})")
     _section(
         "programs",
         [
@@ -100,12 +162,12 @@ def _print_status(data: dict[str, Any]) -> None:
             f"heartbeat {p['heartbeat_age_s']}s ago, up {p['uptime_s']}s"
             for p in data.get("programs", [])
         ],
-        "no heartbeats",
+        "skipped: " + skip["programs"] if "programs" in skip else "no heartbeats",
     )
     _section(
         "queue",
         [f"{q['entrypoint']:<24} {q['status']:<10} {q['jobs']}" for q in data.get("queue", [])],
-        "empty",
+        "skipped: " + skip["queue"] if "queue" in skip else "empty",
     )
     _section(
         "schedules (last run)",
@@ -114,7 +176,7 @@ def _print_status(data: dict[str, Any]) -> None:
             f"{json.dumps(s['counts'])}"
             for s in data.get("schedules", [])
         ],
-        "none yet",
+        "skipped: " + skip["schedules"] if "schedules" in skip else "none yet",
     )
 
 
@@ -138,21 +200,23 @@ def status(as_json: bool) -> None:
         sys.exit(1)
 
 
-async def _doctor(config: Config, job_timeout: float) -> list[CheckResult]:
+async def _doctor(config: Config, job_timeout: float) -> tuple[list[CheckResult], dict[str, str]]:
+    results, connection, _ = await _dependencies(config, "doctor")
+    skip = skipped(["schema", "jobs"], results)
+    timeout = config.api.check_timeout
+    if "schema" not in skip:
+        results.append(await run_check("schema", schema_check(connection), timeout))
+    if "jobs" in skip or not results[-1].ok:
+        skip.setdefault("jobs", "needs the schema, which failed")
+        return results, skip
     async with open_resources(config, "doctor") as res:
-        timeout = config.api.check_timeout
-        checks = dependency_checks(config, res.connection, res.redis, res.storage)
-        results = await run_checks(checks, timeout)
-        if not all(r.ok for r in results):
-            return results
-        results.append(await run_check("schema", schema_check(res.connection), timeout))
 
         async def jobs() -> str:
             answer = await ping_worker(res, job_timeout)
             return f"diagnostics.ping answered by pid {answer['pid']} in {answer['latency_ms']} ms"
 
         results.append(await run_check("jobs", jobs, job_timeout + 1))
-        return results
+    return results, skip
 
 
 @click.command()
@@ -175,12 +239,13 @@ def doctor(job_timeout: float) -> None:
         sys.exit(2)
     click.echo(f"{'config':<10} {mark(True)}")
     logs.configure("cli", config.appliance.log_level, config.appliance.log_format, to_stderr=True)
-    failed = False
-    for r in run_async(_doctor(config, job_timeout)):
+    results, skip = run_async(_doctor(config, job_timeout))
+    for r in results:
         line = f"{r.name:<10} {mark(r.ok)}  {r.latency_ms:.1f} ms  {r.detail}"
         if not r.ok:
-            failed = True
-            line += f"\n{'':<12}hint: {HINTS[r.name]}"
+            line += f"\n{'':<12}hint: {hint(r)}"
         click.echo(line)
-    if failed:
+    for name, why in skip.items():
+        click.echo(f"{name:<10} {'SKIP':<4}  {why}")
+    if skip or not all(r.ok for r in results):
         sys.exit(1)
