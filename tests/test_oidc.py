@@ -22,11 +22,17 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from jwt.algorithms import ECAlgorithm, RSAAlgorithm
+from litestar.testing import AsyncTestClient
+from prometheus_client.parser import text_string_to_metric_families
 from structlog.testing import capture_logs
 
+from appliance.api.app import create_app
 from appliance.auth.oidc import OidcIdentity, OidcVerifier
+from appliance.config import Config
 from appliance.config.model import OidcSection
 from appliance.errors import Unauthorized, Unavailable
+from appliance.resources import Resources
+from tests.messaging import unique
 from tests.support import free_port
 
 AUDIENCE = "appliance"
@@ -150,16 +156,21 @@ def sign(
     kid: str | None,
     *,
     alg: str | None = None,
+    header_typ: str | None = "at+jwt",
     drop: tuple[str, ...] = (),
     **claims: Any,
 ) -> str:
+    """A token of `issuer`; by default an RFC 9068 access token (header typ at+jwt)."""
     now = int(time.time())
     payload = {"iss": issuer.url, "aud": AUDIENCE, "sub": "alice", "iat": now, "exp": now + 300}
     payload.update(claims)
     for claim in drop:
         del payload[claim]
     algorithm = alg or ("RS256" if isinstance(key, rsa.RSAPrivateKey) else "ES256")
-    headers = {"kid": kid} if kid is not None else {}
+    # PyJWT writes typ "JWT" unless told otherwise, and leaves out a typ of None.
+    headers: dict[str, Any] = {"typ": header_typ}
+    if kid is not None:
+        headers["kid"] = kid
     return jwt.encode(payload, key, algorithm=algorithm, headers=headers)
 
 
@@ -542,3 +553,326 @@ async def test_issuer_down_is_unavailable_not_unauthorized(
         assert not isinstance(caught.value, Unauthorized)
         assert caught.value.status == 503
     await verifier.aclose()
+
+
+# Tokens shaped as each issuer issues them, signed by the test issuer (whose URL becomes `iss`).
+# The audience is the client id in every one: the set-up where an ID token would pass the
+# audience check. Header typ first, then the claims beyond iss, aud, sub, iat and exp.
+TENANT = "9188040d-6c67-4c5b-b112-36a304b66dad"
+SHAPES: dict[str, tuple[str | None, dict[str, Any]]] = {
+    # Keycloak 26: header typ JWT (at+jwt only with the client's RFC 9068 option), claim typ.
+    "keycloak access": (
+        "JWT",
+        {
+            "typ": "Bearer",
+            "azp": AUDIENCE,
+            "jti": "onrtac:5f1c",
+            "sid": "3c0a",
+            "acr": "1",
+            "scope": "openid profile email",
+            "realm_access": {"roles": ["publish"]},
+            "preferred_username": "alice",
+        },
+    ),
+    # Keycloak before 25 also copied the nonce into access tokens.
+    "keycloak access, nonce (before 25)": (
+        "JWT",
+        {
+            "typ": "Bearer",
+            "azp": AUDIENCE,
+            "nonce": "n-0S6_WzA2Mj",
+            "session_state": "3c0a",
+            "scope": "openid",
+        },
+    ),
+    "keycloak access, RFC 9068 option": (
+        "at+jwt",
+        {"typ": "Bearer", "azp": AUDIENCE, "jti": "onrtac:5f1d", "scope": "openid"},
+    ),
+    "keycloak lightweight access": (
+        "JWT",
+        {"typ": "Bearer", "azp": AUDIENCE, "jti": "onrtac:5f1e", "sid": "3c0a", "scope": "openid"},
+    ),
+    "keycloak service account": (
+        "JWT",
+        {"typ": "Bearer", "azp": AUDIENCE, "scope": "profile email", "clientHost": "10.0.0.7"},
+    ),
+    # Auth0's default profile: typ JWT, scope, azp; machine-to-machine adds gty.
+    "auth0 access": (
+        "JWT",
+        {
+            "aud": [AUDIENCE, "https://tenant.eu.auth0.com/userinfo"],
+            "azp": "Xk3c9",
+            "sub": "auth0|6512",
+            "scope": "openid profile publish",
+        },
+    ),
+    "auth0 machine-to-machine": (
+        "JWT",
+        {"azp": "Xk3c9", "sub": "Xk3c9@clients", "gty": "client-credentials"},
+    ),
+    "auth0 access, RFC 9068 profile": (
+        "at+jwt",
+        {
+            "aud": [AUDIENCE, "https://tenant.eu.auth0.com/userinfo"],
+            "client_id": "Xk3c9",
+            "sub": "auth0|6512",
+            "jti": "73WakrfVbNJBaAmhQtEeDv",
+            "scope": "openid profile",
+        },
+    ),
+    # Entra ID: header typ always JWT; scp for delegated, roles for app-only, azpacr (v2.0) or
+    # appid/appidacr (v1.0) in both.
+    "entra v2 delegated": (
+        "JWT",
+        {
+            "aio": "AXQAi/8",
+            "azp": "6e74172b",
+            "azpacr": "0",
+            "name": "Alice",
+            "oid": "690222be",
+            "preferred_username": "alice@contoso.com",
+            "rh": "I",
+            "scp": "access_as_user",
+            "tid": TENANT,
+            "uti": "fqiBqXLPj0e",
+            "ver": "2.0",
+        },
+    ),
+    "entra v2 app-only": (
+        "JWT",
+        {
+            "aio": "AXQAi/8",
+            "azp": "6e74172b",
+            "azpacr": "1",
+            "oid": "f8d1",
+            "rh": "I",
+            "roles": ["publish"],
+            "sub": "f8d1",
+            "tid": TENANT,
+            "uti": "fqiBqXLPj0f",
+            "ver": "2.0",
+            "idtyp": "app",
+        },
+    ),
+    "entra v1 delegated": (
+        "JWT",
+        {
+            "appid": "6e74172b",
+            "appidacr": "0",
+            "scp": "user_impersonation",
+            "amr": ["pwd"],
+            "unique_name": "alice@contoso.com",
+            "tid": TENANT,
+            "ver": "1.0",
+        },
+    ),
+}
+ID_SHAPES: dict[str, tuple[str | None, dict[str, Any]]] = {
+    "keycloak id": (
+        "JWT",
+        {
+            "typ": "ID",
+            "azp": AUDIENCE,
+            "nonce": "n-0S6",
+            "sid": "3c0a",
+            "at_hash": "JyMVmkVD",
+            "acr": "1",
+            "auth_time": 1,
+            "email_verified": True,
+            "preferred_username": "alice",
+        },
+    ),
+    # Keycloak's ID token from a refresh carries no nonce: its typ claim still says ID.
+    "keycloak id after refresh": ("JWT", {"typ": "ID", "azp": AUDIENCE, "sid": "3c0a"}),
+    "auth0 id": (
+        "JWT",
+        {
+            "sub": "auth0|6512",
+            "name": "Alice",
+            "nickname": "alice",
+            "email": "alice@example.org",
+            "sid": "Ho-7",
+            "nonce": "bG9naW4",
+        },
+    ),
+    "auth0 id, hybrid flow": (
+        "JWT",
+        {"sub": "auth0|6512", "sid": "Ho-7", "at_hash": "wfgv", "c_hash": "LDkt"},
+    ),
+    "entra v2 id": (
+        "JWT",
+        {
+            "aio": "AXQAi/8",
+            "name": "Alice",
+            "nonce": "123523",
+            "oid": "690222be",
+            "preferred_username": "alice@contoso.com",
+            "rh": "I",
+            "roles": ["publish"],
+            "tid": TENANT,
+            "uti": "fqiBqXLPj0e",
+            "ver": "2.0",
+        },
+    ),
+    "cognito id": ("JWT", {"token_use": "id", "cognito:username": "alice", "auth_time": 1}),
+    "id_token+jwt header": ("id_token+jwt", {}),
+}
+
+
+def shaped(issuer: Issuer, key: rsa.RSAPrivateKey, shape: tuple[str | None, dict[str, Any]]) -> str:
+    header_typ, claims = shape
+    return sign(issuer, key, "rsa-1", header_typ=header_typ, **claims)
+
+
+@pytest.mark.parametrize("name", list(SHAPES))
+async def test_access_tokens_of_keycloak_auth0_and_entra_are_accepted(
+    issuer: Issuer, verifier_for: Callable[..., OidcVerifier], rsa_key: rsa.RSAPrivateKey,
+    name: str,
+) -> None:  # fmt: skip
+    token = shaped(issuer, rsa_key, SHAPES[name])
+    identity = await verifier_for().verify(token)
+    assert identity.user == jwt.decode(token, options={"verify_signature": False})["sub"]
+
+
+@pytest.mark.parametrize("name", list(ID_SHAPES))
+async def test_id_tokens_are_refused_whatever_token_types_says(
+    issuer: Issuer, verifier_for: Callable[..., OidcVerifier], rsa_key: rsa.RSAPrivateKey,
+    name: str,
+) -> None:  # fmt: skip
+    token = shaped(issuer, rsa_key, ID_SHAPES[name])
+    for verifier in (verifier_for(), verifier_for(token_types=["at+jwt", "bearer", "plain"])):
+        error = await rejected(verifier, token, "token_type")
+        assert error.message == "an ID token is not an access token"
+
+
+@pytest.mark.parametrize(
+    ("header_typ", "claims", "shown"),
+    [
+        ("JWT", {"typ": "Refresh", "azp": AUDIENCE}, "typ claim is 'Refresh'"),  # Keycloak
+        ("JWT", {"typ": "Logout", "events": {}}, "typ claim is 'Logout'"),
+        ("logout+jwt", {"events": {}}, "typ header is 'logout+jwt'"),  # back-channel logout
+        ("dpop+jwt", {"scope": "openid"}, "typ header is 'dpop+jwt'"),
+        ("JWT", {"typ": ["Bearer"], "scope": "x"}, "typ claim is ['Bearer']"),
+    ],
+)
+async def test_other_kinds_of_token_are_refused(
+    issuer: Issuer, verifier_for: Callable[..., OidcVerifier], rsa_key: rsa.RSAPrivateKey,
+    header_typ: str, claims: dict[str, Any], shown: str,
+) -> None:  # fmt: skip
+    token = sign(issuer, rsa_key, "rsa-1", header_typ=header_typ, **claims)
+    error = await rejected(verifier_for(token_types=["plain"]), token, "token_type")
+    assert error.message == f"a token whose {shown} is not an access token"
+
+
+@pytest.mark.parametrize(
+    "header_typ", ["at+jwt", "application/at+jwt", "AT+JWT", "Application/AT+JWT"]
+)
+async def test_the_rfc_9068_media_type_in_any_spelling(
+    issuer: Issuer, verifier_for: Callable[..., OidcVerifier], rsa_key: rsa.RSAPrivateKey,
+    header_typ: str,
+) -> None:  # fmt: skip
+    token = sign(issuer, rsa_key, "rsa-1", header_typ=header_typ)  # no claim beyond the five
+    assert (await verifier_for(token_types=["at+jwt"]).verify(token)).user == "alice"
+
+
+async def test_an_untyped_jwt_without_access_claims_needs_plain(
+    issuer: Issuer, verifier_for: Callable[..., OidcVerifier], rsa_key: rsa.RSAPrivateKey
+) -> None:
+    # Such as an ID token requested without a nonce: nothing tells it from an access token.
+    for header_typ in ("JWT", None):
+        token = sign(issuer, rsa_key, "rsa-1", header_typ=header_typ, sid="Ho-7", name="Alice")
+        error = await rejected(verifier_for(), token, "token_type")
+        assert error.message == "the token's kind (plain) is not in [oidc] token_types"
+        assert (await verifier_for(token_types=["plain"]).verify(token)).user == "alice"
+
+
+UNTYPED = {"auth0 access", "auth0 machine-to-machine", "entra v2 delegated", "entra v2 app-only",
+           "entra v1 delegated"}  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("token_types", "accepted"),
+    [
+        (["at+jwt"], {"keycloak access, RFC 9068 option", "auth0 access, RFC 9068 profile"}),
+        (["bearer"], {name for name in SHAPES if name.startswith("keycloak")}),
+        (["access-claims"], UNTYPED),
+        (["plain"], UNTYPED),
+    ],
+)
+async def test_token_types_selects_the_kinds(
+    issuer: Issuer, verifier_for: Callable[..., OidcVerifier], rsa_key: rsa.RSAPrivateKey,
+    token_types: list[str], accepted: set[str],
+) -> None:  # fmt: skip
+    """Each kind alone. A typed token (header at+jwt, claim typ) is of its type only: Keycloak's
+    scope claim does not make its tokens "access-claims"."""
+    verifier = verifier_for(token_types=token_types)
+    outcomes: dict[str, str] = {}
+    for name, shape in SHAPES.items():
+        try:
+            await verifier.verify(shaped(issuer, rsa_key, shape))
+            outcomes[name] = "accepted"
+        except Unauthorized as error:
+            outcomes[name] = error.reason
+    assert outcomes == {name: "accepted" if name in accepted else "token_type" for name in SHAPES}
+
+
+# -- through the api: the 401 and its count ------------------------------------------------------
+
+Client = AsyncTestClient[Any]
+
+
+@pytest.fixture
+def api_for(
+    settings: dict[str, Any], resources: Resources
+) -> Callable[[str], AsyncTestClient[Any]]:
+    """The whole app on the run's services, trusting the issuer at `url`."""
+
+    def make(url: str) -> Client:
+        settings["oidc"] = {"enabled": True, "issuer": url, "audience": AUDIENCE,
+                            "roles_claim": "realm_access.roles", "http_timeout": 2.0}  # fmt: skip
+        return AsyncTestClient(app=create_app(Config.model_validate(settings)))
+
+    return make
+
+
+async def auth_failures(api: Client, reason: str) -> float:
+    response = await api.get("/metrics")
+    assert response.status_code == 200
+    for family in text_string_to_metric_families(response.text):
+        for sample in family.samples:
+            if sample.name == "appliance_auth_failures_total" and sample.labels == {
+                "reason": reason
+            }:
+                return float(sample.value)
+    return 0.0
+
+
+def bearer(token: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token}"}
+
+
+async def test_an_id_token_is_a_401_counted_by_its_reason(
+    api_for: Callable[[str], Client], issuer: Issuer, rsa_key: rsa.RSAPrivateKey
+) -> None:
+    header_typ, claims = SHAPES["keycloak access"]
+    access = sign(issuer, rsa_key, "rsa-1", header_typ=header_typ,
+                  **{**claims, "realm_access": {"roles": ["manage"]}})  # fmt: skip
+    id_token = shaped(issuer, rsa_key, ID_SHAPES["keycloak id"])
+    async with api_for(issuer.url) as api:
+        before = await auth_failures(api, "token_type")
+        for token in (id_token, id_token):
+            refused = await api.post(
+                "/v1/conversations", json={"conversation": unique("oidc")}, headers=bearer(token)
+            )
+            assert refused.status_code == 401
+            assert refused.headers["www-authenticate"] == "Bearer"
+            assert refused.json()["error"] == {
+                "code": "token_type", "message": "an ID token is not an access token",
+                "field": None}  # fmt: skip
+        assert await auth_failures(api, "token_type") == before + 2
+        created = await api.post(
+            "/v1/conversations", json={"conversation": unique("oidc")}, headers=bearer(access)
+        )
+        assert created.status_code == 201, created.text
+        assert await auth_failures(api, "token_type") == before + 2

@@ -6,6 +6,9 @@ serving); a token with an unknown `kid` refetches it, at most once per `jwks_min
 keys rotated at the issuer work without a restart while a flood of forged kids cannot hammer the
 issuer. When a refresh fails, the keys already held stay in use (an issuer outage does not log
 everybody out); with no keys at all, verification is Unavailable (503).
+
+Only access tokens are accepted, never ID tokens: `token_kinds` sorts a verified token into the
+kinds `[oidc] token_types` names (docs/api.md, "Access tokens, not ID tokens").
 """
 
 from __future__ import annotations
@@ -41,6 +44,57 @@ _REASONS: tuple[tuple[type[jwt.PyJWTError], str, str], ...] = (
     (jwt.InvalidAlgorithmError, "token_algorithm", "the token's algorithm is not allowed"),
 )
 
+# Claims only an ID token carries (OpenID Connect Core 1.0, 2 and 3.3.2.11). Keycloak before 25
+# also put `nonce` into access tokens, but those carry its `typ` claim, which decides first.
+_ID_CLAIMS = ("nonce", "at_hash", "c_hash", "s_hash")
+# Claims access tokens carry and ID tokens never do: scope (Auth0, Okta, RFC 9068), scp (Entra ID
+# and Okta delegated tokens), gty (Auth0 machine-to-machine), azpacr and appidacr (Entra ID v2
+# and v1 access tokens, app-only ones included).
+_ACCESS_CLAIMS = ("scope", "scp", "gty", "azpacr", "appidacr")
+
+
+def _id_refused() -> Unauthorized:
+    return Unauthorized("token_type", "an ID token is not an access token")
+
+
+def _not_access(what: str, value: object) -> Unauthorized:
+    shown = repr(value)
+    shown = shown if len(shown) <= 40 else f"{shown[:37]}..."
+    return Unauthorized("token_type", f"a token whose {what} is {shown} is not an access token")
+
+
+def token_kinds(header: dict[str, Any], claims: dict[str, Any]) -> frozenset[str]:
+    """The kinds of access token a verified token is (any of "at+jwt", "bearer",
+    "access-claims", "plain"); raises Unauthorized `token_type` for an ID token or any other
+    kind of token, whatever `[oidc] token_types` says."""
+    typ = header.get("typ")
+    # RFC 7515 4.1.9: a media type, compared case-insensitively, "application/" optional.
+    media = typ.lower().removeprefix("application/") if isinstance(typ, str) else typ
+    if media == "id_token+jwt":
+        raise _id_refused()
+    if media not in (None, "jwt", "at+jwt"):
+        raise _not_access("typ header", typ)
+    marked = claims.get("typ")  # Keycloak: Bearer, ID, Refresh, Offline, Logout
+    if marked is not None and (not isinstance(marked, str) or marked.lower() != "bearer"):
+        if isinstance(marked, str) and marked.lower() == "id":
+            raise _id_refused()
+        raise _not_access("typ claim", marked)
+    if claims.get("token_use") == "id":  # Amazon Cognito
+        raise _id_refused()
+    kinds = set()
+    if media == "at+jwt":
+        kinds.add("at+jwt")
+    if marked is not None:
+        kinds.add("bearer")
+    if not kinds:
+        # Typed neither way (header typ JWT or none, no typ claim): its claims tell.
+        if any(claim in claims for claim in _ID_CLAIMS):
+            raise _id_refused()
+        kinds.add("plain")
+        if any(claim in claims for claim in _ACCESS_CLAIMS):
+            kinds.add("access-claims")
+    return frozenset(kinds)
+
 
 @dataclass(frozen=True)
 class OidcIdentity:
@@ -61,6 +115,7 @@ class OidcVerifier:
         self._finished_at = -math.inf  # ... and when it ended
         self._lock = asyncio.Lock()
         self._background: asyncio.Task[None] | None = None
+        self._token_types = frozenset(section.token_types)
 
     async def verify(self, token: str) -> OidcIdentity:
         """The identity a bearer token proves; raises Unauthorized or Unavailable (issuer down)."""
@@ -96,6 +151,12 @@ class OidcVerifier:
                 ("token_invalid", f"the token is invalid ({type(exc).__name__})"),
             )
             raise Unauthorized(reason, message) from None
+        kinds = token_kinds(header, claims)
+        if not kinds & self._token_types:
+            kind = " / ".join(sorted(kinds))
+            raise Unauthorized(
+                "token_type", f"the token's kind ({kind}) is not in [oidc] token_types"
+            )
         user = claims.get(section.user_claim)
         # The same rule as every principal id, so "user:<user>" is always a valid one.
         if not isinstance(user, str) or not PRINCIPAL.match(f"user:{user}"):

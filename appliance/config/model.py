@@ -26,6 +26,8 @@ from pydantic import (
 )
 
 ALGORITHMS: tuple[Literal["RS256", "ES256"], ...] = ("RS256", "ES256")
+TokenType = Literal["at+jwt", "bearer", "access-claims", "plain"]  # appliance.auth.oidc
+TOKEN_TYPES: tuple[TokenType, ...] = ("at+jwt", "bearer", "access-claims")  # the default
 Program = Literal["api", "worker", "flusher", "scheduler"]
 PROGRAMS: tuple[Program, ...] = ("api", "worker", "flusher", "scheduler")
 
@@ -222,6 +224,9 @@ class OidcSection(Section):
     # An unknown `kid` refetches the JWKS at most this often (a flood of forged kids cannot).
     jwks_min_refresh: Seconds = 10.0
     http_timeout: Seconds = 5.0
+    # Which verified JWTs count as access tokens (appliance.auth.oidc.token_kinds); an ID token
+    # never does. "plain" also passes an ID token that was issued without a nonce.
+    token_types: list[TokenType] = Field(default_factory=lambda: list(TOKEN_TYPES), min_length=1)
 
     @model_validator(mode="after")
     def _issuer_when_enabled(self) -> OidcSection:
