@@ -238,3 +238,28 @@ def test_doctor_reports_bad_config_first(tmp_path: Path) -> None:
     done = cli(config, "doctor")
     assert done.returncode == 2
     assert done.stdout.split()[:2] == ["config", "FAIL"]
+
+
+def test_commands_fail_in_one_line_naming_the_cause_and_the_key(
+    settings: dict[str, Any], fresh_database: Any, tmp_path: Path
+) -> None:
+    """A dependency down is one log line with the cause and the key to fix: no traceback."""
+    settings["postgres"]["dsn"] = f"postgresql://postgres:pg-secret@127.0.0.1:{free_port()}/x"
+    config = write_toml(tmp_path / "a.toml", settings)
+    for args in (("keys", "list"), ("keys", "create", "--name", "k", "--scope", "read"),
+                 ("migrate",), ("db", "verify")):  # fmt: skip
+        done = cli(config, *args)
+        assert done.returncode == 1, args
+        assert "Traceback" not in done.stderr, args
+        assert "pg-secret" not in done.stderr + done.stdout
+        lines = log_lines(done.stderr)
+        assert len(done.stderr.strip().splitlines()) == len(lines) == 1, done.stderr
+        assert lines[0]["event"] == "command_failed"
+        assert lines[0]["error"].startswith("connection refused: "), lines[0]
+        assert "postgres.dsn" in lines[0]["fix"]
+    # A database that answers but was never migrated: the fix is the step to run.
+    settings["postgres"]["dsn"] = fresh_database()
+    done = cli(write_toml(tmp_path / "b.toml", settings), "keys", "list")
+    assert done.returncode == 1
+    (line,) = log_lines(done.stderr)
+    assert line["fix"] == "the schema is missing: run `appliance migrate`"

@@ -36,19 +36,49 @@ def cli_config() -> Config:
     return config
 
 
+def failure(exc: BaseException) -> dict[str, str]:
+    """What a failed command logs: the cause and message on one line, and the config key to fix
+    (or the step to run) when the failure points at one. Never a password: libpq, redis-py and
+    botocore name hosts and ports only."""
+    from psycopg import Error as PgError
+    from psycopg.errors import UndefinedTable
+    from redis.exceptions import RedisError
+
+    from appliance.checks import cause_of, describe
+    from appliance.storage import StorageError
+
+    if isinstance(exc, ApplianceError) and exc.field:
+        return {"error": f"{exc.field}: {exc.message}"}
+    out = {"error": describe(exc)}
+    if isinstance(exc, UndefinedTable):
+        out["fix"] = "the schema is missing: run `appliance migrate`"
+    elif cause_of(exc) is not None:
+        key = (
+            "postgres.dsn" if isinstance(exc, PgError)
+            else "redis.url" if isinstance(exc, RedisError)
+            else "the [s3] section" if isinstance(exc, StorageError)
+            else None
+        )  # fmt: skip
+        if key is not None:
+            out["fix"] = f"check {key} and that the service answers there"
+    return out
+
+
 def run_async(coro: Coroutine[Any, Any, T]) -> T:
-    """Run a command's coroutine; a dependency failure exits 1 with one clear line, no traceback."""
+    """Run a command's coroutine; a known failure exits 1 with one clear line, no traceback.
+
+    Ctrl-C exits 130 quietly, as a shell expects.
+    """
     from psycopg import Error as PgError
     from redis.exceptions import RedisError
 
     try:
         return asyncio.run(coro)
     except (PgError, RedisError, ApplianceError, OSError) as exc:
-        error = str(exc) or type(exc).__name__
-        if isinstance(exc, ApplianceError) and exc.field:
-            error = f"{exc.field}: {exc.message}"
-        structlog.get_logger().error("command_failed", error=error)
+        structlog.get_logger().error("command_failed", **failure(exc))
         sys.exit(1)
+    except KeyboardInterrupt:
+        sys.exit(130)
 
 
 def mark(ok: bool) -> str:
