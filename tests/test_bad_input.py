@@ -8,7 +8,9 @@ Real PostgreSQL and Redis underneath.
 
 from __future__ import annotations
 
+import base64
 import copy
+import urllib.parse
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -296,6 +298,9 @@ BAD_BODIES = [
     Bad("publish_attachment_negative_size", "POST", M,
         {**MSG, "attachments": [GOOD_ATTACHMENT, {**GOOD_ATTACHMENT, "size": -1}]},
         "attachments[1].size"),
+    Bad("publish_attachment_content_type_not_ascii", "POST", M,
+        {**MSG, "attachments": [{**GOOD_ATTACHMENT, "content_type": "téxt/plain"}]},
+        "attachments[0].content_type"),
     Bad("publish_too_many_attachments", "POST", M,
         {**MSG, "attachments": [GOOD_ATTACHMENT] * 21}, "attachments"),
     # Batches.
@@ -556,8 +561,8 @@ async def test_bad_conversation_in_path(ctx: Ctx, route: Any, conversation: str)
 @pytest.mark.parametrize(
     ("seq", "status", "code", "field"),
     [
-        ("abc", 404, "not_found", None),
-        ("1.5", 404, "not_found", None),
+        ("abc", 400, "invalid", "seq"),
+        ("1.5", 400, "invalid", "seq"),
         ("0", 400, "invalid", "seq"),
         ("-1", 400, "invalid", "seq"),
         (str(2**63), 400, "invalid", "seq"),
@@ -570,6 +575,47 @@ async def test_bad_seq_in_path(
 ) -> None:
     response = await ctx.send("GET", f"{ctx.messages}/{seq}")
     expect(response, status, code, field)
+
+
+# Python's int() takes any script's digits, signs, spaces and underscores: none of them is a
+# number here (paths, query strings, cursors).
+NOT_ASCII_DIGITS = {
+    "fullwidth": "%EF%BC%91",  # U+FF11
+    "arabic_indic": "%D9%A1",  # U+0661
+    "devanagari": "%E0%A5%A7",  # U+0967
+    "math_bold": "%F0%9D%9F%8F",  # U+1D7CF
+    "superscript": "%C2%B9",  # U+00B9: str.isdigit() is true, int() refuses it
+    "plus": "%2B1",
+    "minus_zero": "-0",
+    "underscore": "1_0",
+    "leading_space": "%201",
+    "trailing_newline": "1%0A",
+    "hex": "0x1",
+    "exponent": "1e1",
+    "decimal": "1.0",
+    "empty": "",
+}
+
+
+@pytest.mark.parametrize("form", list(NOT_ASCII_DIGITS))
+async def test_numbers_are_ascii_digits_only(ctx: Ctx, form: str) -> None:
+    text = NOT_ASCII_DIGITS[form]
+    if text:  # an empty seq is the list route
+        expect(await ctx.send("GET", f"{ctx.messages}/{text}"), 400, "invalid", "seq")
+    for name in ("before", "after", "limit"):
+        response = await ctx.send("GET", f"{ctx.messages}?{name}={text}")
+        expect(response, 400, "invalid", name)
+    raw = ("b" + urllib.parse.unquote(text)).encode()
+    cursor = base64.urlsafe_b64encode(raw).decode().rstrip("=")
+    expect(await ctx.send("GET", f"{ctx.messages}?cursor={cursor}"), 400, "invalid", "cursor")
+
+
+async def test_ascii_digits_with_leading_zeros_are_numbers(ctx: Ctx) -> None:
+    one = await ctx.send("GET", f"{ctx.messages}/0001")
+    assert one.status_code == 200, one.text
+    assert one.json()["seq"] == 1
+    page = await ctx.send("GET", f"{ctx.messages}?after=00&limit=007")
+    assert [m["seq"] for m in page.json()["messages"]] == [1]
 
 
 @pytest.mark.parametrize("method", ["PUT", "DELETE"])

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import re
 from dataclasses import dataclass
 from typing import Literal, cast
 
@@ -20,9 +21,20 @@ from appliance.errors import Invalid, NotFound
 from appliance.redis_keys import Keys
 
 MAX_LIMIT = 200
+DEFAULT_LIMIT = 50
 # Seqs come from Redis INCR (signed 64-bit); larger numbers are not stream ids Redis accepts.
 MAX_SEQ = 2**63 - 1
 Direction = Literal["before", "after"]
+# Numbers from paths, query strings and cursors: ASCII digits only. Python's int() also takes
+# other scripts' digits (U+FF11, U+0661), signs, spaces and underscores ("1_0" is 10).
+_DIGITS = re.compile(r"[0-9]{1,20}\Z")
+
+
+def number(text: str, field: str) -> int:
+    """`text` as a non-negative integer, if it is 1-20 ASCII digits; else Invalid naming `field`."""
+    if not _DIGITS.match(text):
+        raise Invalid("must be a whole number written in ASCII digits 0-9", field=field)
+    return int(text)
 
 
 @dataclass(frozen=True)
@@ -40,10 +52,10 @@ def decode_cursor(cursor: str) -> Position:
         text = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
         directions: dict[str, Direction] = {"b": "before", "a": "after"}
         direction = directions[text[0]]
-        seq = int(text[1:])
-    except (binascii.Error, UnicodeDecodeError, KeyError, IndexError, ValueError):
+        seq = number(text[1:], "cursor")
+    except (binascii.Error, UnicodeDecodeError, KeyError, IndexError, Invalid):
         raise Invalid("is not a cursor returned by this API", field="cursor") from None
-    if not 0 <= seq <= MAX_SEQ:
+    if seq > MAX_SEQ:
         raise Invalid("is not a cursor returned by this API", field="cursor")
     return Position(direction, seq)
 

@@ -33,7 +33,9 @@ class Attachment(msgspec.Struct, forbid_unknown_fields=True):
     id: Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9_-]{1,64}\Z")]
     name: Annotated[str, msgspec.Meta(min_length=1, max_length=255)]
     size: Annotated[int, msgspec.Meta(ge=0)]
-    content_type: Annotated[str, msgspec.Meta(pattern=r"^[\w.+-]+/[\w.+-]+\Z", max_length=127)]
+    content_type: Annotated[
+        str, msgspec.Meta(pattern=r"^[A-Za-z0-9_.+-]+/[A-Za-z0-9_.+-]+\Z", max_length=127)
+    ]
 
 
 class MessageIn(msgspec.Struct, forbid_unknown_fields=True):

@@ -54,26 +54,32 @@ async def list_messages(
     request: Req,
     conversation: FromPath[str],
     principal: Who,
-    before: FromQuery[int | None] = None,
-    after: FromQuery[int | None] = None,
+    before: FromQuery[str | None] = None,
+    after: FromQuery[str | None] = None,
     cursor: FromQuery[str | None] = None,
-    limit: FromQuery[int] = 50,
+    limit: FromQuery[str | None] = None,
 ) -> Response[bytes]:
     """A page, newest first (`before`) or oldest first (`after`): `{messages, next_cursor,
-    prev_cursor}`."""
+    prev_cursor}`. Numbers are parsed here (ASCII digits only), not by the framework."""
     svc = services(request)
     await svc.access.require(principal, conversation, "read")
-    at = history.position(before, after, cursor)
-    return json_response(await history.page(svc.redis, svc.keys, conversation, at, limit))
+    at = history.position(_number(before, "before"), _number(after, "after"), cursor)
+    size = history.DEFAULT_LIMIT if limit is None else history.number(limit, "limit")
+    return json_response(await history.page(svc.redis, svc.keys, conversation, at, size))
 
 
-@get("/{seq:int}")
+def _number(text: str | None, field: str) -> int | None:
+    return None if text is None else history.number(text, field)
+
+
+@get("/{seq:str}")
 async def get_message(
-    request: Req, conversation: FromPath[str], seq: FromPath[int], principal: Who
+    request: Req, conversation: FromPath[str], seq: FromPath[str], principal: Who
 ) -> Response[bytes]:
     svc = services(request)
     await svc.access.require(principal, conversation, "read")
-    return json_response(await history.one(svc.redis, svc.keys, conversation, seq))
+    number = history.number(seq, "seq")
+    return json_response(await history.one(svc.redis, svc.keys, conversation, number))
 
 
 ROUTER = Router(
