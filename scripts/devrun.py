@@ -18,7 +18,9 @@ from urllib.parse import urlsplit
 
 import psycopg
 from psycopg import sql
+from psycopg.conninfo import conninfo_to_dict
 
+from appliance.checks import describe
 from appliance.config import load_config
 from appliance.errors import ConfigError
 
@@ -32,13 +34,24 @@ def listening(host: str, port: int) -> bool:
         return s.connect_ex((host, port)) == 0
 
 
-def ensure_database(dsn: str) -> None:
-    name = urlsplit(dsn).path.lstrip("/")
-    admin = dsn.rsplit("/", 1)[0] + "/postgres"
-    with psycopg.connect(admin, autocommit=True) as conn:
-        if not conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (name,)).fetchone():
-            conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
-            print(f"devrun: created database {name}", file=sys.stderr)
+def ensure_database(dsn: str, timeout: float) -> str | None:
+    """Create the DSN's database when missing; None, or one line saying why it could not."""
+    name = str(conninfo_to_dict(dsn).get("dbname") or "")
+    try:
+        # The same server and credentials, connected to the maintenance database.
+        with psycopg.connect(
+            dsn, dbname="postgres", autocommit=True, connect_timeout=max(1, int(timeout))
+        ) as conn:
+            found = conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (name,))
+            if not found.fetchone():
+                conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+                print(f"devrun: created database {name}", file=sys.stderr)
+    except psycopg.Error as exc:
+        return (
+            f"devrun: cannot reach PostgreSQL to create database {name!r}: {describe(exc)} "
+            "(check postgres.dsn, or APPLIANCE_POSTGRES__DSN)"
+        )
+    return None
 
 
 def start_s3(endpoint: str) -> subprocess.Popen[bytes] | None:
@@ -67,7 +80,12 @@ def main() -> int:
     except ConfigError as exc:
         print("\n".join(str(p) for p in exc.problems), file=sys.stderr)
         return 2
-    ensure_database(config.postgres.dsn.get_secret_value())
+    problem = ensure_database(
+        config.postgres.dsn.get_secret_value(), config.postgres.connect_timeout
+    )
+    if problem is not None:
+        print(problem, file=sys.stderr)
+        return 1
     s3 = start_s3(config.s3.endpoint_url) if config.s3.endpoint_url else None
     child = subprocess.Popen([str(ROOT / "start.sh")], env=os.environ)
     # Both mean "stop", sent as TERM: a start.sh launched from a background job inherits SIGINT

@@ -263,3 +263,29 @@ def test_commands_fail_in_one_line_naming_the_cause_and_the_key(
     assert done.returncode == 1
     (line,) = log_lines(done.stderr)
     assert line["fix"] == "the schema is missing: run `appliance migrate`"
+
+
+def test_make_run_with_postgres_unreachable_says_so_in_one_line(
+    settings: dict[str, Any], tmp_path: Path
+) -> None:
+    """scripts/devrun.py (`make run`) exits 1 with one line naming the cause and the key."""
+    settings["postgres"]["dsn"] = f"postgresql://postgres:pg-secret@127.0.0.1:{free_port()}/devdb"
+    config = write_toml(tmp_path / "c.toml", settings)
+    root = Path(__file__).resolve().parent.parent
+    done = subprocess.run(
+        [sys.executable, str(root / "scripts" / "devrun.py")],
+        env={"APPLIANCE_CONFIG": str(config), "PATH": os.environ["PATH"]},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 1
+    assert "Traceback" not in done.stderr
+    assert done.stderr.strip().splitlines() == [done.stderr.strip()], (
+        "one line, not a psycopg traceback"
+    )
+    assert done.stderr.startswith(
+        "devrun: cannot reach PostgreSQL to create database 'devdb': connection refused: "
+    )
+    assert "postgres.dsn" in done.stderr
+    assert "pg-secret" not in done.stderr
