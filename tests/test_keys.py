@@ -322,3 +322,69 @@ async def test_the_principal_carries_when_its_credential_ends(
         )
     acting = await auth.authenticate(f"Bearer {impersonator}", None, "user:dave")
     assert acting.id == "user:dave" and acting.expires_at is not None
+
+
+async def test_a_key_without_scopes_acts_only_as_a_member(
+    api: Client, resources: Resources
+) -> None:
+    """A scope-less key is a pure member: it reads and publishes where it is a member, and
+    nothing else (no other conversation, no scope-guarded route)."""
+    admin = await issue_key(resources, ["admin"])
+    name = unique("member")
+    created = await api.post("/v1/keys", json={"name": name, "scopes": []}, headers=bearer(admin))
+    assert created.status_code == 201, created.text
+    assert created.json()["scopes"] == []
+    member = created.json()["key"]
+    mine, other = unique("c"), unique("c")
+    for conversation, members in ((mine, [{"principal": f"key:{name}", "role": "member"}]),
+                                  (other, [])):  # fmt: skip
+        made = await api.post(
+            "/v1/conversations",
+            json={"conversation": conversation, "members": members},
+            headers=bearer(admin),
+        )
+        assert made.status_code == 201, made.text
+    published = await api.post(
+        f"/v1/conversations/{mine}/messages",
+        json={"type": "text", "body": {"text": "hi"}},
+        headers=bearer(member),
+    )
+    assert published.status_code == 201, published.text
+    page = await api.get(f"/v1/conversations/{mine}/messages", headers=bearer(member))
+    assert page.status_code == 200
+    assert [m["sender"] for m in page.json()["messages"]] == [f"key:{name}"]
+    receipt = await api.post(
+        f"/v1/conversations/{mine}/receipts",
+        json={"type": "read", "seq": 1},
+        headers=bearer(member),
+    )
+    assert receipt.status_code == 200, receipt.text
+    # Nothing outside its membership.
+    for method, path, body in (
+        ("POST", f"/v1/conversations/{other}/messages", {"type": "text", "body": {}}),
+        ("GET", f"/v1/conversations/{other}/messages", None),
+        ("GET", f"/v1/conversations/{other}", None),
+    ):
+        refused = await api.request(method, path, json=body, headers=bearer(member))
+        assert refused.status_code == 403, (path, refused.text)
+        assert refused.json()["error"]["code"] == "not_member"
+    for method, path, body in (
+        ("POST", "/v1/conversations", {"conversation": unique("c")}),
+        ("GET", "/v1/keys", None),
+        ("PATCH", f"/v1/conversations/{mine}", {"title": "x"}),
+    ):
+        refused = await api.request(method, path, json=body, headers=bearer(member))
+        assert refused.status_code == 403, (path, refused.text)
+        assert refused.json()["error"]["code"] in {"scope", "role"}
+
+
+def test_cli_creates_a_key_without_scopes(
+    settings: dict[str, Any], migrated: str, tmp_path: Path
+) -> None:
+    config = write_toml(tmp_path / "c.toml", settings)
+    done = cli(config, "keys", "create", "--name", unique("m"), "--json")
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["scopes"] == []
+    text = cli(config, "keys", "create", "--name", unique("m"))
+    assert text.returncode == 0, text.stderr
+    assert "acts only in conversations it is a member of" in text.stderr

@@ -33,7 +33,8 @@ Prefix = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9._:-]{1,128}\Z")]
 
 class KeyCreate(msgspec.Struct, forbid_unknown_fields=True):
     name: KeyName
-    scopes: Annotated[list[Scope], msgspec.Meta(min_length=1, max_length=6)]
+    # No scope is a pure member: `key:<name>` acts only through its conversation memberships.
+    scopes: Annotated[list[Scope], msgspec.Meta(max_length=6)]
     conversation_prefix: Prefix | None = None
     expires_at: datetime | None = None
 

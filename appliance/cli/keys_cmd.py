@@ -77,8 +77,8 @@ def keys_group() -> None:
 @keys_group.command("create")
 @click.option("--name", required=True, help="Unique name; the key acts as key:<name>.")
 @click.option(
-    "--scope", "scopes", multiple=True, required=True, type=click.Choice(SCOPES),
-    help="Repeat for several scopes.",
+    "--scope", "scopes", multiple=True, type=click.Choice(SCOPES),
+    help="Repeat for several scopes; none makes a key that acts only as a conversation member.",
 )  # fmt: skip
 @click.option("--prefix", default=None, help="Only conversations whose id starts with this.")
 @click.option("--expires-in", default=None, help="Lifetime: 3600, 90m, 12h, 30d.")
@@ -105,6 +105,10 @@ def create(
     _print(issued, as_json)
     if not as_json:
         click.echo("Store the key now: it is not shown again.", err=True)
+        if not scopes:
+            click.echo(
+                f"No scope: key:{name} acts only in conversations it is a member of.", err=True
+            )
 
 
 @keys_group.command("list")
