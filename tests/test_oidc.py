@@ -11,6 +11,7 @@ import base64
 import hashlib
 import hmac
 import json
+import math
 import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -509,13 +510,28 @@ async def test_missing_kid_with_one_key_uses_it(
     assert (await verifier_for().verify(token)).user == "alice"
 
 
+ISSUER_DOWN = "the OIDC issuer is unavailable, retry later"
+
+
+async def unavailable(verifier: OidcVerifier, token: str, detail: str) -> Unavailable:
+    """verify() fails with the 503 that names no URL, while the log has `detail` and the URL."""
+    with capture_logs() as logs, pytest.raises(Unavailable) as caught:
+        await verifier.verify(token)
+    error = caught.value
+    assert (error.status, error.message) == (503, ISSUER_DOWN)
+    assert 1 <= int(error.headers["Retry-After"]) <= math.ceil(verifier._section.jwks_min_refresh)
+    assert [e["event"] for e in logs] == ["oidc_jwks_refresh_failed"]
+    assert detail in logs[0]["error"] and logs[0]["stale"] is False
+    return error
+
+
 async def test_discovery_issuer_mismatch_is_unavailable(
     issuer: Issuer, verifier_for: Callable[..., OidcVerifier], rsa_key: rsa.RSAPrivateKey
 ) -> None:
     issuer.claimed_issuer = "https://elsewhere.example/realms/test"
-    with pytest.raises(Unavailable, match=r"elsewhere\.example") as caught:
-        await verifier_for().verify(sign(issuer, rsa_key, "rsa-1"))
-    assert caught.value.status == 503
+    token = sign(issuer, rsa_key, "rsa-1")
+    await unavailable(verifier_for(), token, f"{issuer.url}/.well-known/openid-configuration")
+    await unavailable(verifier_for(), token, "names issuer 'https://elsewhere.example")
     assert issuer.jwks_fetches == 0
 
 
@@ -523,17 +539,16 @@ async def test_discovery_not_found_is_unavailable(
     issuer: Issuer, verifier_for: Callable[..., OidcVerifier], rsa_key: rsa.RSAPrivateKey
 ) -> None:
     verifier = verifier_for(discovery_url=f"{issuer.base}/missing")
-    with pytest.raises(Unavailable, match="404"):
-        await verifier.verify(sign(issuer, rsa_key, "rsa-1"))
+    await unavailable(verifier, sign(issuer, rsa_key, "rsa-1"), f"{issuer.base}/missing failed")
+    verifier = verifier_for(discovery_url=f"{issuer.base}/missing")
+    await unavailable(verifier, sign(issuer, rsa_key, "rsa-1"), "404")
 
 
 async def test_non_http_discovery_url_is_unavailable(
     issuer: Issuer, verifier_for: Callable[..., OidcVerifier], rsa_key: rsa.RSAPrivateKey
 ) -> None:
-    with pytest.raises(Unavailable, match="not http"):
-        await verifier_for(discovery_url="file:///etc/passwd").verify(
-            sign(issuer, rsa_key, "rsa-1")
-        )
+    verifier = verifier_for(discovery_url="file:///etc/passwd")
+    await unavailable(verifier, sign(issuer, rsa_key, "rsa-1"), "'file:///etc/passwd' is not http")
 
 
 async def test_issuer_down_is_unavailable_not_unauthorized(
@@ -544,14 +559,19 @@ async def test_issuer_down_is_unavailable_not_unauthorized(
         issuer=f"http://127.0.0.1:{free_port()}/realms/test",
         audience=AUDIENCE,
         http_timeout=2.0,
+        jwks_min_refresh=30.0,
     )
     verifier = OidcVerifier(section)
     token = sign(issuer, rsa_key, "rsa-1", iss=section.issuer)
-    for _ in range(2):  # the retry within jwks_min_refresh fails fast, also with 503
-        with pytest.raises(Unavailable) as caught:
-            await verifier.verify(token)
-        assert not isinstance(caught.value, Unauthorized)
-        assert caught.value.status == 503
+    first = await unavailable(verifier, token, f"OIDC fetch of {section.issuer}/.well-known")
+    assert not isinstance(first, Unauthorized)
+    # The retry within jwks_min_refresh fails fast, also with 503, and is told to come back when
+    # the next fetch may begin; it fetches nothing, so it logs nothing.
+    with capture_logs() as logs, pytest.raises(Unavailable) as caught:
+        await verifier.verify(token)
+    assert caught.value.message == ISSUER_DOWN and logs == []
+    assert 1 <= int(caught.value.headers["Retry-After"]) <= int(first.headers["Retry-After"])
+    assert int(first.headers["Retry-After"]) >= 25  # 30 s less the refused connection's time
     await verifier.aclose()
 
 
@@ -876,3 +896,26 @@ async def test_an_id_token_is_a_401_counted_by_its_reason(
         )
         assert created.status_code == 201, created.text
         assert await auth_failures(api, "token_type") == before + 2
+
+
+async def test_issuer_down_is_a_503_with_retry_after_and_no_url(
+    api_for: Callable[[str], Client], issuer: Issuer, rsa_key: rsa.RSAPrivateKey
+) -> None:
+    down = f"http://127.0.0.1:{free_port()}/realms/test"
+    token = sign(issuer, rsa_key, "rsa-1", iss=down)
+    async with api_for(down) as api:
+        with capture_logs() as logs:
+            answers = [
+                await api.post("/v1/conversations", json={"conversation": unique("oidc")},
+                               headers=bearer(token))
+                for _ in range(2)
+            ]  # fmt: skip
+    for answer in answers:
+        assert answer.status_code == 503
+        assert answer.json()["error"] == {"code": "unavailable", "message": ISSUER_DOWN,
+                                          "field": None}  # fmt: skip
+        assert 1 <= int(answer.headers["retry-after"]) <= 10  # jwks_min_refresh's default
+        assert "127.0.0.1" not in answer.text and "realms" not in answer.text
+    failed = [e for e in logs if e["event"] == "oidc_jwks_refresh_failed"]
+    assert len(failed) == 1  # the second request did not fetch again
+    assert f"{down}/.well-known/openid-configuration" in failed[0]["error"]

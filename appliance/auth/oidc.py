@@ -5,7 +5,8 @@ set is cached for `jwks_cache_ttl` (then refetched in the background while the c
 serving); a token with an unknown `kid` refetches it, at most once per `jwks_min_refresh`, so
 keys rotated at the issuer work without a restart while a flood of forged kids cannot hammer the
 issuer. When a refresh fails, the keys already held stay in use (an issuer outage does not log
-everybody out); with no keys at all, verification is Unavailable (503).
+everybody out); with no keys at all, verification is Unavailable: 503 with a Retry-After of when
+the next fetch may begin. The issuer's URLs and what failed go to the log only.
 
 Only access tokens are accepted, never ID tokens: `token_kinds` sorts a verified token into the
 kinds `[oidc] token_types` names (docs/api.md, "Access tokens, not ID tokens").
@@ -29,7 +30,7 @@ import structlog
 
 from appliance.auth.principal import PRINCIPAL
 from appliance.config.model import OidcSection
-from appliance.errors import Unauthorized, Unavailable
+from appliance.errors import Unauthorized, Unavailable, unavailable
 
 log = structlog.get_logger()
 
@@ -51,6 +52,10 @@ _ID_CLAIMS = ("nonce", "at_hash", "c_hash", "s_hash")
 # and Okta delegated tokens), gty (Auth0 machine-to-machine), azpacr and appidacr (Entra ID v2
 # and v1 access tokens, app-only ones included).
 _ACCESS_CLAIMS = ("scope", "scp", "gty", "azpacr", "appidacr")
+
+
+class _IssuerError(Exception):
+    """A failed discovery or JWKS fetch; its message names URLs, so it is for the log only."""
 
 
 def _id_refused() -> Unauthorized:
@@ -226,31 +231,39 @@ class OidcVerifier:
             recent = time.monotonic() - self._attempted_at < self._section.jwks_min_refresh
             if self._finished_at >= since or recent:
                 if not self._keys:
-                    raise Unavailable("the OIDC issuer's keys could not be fetched recently")
+                    raise self._unavailable()
                 return
             self._attempted_at = time.monotonic()
             try:
                 self._keys = await asyncio.to_thread(self._fetch_keys)
                 self._loaded_at = time.monotonic()
-            except Unavailable as exc:
-                log.warning("oidc_jwks_refresh_failed", error=exc.message, stale=bool(self._keys))
+            except _IssuerError as exc:
+                log.warning("oidc_jwks_refresh_failed", error=str(exc), stale=bool(self._keys))
                 if not self._keys:
-                    raise
+                    raise self._unavailable() from None
             finally:
                 self._finished_at = time.monotonic()
+
+    def _unavailable(self) -> Unavailable:
+        """The 503 while no keys are held: no URL or detail (those are logged), and Retry-After
+        the seconds until `jwks_min_refresh` lets the next fetch begin."""
+        error = unavailable("the OIDC issuer")
+        wait = self._attempted_at + self._section.jwks_min_refresh - time.monotonic()
+        error.headers["Retry-After"] = str(max(1, math.ceil(wait)))
+        return error
 
     def _fetch_keys(self) -> list[jwt.PyJWK]:
         """Blocking: discovery (once) and the JWKS. Runs in a worker thread."""
         if self._jwks_uri is None:
             document = self._get_json(self._discovery_url)
             if document.get("issuer") != self._section.issuer:
-                raise Unavailable(
+                raise _IssuerError(
                     f"OIDC discovery at {self._discovery_url} names issuer "
                     f"{document.get('issuer')!r}, not the configured {self._section.issuer!r}"
                 )
             jwks_uri = document.get("jwks_uri")
             if not isinstance(jwks_uri, str):
-                raise Unavailable(f"OIDC discovery at {self._discovery_url} has no jwks_uri")
+                raise _IssuerError(f"OIDC discovery at {self._discovery_url} has no jwks_uri")
             self._jwks_uri = jwks_uri
         entries = self._get_json(self._jwks_uri).get("keys")
         keys: list[jwt.PyJWK] = []
@@ -265,12 +278,12 @@ class OidcVerifier:
                 keys.append(key)
         if not keys:
             allowed = "/".join(self._section.algorithms)
-            raise Unavailable(f"the OIDC JWKS at {self._jwks_uri} has no {allowed} signing key")
+            raise _IssuerError(f"the OIDC JWKS at {self._jwks_uri} has no {allowed} signing key")
         return keys
 
     def _get_json(self, url: str) -> dict[str, Any]:
         if urlsplit(url).scheme not in ("http", "https"):
-            raise Unavailable(f"OIDC URL {url!r} is not http(s)")
+            raise _IssuerError(f"OIDC URL {url!r} is not http(s)")
         # The scheme is checked above, so urlopen cannot reach file: or other handlers.
         request = urllib.request.Request(url, headers={"Accept": "application/json"})  # noqa: S310
         timeout = self._section.http_timeout
@@ -283,7 +296,7 @@ class OidcVerifier:
         except (OSError, ValueError, http.client.HTTPException) as exc:
             if isinstance(exc, urllib.error.HTTPError):
                 exc.close()  # it holds the response open
-            raise Unavailable(f"OIDC fetch of {url} failed: {exc}") from None
+            raise _IssuerError(f"OIDC fetch of {url} failed: {exc}") from None
         if not isinstance(document, dict):
-            raise Unavailable(f"OIDC fetch of {url} did not return a JSON object")
+            raise _IssuerError(f"OIDC fetch of {url} did not return a JSON object")
         return document
