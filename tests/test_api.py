@@ -206,16 +206,40 @@ async def test_readyz_503_while_redis_is_down_then_recovers(
             pytest.fail("/readyz did not recover after Redis came back")
 
 
-async def test_readyz_503_once_shutdown_began(config: Config, resources: Resources) -> None:
-    await beat_others(resources, list(PROGRAMS))
+async def test_readyz_503_once_shutdown_began(
+    config: Config, resources: Resources, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The lifespan itself flags the shutdown: /readyz asked while it runs (once the heartbeat
+    is told to stop, services and Redis still open) answers 503 with a `shutdown` check."""
+    import httpx
+
+    from appliance.api import app as app_module
+
+    start_heartbeat = app_module.start_heartbeat
+    during: list[httpx.Response] = []
+
+    async def heartbeat_that_asks(*args: Any) -> asyncio.Task[None]:
+        stop: asyncio.Event = args[-1]
+        beats = await start_heartbeat(*args)
+
+        async def ask_then_stop() -> None:
+            await stop.wait()
+            transport = httpx.ASGITransport(app=app)  # no lifespan: the running app's
+            async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+                during.append(await client.get("/readyz"))
+            await beats
+
+        return asyncio.create_task(ask_then_stop())
+
+    monkeypatch.setattr(app_module, "start_heartbeat", heartbeat_that_asks)
     app = create_app(config)
     async with AsyncTestClient(app=app) as client:
-        assert (await client.get("/readyz")).status_code == 200
-        app.state.shutting_down = True  # what the lifespan sets when shutdown begins
-        response = await client.get("/readyz")
-    assert response.status_code == 503
+        await beat_others(resources, list(PROGRAMS))
+        before = await client.get("/readyz")
+    assert before.status_code == 200, before.text
+    assert [r.status_code for r in during] == [503], [r.text for r in during]
     assert {"name": "shutdown", "ok": False, "latency_ms": 0.0, "detail": "shutting down"} in (
-        response.json()["checks"]
+        during[0].json()["checks"]
     )
 
 

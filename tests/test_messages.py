@@ -263,6 +263,45 @@ async def test_history_pages_newest_first_with_cursors(api: Client, resources: R
     assert empty == {"messages": [], "next_cursor": None, "prev_cursor": None}
 
 
+async def test_history_pages_forward_to_the_end_by_their_cursors(
+    api: Client, resources: Resources
+) -> None:
+    """Oldest first from `after`, then by each page's `next_cursor`: every cursor is the one
+    for its page's edge, and the pages chain to the head with no gap and no duplicate."""
+    conversation, key = await conversation_with_key(api, resources)
+    response = await api.post(
+        f"/v1/conversations/{conversation}/messages/batch",
+        json={"messages": [body(body={"n": i}) for i in range(1, 26)]},
+        headers=bearer(key),
+    )
+    assert response.status_code == 201
+    path = f"/v1/conversations/{conversation}/messages"
+    for start, query in ((0, "after=0"), (0, f"cursor={history.encode_cursor('after', 0)}"),
+                         (7, "after=7")):  # fmt: skip
+        pages: list[list[int]] = []
+        url = f"{path}?{query}&limit=10"
+        while True:
+            page = (await api.get(url, headers=bearer(key))).json()
+            seqs = [m["seq"] for m in page["messages"]]
+            assert [m["body"]["n"] for m in page["messages"]] == seqs
+            pages.append(seqs)
+            assert page["prev_cursor"] == history.encode_cursor("before", seqs[0])
+            if len(seqs) < 10:
+                assert page["next_cursor"] is None, (query, pages)
+                break
+            assert page["next_cursor"] == history.encode_cursor("after", seqs[-1]), (query, pages)
+            assert len(pages) < 10, pages  # a cursor that never ends
+            url = f"{path}?cursor={page['next_cursor']}&limit=10"
+        assert [seq for seqs in pages for seq in seqs] == list(range(start + 1, 26)), pages
+        assert all(len(seqs) == 10 for seqs in pages[:-1]), pages
+    # A last page that ends exactly at the head still points on; the page after it is empty.
+    page = (await api.get(f"{path}?after=15&limit=10", headers=bearer(key))).json()
+    assert [m["seq"] for m in page["messages"]] == list(range(16, 26))
+    assert page["next_cursor"] == history.encode_cursor("after", 25)
+    last = (await api.get(f"{path}?cursor={page['next_cursor']}", headers=bearer(key))).json()
+    assert last == {"messages": [], "next_cursor": None, "prev_cursor": None}
+
+
 async def test_deleting_a_conversation_makes_history_unreadable_everywhere_at_once(
     config: Config, resources: Resources
 ) -> None:
