@@ -449,8 +449,37 @@ async def test_a_receipt_is_broadcast_only_when_its_mark_rises(svc: Services) ->
 
     events = await channel_events(svc, conversation, receipts)
     assert marks == [2, 2, 2, 2, 3]
+    # Read implies delivered: each rise of read raises delivered with it (one event each);
+    # the delivered receipt at 2 raised nothing and said nothing.
     assert [(e["event"], e["principal"], e["type"], e["seq"]) for e in events] == [
         ("receipt", user, "read", 2),
         ("receipt", user, "delivered", 2),
         ("receipt", user, "read", 3),
+        ("receipt", user, "delivered", 3),
     ]
+
+
+async def test_read_implies_delivered(svc: Services) -> None:
+    """Raising read to n raises delivered to n in the same script; a delivered mark ahead of
+    read stays where it is, and read never runs ahead of delivered."""
+    conversation, user, other = unique("c"), f"user:{unique('a')}", f"user:{unique('b')}"
+    presence = svc.presence
+
+    async def receipts() -> None:
+        assert await presence.receipt(conversation, user, "delivered", 5) == 5
+        assert await presence.receipt(conversation, user, "read", 3) == 3  # delivered stays 5
+        assert await presence.receipt(conversation, other, "read", 4) == 4  # delivered 0 → 4
+
+    events = await channel_events(svc, conversation, receipts)
+    assert [(e["principal"], e["type"], e["seq"]) for e in events] == [
+        (user, "delivered", 5),
+        (user, "read", 3),
+        (other, "read", 4),
+        (other, "delivered", 4),
+    ]
+    marks = {r.principal: (r.delivered, r.read) for r in await presence.receipts(conversation)}
+    assert marks == {user: (5, 3), other: (4, 4)}
+    assert all(delivered >= read for delivered, read in marks.values())
+    # Both hashes carry the receipt TTL, refreshed by a read.
+    for kind in ("delivered", "read"):
+        assert await svc.redis.pttl(svc.keys.receipts(conversation, kind)) > 0

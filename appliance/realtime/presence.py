@@ -3,7 +3,8 @@
 Presence is a sorted set per conversation whose members are `<principal>|<socket id>` scored by
 their expiry, so several sockets of one principal (on any api process) count once and a crashed
 process's sockets fade out after `presence_ttl`. Receipts are two hashes per conversation
-(`delivered`, `read`): principal → highest seq, only ever raised.
+(`delivered`, `read`): principal → highest seq, only ever raised. Read implies delivered: raising
+`read` to n raises `delivered` to n in the same script, so `read` never runs ahead.
 """
 
 from __future__ import annotations
@@ -18,19 +19,34 @@ from appliance.redis_keys import Keys
 
 ReceiptKind = Literal["delivered", "read"]
 
-# KEYS: 1 receipts hash, ARGV: 1 principal, 2 seq, 3 ttl ms, 4 channel, 5 event frame head.
-# Raises the principal's mark (never lowers it); broadcasts only a change. Returns the mark.
+# KEYS: 1 receipts hash of the kind, 2 (for `read`) the `delivered` hash. ARGV: 1 principal,
+# 2 seq, 3 ttl ms, 4 channel, 5 event frame head of the kind, 6 (for `read`) that of `delivered`.
+# Raises the principal's mark (never lowers it), and for `read` the delivered mark with it;
+# broadcasts only a change, read before delivered. Returns the mark of the kind asked.
 _RAISE_RECEIPT = """
-local old = tonumber(redis.call("HGET", KEYS[1], ARGV[1]) or "0")
-local new = tonumber(ARGV[2])
-if new > old then
-  redis.call("HSET", KEYS[1], ARGV[1], new)
-  redis.call("PUBLISH", ARGV[4], ARGV[5] .. new .. "}")
-  old = new
+local function raise(key, head)
+  local old = tonumber(redis.call("HGET", key, ARGV[1]) or "0")
+  local new = tonumber(ARGV[2])
+  if new > old then
+    redis.call("HSET", key, ARGV[1], new)
+    redis.call("PUBLISH", ARGV[4], head .. new .. "}")
+    old = new
+  end
+  redis.call("PEXPIRE", key, ARGV[3])
+  return old
 end
-redis.call("PEXPIRE", KEYS[1], ARGV[3])
-return old
+local mark = raise(KEYS[1], ARGV[5])
+if KEYS[2] then
+  raise(KEYS[2], ARGV[6])
+end
+return mark
 """
+
+
+def _receipt_head(conversation: str, principal: str, kind: ReceiptKind) -> bytes:
+    """A receipt frame up to its seq: the script appends the new mark and the closing brace."""
+    frame = {"event": "receipt", "conversation": conversation, "principal": principal, "type": kind}
+    return msgspec.json.encode(frame)[:-1] + b',"seq":'
 
 
 class ReceiptIn(msgspec.Struct, forbid_unknown_fields=True):
@@ -115,21 +131,18 @@ class Presence:
         return sorted({m.decode().rsplit("|", 1)[0] for m in members})
 
     async def receipt(self, conversation: str, principal: str, kind: ReceiptKind, seq: int) -> int:
-        head = (
-            msgspec.json.encode(
-                {
-                    "event": "receipt",
-                    "conversation": conversation,
-                    "principal": principal,
-                    "type": kind,
-                }
-            )[:-1]
-            + b',"seq":'
-        )
-        mark = await self._raise(
-            keys=[self._keys.receipts(conversation, kind)],
-            args=[principal, seq, self._receipt_ttl_ms, self._keys.channel(conversation), head],
-        )
+        keys = [self._keys.receipts(conversation, kind)]
+        args: list[str | int | bytes] = [
+            principal,
+            seq,
+            self._receipt_ttl_ms,
+            self._keys.channel(conversation),
+            _receipt_head(conversation, principal, kind),
+        ]
+        if kind == "read":  # read implies delivered, atomically
+            keys.append(self._keys.receipts(conversation, "delivered"))
+            args.append(_receipt_head(conversation, principal, "delivered"))
+        mark = await self._raise(keys=keys, args=args)
         return int(mark)
 
     async def receipts(self, conversation: str) -> list[Receipt]:
