@@ -22,6 +22,7 @@ from appliance.messages.publish import Publisher
 from appliance.realtime.hub import Hub
 from appliance.realtime.presence import Presence
 from appliance.realtime.stream import Session
+from appliance.realtime.transport import Resets
 from appliance.redis_keys import Keys
 from appliance.resources import Resources
 
@@ -36,6 +37,7 @@ class Services:
     activity: ActivityLog
     hub: Hub = field(init=False)
     sessions: set[Session] = field(default_factory=set)
+    resets: Resets = field(default_factory=Resets)  # sockets whose close could not be written
     # Marks this process's announcements: the hub hears them too, and they are applied already.
     origin: str = field(default_factory=lambda: uuid.uuid4().hex)
 

@@ -263,6 +263,9 @@ class RealtimeSection(Section):
     # when one send to it has not completed for `stall_timeout` seconds.
     queue_max: int = Field(default=5000, ge=10, le=1_000_000)
     stall_timeout: Seconds = 10.0
+    # Seconds a close frame may take to be written (a peer that stopped reading leaves no room
+    # for it) before the connection is reset; also bounds closing every socket at shutdown.
+    close_timeout: Seconds = 5.0
     max_subscriptions: int = Field(default=100, ge=1, le=10_000)
     # Messages replayed for one `since` before the socket is told to page history instead.
     max_replay: int = Field(default=5000, ge=1, le=1_000_000)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import time
 from datetime import UTC, datetime
@@ -19,6 +20,7 @@ from appliance.api.services import Services
 from appliance.auth.authenticate import bearer
 from appliance.errors import Invalid, known
 from appliance.messages import history
+from appliance.realtime import transport
 from appliance.realtime.presence import ReceiptIn
 from appliance.realtime.stream import (
     CLOSE_FORBIDDEN,
@@ -81,8 +83,14 @@ async def stream(socket: WebSocket[Any, Any, Any]) -> None:
             raise
         metrics.count_refused(error)
         codes = {401: CLOSE_UNAUTHORIZED, 403: CLOSE_FORBIDDEN, 503: CLOSE_TRY_AGAIN}
-        await socket.send_data(error_frame(error.code, error.message, error.field))
-        await socket.close(codes.get(error.status, 1011), error.code)
+        timeout = svc.config.realtime.close_timeout
+        with contextlib.suppress(Exception):  # the peer may be gone already
+            await asyncio.wait_for(
+                socket.send_data(error_frame(error.code, error.message, error.field)), timeout
+            )
+        await transport.close(
+            socket, codes.get(error.status, 1011), error.code, timeout, svc.resets
+        )
         return
     session = Session(socket, svc, principal, credential)
     svc.sessions.add(session)
@@ -95,8 +103,9 @@ async def stream(socket: WebSocket[Any, Any, Any]) -> None:
         code, reason = session.closing or (1000, "")
         metrics.WS_CLOSED.labels(str(code)).inc()
         if code != 1000:
-            with contextlib.suppress(Exception):  # the peer may be gone already
-                await socket.close(code, reason)
+            await transport.close(
+                socket, code, reason, svc.config.realtime.close_timeout, svc.resets
+            )
         client = socket.scope.get("client")
         svc.activity.record(
             ActivityRecord(

@@ -1,0 +1,253 @@
+"""`/v1/stream` at its limits, against real granian processes: a peer that never reads the close,
+sockets per principal across processes, oversized frames, the close code at shutdown, and a
+resume after Redis lost its data.
+
+Every wait has a deadline; the bounds asserted are the configured ones plus a wide margin.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import copy
+import json
+import os
+import socket
+import struct
+import time
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+from websockets.asyncio.client import ClientConnection, connect
+from websockets.exceptions import ConnectionClosed
+
+from tests.api_process import ApiProcess, admin_key, api_settings
+from tests.messaging import unique
+
+pytestmark = pytest.mark.process
+
+TIMEOUT = 10.0  # per receive: only so that a broken build fails instead of hanging
+NOISE = frozenset({"ping", "presence", "receipt"})
+Frame = dict[str, Any]
+
+
+# -- processes and clients -----------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def running(directory: Path, settings: dict[str, Any]) -> Iterator[ApiProcess]:
+    proc = ApiProcess(directory, settings)
+    proc.start()
+    try:
+        yield proc
+    finally:
+        proc.stop()
+        print(proc.log())  # shown by pytest only when a test failed
+
+
+class Api:
+    """HTTP to one api process, with an admin key to mint the keys a test needs."""
+
+    def __init__(self, http: httpx.AsyncClient, admin: str, ws_url: str) -> None:
+        self.http = http
+        self.admin = admin
+        self.ws_url = ws_url
+        self._manager: str | None = None
+
+    async def key(self, *scopes: str) -> str:
+        response = await self.http.post(
+            "/v1/keys",
+            json={"name": unique("k"), "scopes": list(scopes)},
+            headers=auth(self.admin),
+        )
+        assert response.status_code == 201, response.text
+        key: str = response.json()["key"]
+        return key
+
+    async def manager(self) -> str:
+        if self._manager is None:
+            self._manager = await self.key("manage", "publish")
+        return self._manager
+
+    async def conversation(self) -> str:
+        name = unique("conv")
+        response = await self.http.post(
+            "/v1/conversations", json={"conversation": name}, headers=auth(await self.manager())
+        )
+        assert response.status_code == 201, response.text
+        return name
+
+    async def publish(self, conversation: str, bodies: list[Any]) -> list[int]:
+        response = await self.http.post(
+            f"/v1/conversations/{conversation}/messages/batch",
+            json={"messages": [{"type": "text", "body": b} for b in bodies]},
+            headers=auth(await self.manager()),
+        )
+        assert response.status_code == 201, response.text
+        return [ack["seq"] for ack in response.json()["messages"]]
+
+    async def closed_total(self, code: int) -> float:
+        response = await self.http.get("/metrics")
+        assert response.status_code == 200, response.text
+        return samples_with(response.text, "appliance_websocket_closed_total", reason=str(code))
+
+    def socket(self, key: str, **options: Any) -> Any:
+        return connect(self.ws_url, additional_headers=auth(key), open_timeout=TIMEOUT, **options)
+
+
+@contextlib.asynccontextmanager
+async def api_client(proc: ApiProcess, admin: str) -> AsyncIterator[Api]:
+    async with httpx.AsyncClient(base_url=proc.url, timeout=30.0) as http:
+        yield Api(http, admin, proc.ws_url)
+
+
+def auth(key: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {key}"}
+
+
+def samples_with(text: str, name: str, **labels: str) -> float:
+    total = 0.0
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
+                total += sample.value
+    return total
+
+
+async def recv(ws: ClientConnection) -> Frame:
+    frame: Frame = json.loads(await asyncio.wait_for(ws.recv(), TIMEOUT))
+    return frame
+
+
+async def expect(ws: ClientConnection, event: str) -> Frame:
+    """The next `event` frame; only noise may come first."""
+    while True:
+        frame = await recv(ws)
+        if frame["event"] == event:
+            return frame
+        assert frame["event"] in NOISE, f"expected {event}, got {frame}"
+
+
+async def subscribe(ws: ClientConnection, conversation: str, since: int | None = None) -> Frame:
+    op: dict[str, Any] = {"op": "subscribe", "conversation": conversation}
+    if since is not None:
+        op["since"] = since
+    await ws.send(json.dumps(op))
+    return await expect(ws, "subscribed")
+
+
+async def closed(ws: ClientConnection) -> tuple[int | None, list[Frame]]:
+    """Read until the server closes, within a deadline: (close code, frames before it)."""
+    frames: list[Frame] = []
+    async with asyncio.timeout(TIMEOUT * 3):
+        with contextlib.suppress(ConnectionClosed):
+            while True:
+                frames.append(json.loads(await ws.recv()))
+    return ws.close_code, frames
+
+
+# -- a raw client that stops reading --------------------------------------------------------------
+
+
+def raw_socket(port: int, key: str) -> socket.socket:
+    """A WebSocket opened by hand on a socket with a small receive buffer (back-pressure comes
+    quickly); the 101 response read and nothing after it."""
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16 * 1024)
+    sock.settimeout(TIMEOUT)
+    sock.connect(("127.0.0.1", port))
+    nonce = base64.b64encode(os.urandom(16)).decode()
+    sock.sendall(
+        (
+            f"GET /v1/stream HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nUpgrade: websocket\r\n"
+            f"Connection: Upgrade\r\nSec-WebSocket-Key: {nonce}\r\n"
+            f"Sec-WebSocket-Version: 13\r\nAuthorization: Bearer {key}\r\n\r\n"
+        ).encode()
+    )
+    head = b""
+    while b"\r\n\r\n" not in head:
+        head += sock.recv(1)  # byte by byte: not one byte of the frames that follow
+    assert head.startswith(b"HTTP/1.1 101"), head
+    return sock
+
+
+def client_frame(payload: bytes, opcode: int = 0x1) -> bytes:
+    """One client frame (FIN set), masked with a zero key: the payload goes out as it is."""
+    size = len(payload)
+    if size < 126:
+        header = struct.pack("!BB", 0x80 | opcode, 0x80 | size)
+    elif size < 1 << 16:
+        header = struct.pack("!BBH", 0x80 | opcode, 0x80 | 126, size)
+    else:
+        header = struct.pack("!BBQ", 0x80 | opcode, 0x80 | 127, size)
+    return header + bytes(4) + payload
+
+
+def server_side(port: int, client_port: int) -> str | None:
+    """The TCP state (hex, as in /proc/net/tcp) of the server's end of one loopback connection,
+    or None once the server holds no socket for it."""
+    local = f"0100007F:{port:04X}"
+    remote = f"0100007F:{client_port:04X}"
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        fields = line.split()
+        if fields[1] == local and fields[2] == remote:
+            return fields[3]
+    return None
+
+
+# -- 1. a close the peer never reads ---------------------------------------------------------------
+
+
+async def test_a_close_the_peer_never_reads_ends_the_connection_within_close_timeout(
+    base_settings: dict[str, Any], migrated: str, tmp_path: Path
+) -> None:
+    """A client that stops reading is closed as a slow consumer; its close frame cannot be
+    written (the buffers are full) and the client never answers it. The server's socket is
+    gone (reset) within stall_timeout + close_timeout, not kept until the client leaves."""
+    settings = api_settings(
+        copy.deepcopy(base_settings),
+        tmp_path,
+        realtime={"queue_max": 1_000_000, "stall_timeout": 0.5, "close_timeout": 1.0},
+        api={"max_body_bytes": 16 * 1_048_576},
+    )
+    with running(tmp_path, settings) as proc:
+        admin = await asyncio.to_thread(admin_key, proc.settings)
+        async with api_client(proc, admin) as api:
+            key = await api.key("subscribe")
+            conversation = await api.conversation()
+            sock = raw_socket(proc.port, key)
+            with sock:
+                client_port = sock.getsockname()[1]
+                op = {"op": "subscribe", "conversation": conversation}
+                sock.sendall(client_frame(json.dumps(op).encode()))
+                seen = b""
+                while b"subscribed" not in seen:
+                    seen += sock.recv(4096)
+                # From here the client reads nothing: publish until the server gives up on it.
+                pad = "x" * 30_000
+                for _ in range(60):
+                    await api.publish(conversation, [{"pad": pad}] * 100)
+                    if await api.closed_total(4008) > 0:
+                        break
+                assert await api.closed_total(4008) > 0, "never closed as a slow consumer"
+                gave_up = time.monotonic()
+                # The server's end disappears (RST), well within the bound...
+                while (state := server_side(proc.port, client_port)) is not None:
+                    assert time.monotonic() - gave_up < 1.0 + 15.0, f"still there: state {state}"
+                    await asyncio.sleep(0.1)
+                # ... and the client, reading again, finds the connection reset or ended.
+                sock.settimeout(TIMEOUT)
+                ended = False
+                try:
+                    while sock.recv(1 << 20):
+                        pass
+                    ended = True
+                except ConnectionResetError:
+                    ended = True
+                assert ended
+        assert "websocket_reset_failed" not in proc.log(2000)
