@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
+import copy
 import hashlib
 import hmac
 import json
@@ -16,6 +18,7 @@ import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import Any
 
 import jwt
@@ -26,6 +29,8 @@ from jwt.algorithms import ECAlgorithm, RSAAlgorithm
 from litestar.testing import AsyncTestClient
 from prometheus_client.parser import text_string_to_metric_families
 from structlog.testing import capture_logs
+from websockets.asyncio.client import connect
+from websockets.exceptions import ConnectionClosed
 
 from appliance.api.app import create_app
 from appliance.auth.oidc import OidcIdentity, OidcVerifier
@@ -33,6 +38,7 @@ from appliance.config import Config
 from appliance.config.model import OidcSection
 from appliance.errors import Unauthorized, Unavailable
 from appliance.resources import Resources
+from tests.api_process import ApiProcess, api_settings
 from tests.messaging import unique
 from tests.support import free_port
 
@@ -919,3 +925,51 @@ async def test_issuer_down_is_a_503_with_retry_after_and_no_url(
     failed = [e for e in logs if e["event"] == "oidc_jwks_refresh_failed"]
     assert len(failed) == 1  # the second request did not fetch again
     assert f"{down}/.well-known/openid-configuration" in failed[0]["error"]
+
+
+# -- through a real api process: /v1/stream ------------------------------------------------------
+
+
+async def stream_refusal(url: str, token: str) -> tuple[dict[str, Any], int | None, str]:
+    """Connect to /v1/stream with `token`: the one error frame, the close code and reason."""
+    frames: list[dict[str, Any]] = []
+    async with (
+        asyncio.timeout(20),
+        connect(f"{url}/v1/stream?token={token}", open_timeout=10) as ws,
+    ):
+        with contextlib.suppress(ConnectionClosed):
+            async for frame in ws:
+                frames.append(json.loads(frame))
+    assert [f["event"] for f in frames] == ["error"], frames
+    return frames[0]["error"], ws.close_code, ws.close_reason or ""
+
+
+async def test_the_stream_refuses_id_tokens_and_names_no_issuer_url(
+    base_settings: dict[str, Any],
+    migrated: str,
+    tmp_path: Path,
+    issuer: Issuer,
+    rsa_key: rsa.RSAPrivateKey,
+) -> None:
+    oidc = {"enabled": True, "issuer": issuer.url, "audience": AUDIENCE, "http_timeout": 1.0,
+            "jwks_min_refresh": 1.0}  # fmt: skip
+    process = ApiProcess(tmp_path, api_settings(copy.deepcopy(base_settings), tmp_path, oidc=oidc))
+    url = process.ws_url.removesuffix("/v1/stream")
+    id_token = shaped(issuer, rsa_key, ID_SHAPES["entra v2 id"])
+    issuer.answering.clear()  # the JWKS fetch times out: no keys at all
+    try:
+        process.start()
+        error, code, _ = await stream_refusal(url, id_token)
+        assert (error["code"], error["message"], code) == ("unavailable", ISSUER_DOWN, 1013)
+        assert f"{issuer.base}/jwks failed" in process.log()  # in the log, and only there
+        issuer.answering.set()
+        deadline = time.monotonic() + 20
+        while error["code"] == "unavailable":  # until jwks_min_refresh lets a fetch begin
+            assert time.monotonic() < deadline, "the keys were never fetched"
+            await asyncio.sleep(0.2)
+            error, code, reason = await stream_refusal(url, id_token)
+        assert (error["code"], error["message"], code, reason) == (
+            "token_type", "an ID token is not an access token", 4001, "token_type")  # fmt: skip
+    finally:
+        issuer.answering.set()
+        process.stop()
