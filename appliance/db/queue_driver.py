@@ -4,7 +4,12 @@ pgqueuer's PsycopgDriver shares one connection between its NOTIFY watcher and it
 the watcher holds that connection in `notifies(timeout=1.0)` whenever the queue is idle, so the
 dequeue a NOTIFY triggers waits up to a second per query (measured: 1.0-2.0 s from enqueue to
 start on an idle worker). With LISTEN on a connection of its own, the wake-up is immediate.
-Both connections must be autocommit; the caller opens and closes them.
+Both connections must be autocommit; the caller opens them (`connect_worker`) and closes them.
+
+A LISTEN connection that dies says nothing: pgqueuer's watcher task ends, and pgqueuer's own
+NOTIFY probe only surfaces at its next poll (`[worker] poll_interval`, 30 s by default).
+`watch_listen` notices within seconds instead, and TCP keepalives cover a peer that vanished
+without closing the connection.
 """
 
 from __future__ import annotations
@@ -15,6 +20,26 @@ from typing import Any, Self
 import psycopg
 from pgqueuer import PsycopgDriver
 
+from appliance.config.model import PostgresSection
+from appliance.db.pool import conninfo
+
+
+async def connect_worker(section: PostgresSection, name: str) -> psycopg.AsyncConnection[Any]:
+    """An autocommit connection of the worker's own (outside the pool), with TCP keepalives: an
+    idle connection whose peer vanished without a FIN (a failover, a dropped NAT or proxy entry)
+    is found dead by the kernel after 5 + 2 x 3 = 11 s; data unacknowledged for 10 s fails."""
+    return await psycopg.AsyncConnection.connect(
+        conninfo(section),
+        autocommit=True,
+        connect_timeout=max(1, int(section.connect_timeout)),
+        application_name=f"appliance-{name}",
+        keepalives=1,
+        keepalives_idle=5,
+        keepalives_interval=2,
+        keepalives_count=3,
+        tcp_user_timeout=10_000,
+    )
+
 
 class SplitDriver:
     """pgqueuer's Driver protocol: fetch/execute/notify on `queries`, listeners on `listen`."""
@@ -24,6 +49,22 @@ class SplitDriver:
     ) -> None:
         self._queries = PsycopgDriver(queries)
         self._listen = PsycopgDriver(listen)
+        self._listen_conn = listen
+
+    async def watch_listen(self, interval: float, timeout: float) -> None:
+        """Every `interval` seconds, `SELECT 1` on the LISTEN connection (psycopg keeps a
+        NOTIFY that arrives meanwhile for the watcher); returns never, and raises
+        `psycopg.OperationalError` once the connection is lost or has not answered within
+        `timeout` (which includes waiting for the watcher's lock, held up to a second)."""
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                async with asyncio.timeout(timeout):
+                    await self._listen_conn.execute("SELECT 1")
+            except TimeoutError:
+                raise psycopg.OperationalError(
+                    f"the LISTEN connection did not answer within {timeout:g}s"
+                ) from None
 
     async def fetch(self, query: str, *args: object) -> list[dict[str, object]]:
         rows: list[dict[str, object]] = await self._queries.fetch(query, *args)

@@ -4,7 +4,8 @@ Each entrypoint runs under `[worker] job_timeout` (pgqueuer has no per-job timeo
 and timed by entrypoint and status. A job still running when the drain deadline cancels it is
 enqueued again before pgqueuer drops it, so shutdown never loses a job (at least once). Losing
 PostgreSQL (or the LISTEN connection) makes the worker reconnect with back-off instead of exiting,
-so a database failover does not take the container down.
+so a database failover does not take the container down. The LISTEN connection is checked every
+`LIVENESS_INTERVAL` seconds: a dead one is noticed within a few seconds, not at the next poll.
 """
 
 from __future__ import annotations
@@ -22,14 +23,15 @@ from pgqueuer.queries import Queries
 from psycopg import Error as PgError
 
 from appliance import metrics
-from appliance.db.pool import connect
-from appliance.db.queue_driver import SplitDriver
+from appliance.db.queue_driver import SplitDriver, connect_worker
 from appliance.jobs import ENTRYPOINTS, Handler, enqueue
 from appliance.resources import Resources
 
 log = structlog.get_logger()
 
 MAX_BACKOFF = 30.0
+LIVENESS_INTERVAL = 2.0  # seconds between checks of the LISTEN connection
+LIVENESS_TIMEOUT = 5.0  # seconds it may take to answer one
 
 
 def _wrap(
@@ -78,11 +80,12 @@ def _wrap(
 async def _serve(res: Resources, stop: asyncio.Event) -> None:
     """One session: two connections, the queue manager, until stop or a lost connection."""
     section = res.config.worker
-    conn = await connect(res.config.postgres, "worker")
+    conn = await connect_worker(res.config.postgres, "worker")
     try:
-        listen = await connect(res.config.postgres, "worker-listen")
+        listen = await connect_worker(res.config.postgres, "worker-listen")
         try:
-            qm = QueueManager(Queries(SplitDriver(conn, listen)))
+            driver = SplitDriver(conn, listen)
+            qm = QueueManager(Queries(driver))
             for name, handler in ENTRYPOINTS.items():
                 qm.entrypoint(name)(_wrap(res, name, handler))
             runner = asyncio.create_task(
@@ -97,11 +100,21 @@ async def _serve(res: Resources, stop: asyncio.Event) -> None:
             )
             log.info("worker_ready", entrypoints=sorted(ENTRYPOINTS))
             stopper = asyncio.create_task(stop.wait())
-            await asyncio.wait({runner, stopper}, return_when="FIRST_COMPLETED")
-            stopper.cancel()
-            qm.shutdown.set()
-            # pgqueuer waits for running jobs; the runner's drain deadline bounds that wait.
-            await runner
+            liveness = asyncio.create_task(driver.watch_listen(LIVENESS_INTERVAL, LIVENESS_TIMEOUT))
+            try:
+                await asyncio.wait({runner, stopper, liveness}, return_when="FIRST_COMPLETED")
+                stopper.cancel()
+                lost = liveness.done()
+                liveness.cancel()
+                qm.shutdown.set()
+                # pgqueuer waits for running jobs; the runner's drain deadline bounds that wait.
+                await runner
+                if lost:
+                    liveness.result()  # raises: the LISTEN connection is gone, reconnect
+            finally:
+                for task in (stopper, liveness):
+                    task.cancel()
+                await asyncio.gather(stopper, liveness, return_exceptions=True)
         finally:
             await listen.close()
     finally:
