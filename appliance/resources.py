@@ -9,10 +9,9 @@ from typing import Any
 
 import psycopg
 import redis.asyncio as aioredis
-from psycopg_pool import AsyncConnectionPool
 
 from appliance.config import Config
-from appliance.db.pool import connect, open_pool
+from appliance.db.pool import Pool, connect, open_pool
 from appliance.redis_keys import Keys, client
 from appliance.storage import Storage
 
@@ -23,7 +22,7 @@ ConnFactory = Callable[[], AbstractAsyncContextManager[Conn]]
 @dataclass
 class Resources:
     config: Config
-    pool: AsyncConnectionPool
+    pool: Pool  # fails fast while PostgreSQL is known down (appliance/db/pool.py)
     redis: aioredis.Redis
     storage: Storage
     keys: Keys

@@ -29,7 +29,9 @@ from appliance.api.app import create_app
 from appliance.auth import keys
 from appliance.auth.principal import Scope
 from appliance.config import Config
+from appliance.config.model import PostgresSection
 from appliance.db.migrate import migrate
+from appliance.db.pool import PostgresDown, open_pool
 from appliance.resources import Resources
 from tests.api_process import ApiProcess, api_settings
 from tests.messaging import bearer, body, issue_key, unique
@@ -90,7 +92,9 @@ async def migrate_with_keys(dsn: str, *scopes: list[Scope]) -> list[str]:
     return [issued.key for issued in made]
 
 
-async def create_conversation(client: Client, key: str, name: str | None = None) -> httpx.Response:
+async def create_conversation(
+    client: Client | httpx.AsyncClient, key: str, name: str | None = None
+) -> httpx.Response:
     return await client.post(
         "/v1/conversations", json={"conversation": name or unique("c")}, headers=bearer(key)
     )
@@ -298,3 +302,64 @@ async def test_stream_auth_closes_1013_while_postgres_is_down(
     finally:
         proc.stop()
         print(proc.log())
+
+
+# -- PostgreSQL outages: known down, stale caches, recovery --------------------------------------
+
+OUTAGE = 8.0  # seconds PostgreSQL stays down: past the test's cache TTLs and several of
+# psycopg_pool's reconnect back-off steps (1, 2, 4 s...), which must not delay recovery
+BACK_WITHIN = 5.0  # the product's bound is one probe interval (0.5 s) and a connect; the rest
+# is margin for a loaded 2-core machine
+
+
+async def timed(request: Awaitable[T]) -> tuple[T, float]:
+    started = time.monotonic()
+    result = await request
+    return result, time.monotonic() - started
+
+
+async def test_the_pool_fails_fast_while_postgres_is_down_and_is_back_at_once(
+    private_postgres: PrivatePostgres,
+) -> None:
+    dsn, start, kill = private_postgres
+    # A long pool timeout: a caller let go well before it was let go by the pool's knowing.
+    section = PostgresSection(dsn=dsn, pool_min=1, pool_max=1, connect_timeout=20.0)
+    async with open_pool(section, "test") as pool:
+        holder = await pool.getconn()  # the only connection: the next caller waits
+        waiter = asyncio.create_task(pool.getconn())
+        waiting_since = time.monotonic()
+        await asyncio.to_thread(kill)
+        with pytest.raises(psycopg.OperationalError):
+            await holder.execute("SELECT 1")  # the connection broke
+        await pool.putconn(holder)
+        with pytest.raises(PostgresDown):
+            await waiter
+        waited = time.monotonic() - waiting_since
+        print(f"a waiting caller was let go after {waited:.2f}s (pool timeout 20s)")
+        assert waited < 10.0
+        assert pool.down
+        outage_began = time.monotonic()
+        while time.monotonic() - outage_began < OUTAGE:  # every caller fails at once meanwhile
+            started = time.monotonic()
+            with pytest.raises(PostgresDown):
+                await pool.getconn()
+            assert time.monotonic() - started < 1.0
+            await asyncio.sleep(0.1)
+
+        await asyncio.to_thread(start)
+
+        async def select() -> bool:
+            with contextlib.suppress(PostgresDown):
+                async with pool.connection() as conn:
+                    await conn.execute("SELECT 1")
+                    return True
+            return False
+
+        started = time.monotonic()
+        while not await select():
+            assert time.monotonic() - started < RECOVERY, "the pool never came back"
+            await asyncio.sleep(0.05)
+        recovered = time.monotonic() - started
+        print(f"pool back {recovered:.2f}s after postgres accepted connections")
+        assert recovered <= BACK_WITHIN
+        assert not pool.down
