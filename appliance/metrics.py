@@ -92,6 +92,11 @@ RATE_LIMITED = Counter("appliance_rate_limited_total", "Requests refused with 42
 ACTIVITY_RECORDS = Counter(
     "appliance_activity_records_total", "API activity records by outcome", ["outcome"]
 )
+STALE_SERVED = Counter(
+    "appliance_cache_stale_served_total",
+    "Cached keys and grants served past their TTL while PostgreSQL could not be asked",
+    ["cache"],
+)
 
 
 def count_refused(error: Exception) -> None:

@@ -18,6 +18,7 @@ import pytest
 from appliance.auth import authenticate as authenticate_module
 from appliance.auth.authenticate import Authenticator
 from appliance.auth.principal import Principal
+from appliance.cache import MISSING, Cache
 from appliance.config import Config
 from appliance.conversations import service
 from appliance.conversations.access import Access
@@ -150,3 +151,49 @@ async def test_made_up_key_ids_never_evict_real_keys(
     with pytest.raises(Unauthorized):  # the latest made-up ids are remembered too
         await auth.authenticate(bearer(made_up[-1])["Authorization"], None, None)
     assert connections.opened == 51
+
+
+class Clock:
+    """A timer the test moves by hand: the stale window is checked without waiting for it."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_an_entry_past_its_ttl_is_stale_within_the_window_then_gone() -> None:
+    clock = Clock()
+    cache: Cache[str, str] = Cache(ttl=30, maxsize=10, stale_window=300, timer=clock)
+    cache.put("k", "v", cache.generation)
+    clock.now += 29.9
+    assert cache.get("k") == "v"
+    clock.now += 0.2  # past the TTL: reloaded when PostgreSQL answers, stale() when it cannot
+    assert cache.get("k") is MISSING
+    assert cache.stale("k") == "v"
+    clock.now += 299.7  # 329.8 s old: still within TTL + window
+    assert cache.stale("k") == "v"
+    clock.now += 0.3
+    assert cache.stale("k") is MISSING
+
+
+def test_a_dropped_entry_is_not_served_stale() -> None:
+    """An invalidation (a revocation, a removal) holds during an outage too."""
+    clock = Clock()
+    cache: Cache[str, str] = Cache(ttl=30, maxsize=10, stale_window=300, timer=clock)
+    for key in ("a", "b"):
+        cache.put(key, key, cache.generation)
+    clock.now += 60
+    cache.drop(lambda key: key == "a")
+    assert (cache.stale("a"), cache.stale("b")) == (MISSING, "b")
+    cache.drop()
+    assert cache.stale("b") is MISSING
+
+
+def test_without_a_stale_window_nothing_outlives_the_ttl() -> None:
+    clock = Clock()
+    cache: Cache[str, str] = Cache(ttl=30, maxsize=10, timer=clock)
+    cache.put("k", "v", cache.generation)
+    clock.now += 30
+    assert (cache.get("k"), cache.stale("k")) == (MISSING, MISSING)

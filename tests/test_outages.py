@@ -32,7 +32,10 @@ from appliance.config import Config
 from appliance.config.model import PostgresSection
 from appliance.db.migrate import migrate
 from appliance.db.pool import PostgresDown, open_pool
-from appliance.resources import Resources
+from appliance.invalidation import Invalidation, announce
+from appliance.redis_keys import client
+from appliance.resources import Resources, keys_for
+from appliance.storage import Storage
 from tests.api_process import ApiProcess, api_settings
 from tests.messaging import bearer, body, issue_key, unique
 from tests.test_stream import NOISE, TIMEOUT, api_client, closed, expect, recv, send, subscribe
@@ -318,6 +321,16 @@ async def timed(request: Awaitable[T]) -> tuple[T, float]:
     return result, time.monotonic() - started
 
 
+async def back(request: Callable[[], Awaitable[httpx.Response]], status: int) -> float:
+    """Seconds until `request` answers `status` (polled every 50 ms, failing after RECOVERY)."""
+    started = time.monotonic()
+    while (response := await request()).status_code != status:
+        if time.monotonic() - started > RECOVERY:
+            pytest.fail(f"no {status} within {RECOVERY}s: {response.status_code} {response.text}")
+        await asyncio.sleep(0.05)
+    return time.monotonic() - started
+
+
 async def test_the_pool_fails_fast_while_postgres_is_down_and_is_back_at_once(
     private_postgres: PrivatePostgres,
 ) -> None:
@@ -363,3 +376,156 @@ async def test_the_pool_fails_fast_while_postgres_is_down_and_is_back_at_once(
         print(f"pool back {recovered:.2f}s after postgres accepted connections")
         assert recovered <= BACK_WITHIN
         assert not pool.down
+
+
+class Load:
+    """Publishers that post one message after another until stopped, keeping every answer."""
+
+    def __init__(self, http: httpx.AsyncClient, conversation: str) -> None:
+        self.http = http
+        self.url = f"/v1/conversations/{conversation}/messages"
+        self.answers: dict[str, list[tuple[int, str]]] = {}
+        self._stop = asyncio.Event()
+        self._tasks: list[asyncio.Task[None]] = []
+
+    def start(self, name: str, headers: dict[str, str], workers: int = 2) -> None:
+        self.answers[name] = []
+        for _ in range(workers):
+            self._tasks.append(asyncio.create_task(self._publish(name, headers)))
+
+    async def _publish(self, name: str, headers: dict[str, str]) -> None:
+        while not self._stop.is_set():
+            response = await self.http.post(self.url, json=body(), headers=headers)
+            self.answers[name].append((response.status_code, response.text))
+
+    def counts(self) -> dict[str, int]:
+        return {name: len(answers) for name, answers in self.answers.items()}
+
+    async def __aenter__(self) -> Load:
+        return self
+
+    async def __aexit__(self, *_: object) -> None:
+        self._stop.set()
+        await asyncio.gather(*self._tasks)
+
+
+@pytest.mark.process
+async def test_known_keys_and_members_publish_through_a_postgres_outage(
+    base_settings: dict[str, Any], tmp_path: Path, private_postgres: PrivatePostgres
+) -> None:
+    """Under continuous publishing by a key and by a member user, PostgreSQL stops for longer
+    than the cache TTLs: publishes go on from the caches (stale past the TTL), a call that needs
+    PostgreSQL answers 503 at once, a revocation announced through Redis meanwhile holds, and
+    everything is back within a probe interval (asserted with margin) of PostgreSQL's return."""
+    dsn, start, kill = private_postgres
+    admin, publisher, impersonator, doomed = await migrate_with_keys(
+        dsn, ["admin"], ["publish"], ["impersonate"], ["publish"]
+    )
+    settings = api_settings(
+        copy.deepcopy(base_settings),
+        tmp_path,
+        postgres={"dsn": dsn, "connect_timeout": 5.0},
+        auth={"key_cache_ttl": 1.0, "membership_cache_ttl": 1.0, "stale_window": 300.0},
+    )
+    config = Config.model_validate(settings)
+    await Storage.create(config.s3).init()  # the bucket, for /readyz to be 200 at the end
+    member = f"user:{unique('m')}"
+    proc = ApiProcess(tmp_path, settings).start()
+    try:
+        async with httpx.AsyncClient(base_url=proc.url, timeout=30.0) as http:
+            conversation = unique("c")
+            created = await http.post(
+                "/v1/conversations",
+                json={
+                    "conversation": conversation,
+                    "members": [{"principal": member, "role": "member"}],
+                },
+                headers=bearer(admin),
+            )
+            assert created.status_code == 201, created.text
+            as_member = bearer(impersonator, **{"X-On-Behalf-Of": member})
+            async with Load(http, conversation) as load:
+
+                def publish(headers: dict[str, str]) -> Awaitable[httpx.Response]:
+                    return http.post(load.url, json=body(), headers=headers)
+
+                def create() -> Awaitable[httpx.Response]:
+                    return create_conversation(http, admin)
+
+                for headers in (bearer(publisher), as_member, bearer(doomed)):  # now cached
+                    assert (await publish(headers)).status_code == 201
+                # Revoked in PostgreSQL without a word to the api (the announcement comes during
+                # the outage), and not used before it: the api holds it as valid.
+                async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as conn:
+                    await conn.execute(
+                        "UPDATE api_keys SET revoked_at = now() WHERE id = %s",
+                        (doomed.split("_")[1],),
+                    )
+                load.start("key", bearer(publisher))
+                load.start("member", as_member)
+
+                await asyncio.to_thread(kill)
+                outage_began = time.monotonic()
+                before = load.counts()
+
+                async def fast_503() -> bool | None:
+                    (response, elapsed) = await timed(create())
+                    assert_unavailable(response, "postgresql")
+                    return True if elapsed < 1.0 else None  # the first may find out the hard way
+
+                await eventually(fast_503, "a fast 503 while postgresql is down")
+                for _ in range(5):  # known down: every call answers at once, none waits 5 s
+                    response, elapsed = await timed(create())
+                    assert_unavailable(response, "postgresql")
+                    assert elapsed < 1.0, f"{elapsed:.2f}s for a 503 while postgresql is known down"
+                ready, elapsed = await timed(http.get("/readyz"))
+                assert ready.status_code == 503 and elapsed < 1.0, (ready.text, elapsed)
+                checks = {check["name"]: check for check in ready.json()["checks"]}
+                assert "known down" in checks["postgres"]["detail"]
+
+                # Past the TTL, the doomed key is served stale; then its revocation arrives.
+                assert (await publish(bearer(doomed))).status_code == 201
+                redis = client(config.redis, "test")
+                try:
+                    event = Invalidation("key", doomed.split("_")[1])
+                    assert await announce(redis, keys_for(config), event)
+                finally:
+                    await redis.aclose()
+
+                async def refused() -> httpx.Response | None:
+                    response = await publish(bearer(doomed))
+                    return None if response.status_code == 201 else response
+
+                # It cannot be looked up while PostgreSQL is down: refused as unavailable.
+                assert_unavailable(await eventually(refused, "the revocation"), "postgresql")
+
+                while time.monotonic() - outage_began < OUTAGE:  # the outage lasts, the load runs
+                    assert_unavailable(await create(), "postgresql")
+                    await asyncio.sleep(0.2)
+                during = {name: n - before[name] for name, n in load.counts().items()}
+
+                await asyncio.to_thread(start)
+                creating, readying = await asyncio.gather(
+                    back(create, 201), back(lambda: http.get("/readyz"), 200)
+                )
+                print(f"back after postgresql: create in {creating:.2f}s, /readyz {readying:.2f}s")
+                assert creating <= BACK_WITHIN
+                assert readying <= BACK_WITHIN
+                revoked = await publish(bearer(doomed))
+                assert (revoked.status_code, revoked.json()["error"]["code"]) == (
+                    401,
+                    "key_revoked",
+                )
+                for headers in (bearer(publisher), as_member):
+                    assert (await publish(headers)).status_code == 201
+            served = (await http.get("/metrics")).text
+            for cache in ("keys", "conversations", "roles"):  # what the stale path served
+                assert f'appliance_cache_stale_served_total{{cache="{cache}"}}' in served
+        print(f"publishes during the outage: {during}; in all: {load.counts()}")
+        for name, answers in load.answers.items():
+            failed = [answer for answer in answers if answer[0] != 201]
+            assert not failed, f"{name}: {len(failed)} of {len(answers)} failed: {failed[:3]}"
+            assert during[name] >= 10, f"{name} published only {during[name]} times"
+    finally:
+        proc.stop()
+        print(proc.log())

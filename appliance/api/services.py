@@ -90,7 +90,7 @@ async def open_services(res: Resources) -> AsyncIterator[Services]:
     svc = Services(
         resources=res,
         auth=Authenticator(config, res.connection),
-        access=Access(res.connection, config.auth.membership_cache_ttl),
+        access=Access(res.connection, config.auth.membership_cache_ttl, config.auth.stale_window),
         publisher=Publisher(res.redis, res.keys, config.messages),
         presence=Presence(
             res.redis, res.keys, config.realtime.presence_ttl, config.realtime.receipt_ttl

@@ -16,6 +16,7 @@ from typing import Any, cast
 import psycopg
 import structlog
 
+from appliance import metrics
 from appliance.auth import keys
 from appliance.auth.oidc import OidcVerifier
 from appliance.auth.principal import PRINCIPAL, SCOPES, Principal
@@ -50,10 +51,10 @@ class Authenticator:
     def __init__(self, config: Config, connection: ConnFactory) -> None:
         self._config = config
         self._connection = connection
-        ttl = config.auth.key_cache_ttl
-        self._known: Cache[str, keys.KeyRecord] = Cache(ttl, _KNOWN_MAX)
+        ttl, stale = config.auth.key_cache_ttl, config.auth.stale_window
+        self._known: Cache[str, keys.KeyRecord] = Cache(ttl, _KNOWN_MAX, stale)
         # Ids that are no key, apart: a flood of made-up ids never evicts the real ones.
-        self._unknown: Cache[str, None] = Cache(ttl, _UNKNOWN_MAX)
+        self._unknown: Cache[str, None] = Cache(ttl, _UNKNOWN_MAX, stale)
         self._used: dict[str, datetime] = {}
         self._oidc = OidcVerifier(config.oidc) if config.oidc.enabled else None
         self._flusher: asyncio.Task[None] | None = None
@@ -135,8 +136,17 @@ class Authenticator:
         if self._unknown.get(key_id) is not MISSING:
             return None
         known_generation, unknown_generation = self._known.generation, self._unknown.generation
-        async with self._connection() as conn:
-            record = await keys.fetch(conn, key_id)
+        try:
+            async with self._connection() as conn:
+                record = await keys.fetch(conn, key_id)
+        except psycopg.OperationalError:
+            # PostgreSQL cannot be asked (fast while it is known down): what this process knew
+            # of the id within `[auth] stale_window`, unless an invalidation dropped it.
+            stale = self._known.stale(key_id)
+            if stale is MISSING and self._unknown.stale(key_id) is MISSING:
+                raise
+            metrics.STALE_SERVED.labels("keys").inc()
+            return None if stale is MISSING else cast(keys.KeyRecord, stale)
         if record is None:
             self._unknown.put(key_id, None, unknown_generation)
         else:

@@ -204,6 +204,9 @@ class AuthSection(Section):
     rotate_grace: LongSeconds = 86400.0
     # Seconds a cached membership or conversation lookup may be served (invalidated on change).
     membership_cache_ttl: Seconds = 30.0
+    # Seconds past their TTL that cached keys and grants keep serving while PostgreSQL cannot be
+    # asked (an outage); invalidations still drop them. 0: never serve past the TTL.
+    stale_window: float = Field(default=300.0, ge=0, le=86400)
 
 
 class OidcSection(Section):

@@ -2,7 +2,8 @@
 
 Existence and roles are cached per api process for `[auth] membership_cache_ttl`; every change is
 announced on the invalidation channel and dropped here at once, so a removed member or a deleted
-conversation is refused within milliseconds on every process.
+conversation is refused within milliseconds on every process. While PostgreSQL cannot be asked,
+what was cached serves for `[auth] stale_window` past its TTL (docs/operations.md).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from typing import Any, Literal, cast
 
 import psycopg
 
+from appliance import metrics
 from appliance.auth.principal import Principal
 from appliance.cache import MISSING, Cache
 from appliance.conversations import service
@@ -41,10 +43,10 @@ _CACHE_MAX = 100_000
 
 
 class Access:
-    def __init__(self, connection: ConnFactory, ttl: float) -> None:
+    def __init__(self, connection: ConnFactory, ttl: float, stale_window: float = 0.0) -> None:
         self._connection = connection
-        self._exists: Cache[str, bool] = Cache(ttl, _CACHE_MAX)
-        self._roles: Cache[tuple[str, str], str | None] = Cache(ttl, _CACHE_MAX)
+        self._exists: Cache[str, bool] = Cache(ttl, _CACHE_MAX, stale_window)
+        self._roles: Cache[tuple[str, str], str | None] = Cache(ttl, _CACHE_MAX, stale_window)
 
     @property
     def generation(self) -> int:
@@ -79,8 +81,11 @@ class Access:
         if cached is not MISSING:
             return cast("str | None", cached)
         generation = self._roles.generation
-        async with self._connection() as conn:
-            role = await service.role_of(conn, conversation, principal)
+        try:
+            async with self._connection() as conn:
+                role = await service.role_of(conn, conversation, principal)
+        except psycopg.OperationalError as exc:
+            return cast("str | None", _stale(self._roles, key, "roles", exc))
         self._roles.put(key, role, generation)
         return role
 
@@ -89,8 +94,11 @@ class Access:
         if cached is not MISSING:
             return cast(bool, cached)
         generation = self._exists.generation
-        async with self._connection() as conn:
-            found = await service.exists(conn, conversation)
+        try:
+            async with self._connection() as conn:
+                found = await service.exists(conn, conversation)
+        except psycopg.OperationalError as exc:
+            return cast(bool, _stale(self._exists, conversation, "conversations", exc))
         self._exists.put(conversation, found, generation)
         return found
 
@@ -105,3 +113,13 @@ class Access:
         elif event.kind == "member" and event.principal is not None:
             member = (event.id, event.principal)
             self._roles.drop(lambda key: key == member)
+
+
+def _stale(cache: Cache[Any, Any], key: Any, name: str, outage: psycopg.Error) -> object:
+    """When PostgreSQL cannot be asked (fast while it is known down): what was cached within
+    `[auth] stale_window`, unless an invalidation dropped it; else the outage goes on up."""
+    value = cache.stale(key)
+    if value is MISSING:
+        raise outage
+    metrics.STALE_SERVED.labels(name).inc()
+    return value
