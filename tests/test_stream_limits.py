@@ -22,6 +22,7 @@ from typing import Any
 
 import httpx
 import pytest
+import redis.asyncio as aioredis
 from prometheus_client.parser import text_string_to_metric_families
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
@@ -251,3 +252,66 @@ async def test_a_close_the_peer_never_reads_ends_the_connection_within_close_tim
                     ended = True
                 assert ended
         assert "websocket_reset_failed" not in proc.log(2000)
+
+
+# -- 5. Redis lost its data ----------------------------------------------------------------------
+
+
+async def test_after_redis_lost_its_data_a_resume_above_the_head_gets_seq_reset(
+    base_settings: dict[str, Any], migrated: str, tmp_path: Path, private_redis: Any
+) -> None:
+    """Seqs start again at 1 after a flush: a resume with `since` above the new head, and a live
+    subscription that hears a seq it already had, both end with `seq_reset`, never skipping the
+    new messages that take those seqs."""
+    port, _, _ = private_redis
+    settings = api_settings(
+        copy.deepcopy(base_settings), tmp_path, redis={"url": f"redis://127.0.0.1:{port}/0"}
+    )
+    with running(tmp_path, settings) as proc:
+        admin = await asyncio.to_thread(admin_key, proc.settings)
+        async with api_client(proc, admin) as api:
+            key = await api.key("subscribe")
+            conversation = await api.conversation()
+            assert await api.publish(conversation, [{"n": n} for n in range(5)]) == [1, 2, 3, 4, 5]
+            async with api.socket(key) as live:
+                await subscribe(live, conversation, since=0)
+                seqs = [(await expect(live, "message"))["message"]["seq"] for _ in range(5)]
+                assert seqs == [1, 2, 3, 4, 5]
+
+                redis = aioredis.Redis(port=port)
+                try:
+                    await redis.flushall()
+                finally:
+                    await redis.aclose()
+                assert await api.publish(conversation, [{"n": "new"}]) == [1]
+
+                # The live subscription hears seq 1 again: it ends, naming the head.
+                error = (await expect(live, "error"))["error"]
+                assert (error["code"], error["conversation"], error["seq"]) == (
+                    "seq_reset",
+                    conversation,
+                    1,
+                )
+            async with api.socket(key) as ws:
+                await ws.send(
+                    json.dumps({"op": "subscribe", "conversation": conversation, "since": 5})
+                )
+                error = (await expect(ws, "error"))["error"]
+                assert (error["code"], error["field"], error["conversation"], error["seq"]) == (
+                    "seq_reset",
+                    "since",
+                    conversation,
+                    1,
+                )
+                # Not subscribed after it: a resume from the history's end gets what follows.
+                assert (await subscribe(ws, conversation, since=0))["seq"] == 1
+                assert (await expect(ws, "message"))["message"]["body"] == {"n": "new"}
+                assert await api.publish(conversation, [{"n": "next"}]) == [2]
+                assert (await expect(ws, "message"))["message"]["seq"] == 2
+            # A negative since is still invalid.
+            async with api.socket(key) as ws:
+                await ws.send(
+                    json.dumps({"op": "subscribe", "conversation": conversation, "since": -1})
+                )
+                error = (await expect(ws, "error"))["error"]
+                assert (error["code"], error["field"]) == ("invalid", "since")

@@ -72,6 +72,8 @@ class Subscription:
         self.stale = False
         self.held: list[tuple[int, str, float | None]] = []
         self.present = False  # announced online: leaving announces offline
+        self.floor = 0  # the head when the channel was joined
+        self.heard = 0  # the last seq heard on the channel
 
     @property
     def current(self) -> bool:
@@ -82,6 +84,15 @@ class Subscription:
     def on_frame(self, seq: int | None, at: float | None, frame: str) -> None:
         if seq is None:  # receipt and presence events
             self.session.send(frame, None)
+            return
+        # One script takes a seq and publishes it, so the channel brings seqs above the head at
+        # the join, each above the one before. Any other that the client has had means Redis
+        # lost its data: a new message under an old seq (a duplicate is never below the floor).
+        went_back = seq <= self.heard or seq <= self.floor
+        self.heard = seq
+        if went_back and seq <= self.last:
+            self.live = False
+            self.session.spawn(self.reset(seq))
         elif not self.live:
             self.held.append((seq, frame, at))
             if len(self.held) > self.session.queue_max:  # live outruns the catch-up
@@ -161,8 +172,9 @@ class Subscription:
         )
 
     async def reset(self, head: int) -> None:
-        """The conversation's head is below what was sent: Redis lost its data and seqs start
-        again. Frames with those seqs would look like duplicates: end the subscription instead."""
+        """The conversation's head is below what the client has (what was sent, or its resume
+        point): Redis lost its data and seqs start again. Frames with those seqs would look like
+        duplicates: end the subscription instead."""
         await self._end(
             "seq_reset",
             f"the conversation's seqs restarted below {self.last} (Redis lost data): page the "
@@ -340,19 +352,23 @@ class Session:
 
     async def _start(self, sub: Subscription, since: int | None, generation: int) -> None:
         svc, conversation = self.svc, sub.conversation
+        # Read before joining: every seq the channel brings from the join on is above it. (A
+        # client knows of a seq only once it was published, so `since` is never above it.)
+        head = sub.floor = await history.head(svc.redis, svc.keys, conversation)
         await svc.hub.join(svc.keys.channel(conversation), sub)
         if svc.access.generation != generation:
             # Access changed while it was checked: from here on a change rechecks this
             # subscription (it is in `subs`), but one that came before must be looked at again.
             await svc.access.require(self.principal, conversation, "subscribe")
-        head = await history.head(svc.redis, svc.keys, conversation)
+        if since is not None and since > head:
+            # No seq above the head was handed out, unless Redis lost its data and seqs started
+            # again: resuming there would skip, unseen, whatever takes those seqs next.
+            sub.last = since
+            return await sub.reset(head)
         problem = None
-        if since is not None and (since < 0 or since > head):
+        if since is not None and since < 0:
             problem = error_frame(
-                "invalid",
-                f"must be between 0 and the head seq {head}",
-                "since",
-                conversation=conversation,
+                "invalid", "must not be negative", "since", conversation=conversation
             )
         elif since is not None and head - since > svc.config.realtime.max_replay:
             problem = error_frame(
