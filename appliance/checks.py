@@ -9,6 +9,7 @@ operator knows what to fix before reading the client's message.
 from __future__ import annotations
 
 import asyncio
+import re
 import socket
 import ssl
 import time
@@ -79,9 +80,9 @@ def cause_of(exc: BaseException) -> str | None:
         if isinstance(node, TimeoutError):
             return "timeout"
     text = " ".join(str(n) for n in seen).lower()
-    if "role" in text and "does not exist" in text:
+    if re.search(r'\brole "[^"]*" does not exist', text):
         return "authentication failed"
-    if "database" in text and "does not exist" in text:
+    if re.search(r'\bdatabase "[^"]*" does not exist', text):
         return "database does not exist"
     for cause, fragments in CAUSES:
         if any(f in text for f in fragments):

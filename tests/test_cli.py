@@ -162,7 +162,7 @@ def test_doctor_names_a_missing_database_and_a_refused_user(
     settings["postgres"]["dsn"] = base.replace("//postgres@", "//no_such_role@") + "/postgres"
     done = cli(write_toml(tmp_path / "b.toml", settings), "doctor")
     assert "authentication failed: " in done.stdout, done.stdout
-    assert "hint: the credentials in postgres.dsn are refused" in done.stdout
+    assert "hint: the credentials (postgres.dsn) are refused" in done.stdout
 
 
 async def test_check_causes_from_the_real_clients() -> None:

@@ -27,15 +27,20 @@ from appliance.redis_keys import client
 from appliance.resources import ConnFactory, direct_connection, keys_for, open_resources
 from appliance.storage import Storage
 
-# The config key to look at, by dependency; the cause (the detail's start) says what to look for.
-KEYS = {"postgres": "postgres.dsn", "redis": "redis.url", "s3": "the [s3] section"}
+# The config keys to look at, by dependency: (where it is, who we are); the cause (the start of
+# the detail) says what to look for there.
+KEYS = {
+    "postgres": ("postgres.dsn", "postgres.dsn"),
+    "redis": ("redis.url", "redis.url"),
+    "s3": ("s3.endpoint_url", "s3.access_key_id and s3.secret_access_key"),
+}
 CAUSE_HINTS = {
-    "connection refused": "nothing listens at the host and port of {key}: is it running there?",
-    "DNS failure": "the host name in {key} does not resolve",
-    "timeout": "no answer from the host in {key}: a firewall, or the wrong host",
-    "authentication failed": "the credentials in {key} are refused",
-    "database does not exist": "create the database named in {key}, or fix its name",
-    "TLS failure": "check the TLS settings in {key} and the server's certificate",
+    "connection refused": "nothing listens at the host and port of {where}: is it running there?",
+    "DNS failure": "the host name in {where} does not resolve",
+    "timeout": "no answer from the host in {where}: a firewall, or the wrong host",
+    "authentication failed": "the credentials ({who}) are refused",
+    "database does not exist": "create the database named in {where}, or fix its name",
+    "TLS failure": "check the TLS settings of {where} and the server's certificate",
 }
 HINTS = {
     "postgres": "check postgres.dsn and that PostgreSQL accepts connections",
@@ -57,11 +62,11 @@ NEEDS = {
 
 def hint(result: CheckResult) -> str:
     """The fix for a failed check: by cause and config key for a dependency, else by check."""
-    key = KEYS.get(result.name)
-    if key is not None:
+    keys = KEYS.get(result.name)
+    if keys is not None:
         for cause, text in CAUSE_HINTS.items():
             if result.detail.startswith(cause):
-                return text.format(key=key)
+                return text.format(where=keys[0], who=keys[1])
     return HINTS[result.name]
 
 
@@ -76,22 +81,19 @@ def skipped(parts: list[str], deps: list[CheckResult]) -> dict[str, str]:
     return out
 
 
-async def _dependencies(
-    config: Config, name: str
-) -> tuple[list[CheckResult], ConnFactory, Storage]:
+async def _dependencies(config: Config, name: str) -> tuple[list[CheckResult], ConnFactory]:
     """The dependency checks over one-off connections: no pool retries hide the cause."""
     connection = direct_connection(config, name)
-    storage = Storage.create(config.s3)
     redis = client(config.redis, name)
     try:
-        checks = dependency_checks(config, connection, redis, storage)
-        return await run_checks(checks, config.api.check_timeout), connection, storage
+        checks = dependency_checks(config, connection, redis, Storage.create(config.s3))
+        return await run_checks(checks, config.api.check_timeout), connection
     finally:
         await redis.aclose()
 
 
 async def _status(config: Config) -> dict[str, Any]:
-    deps, connection, _ = await _dependencies(config, "status")
+    deps, connection = await _dependencies(config, "status")
     out: dict[str, Any] = {
         "dependencies": [d.as_dict() for d in deps],
         "expected_schema": expected_version(),
@@ -201,7 +203,7 @@ def status(as_json: bool) -> None:
 
 
 async def _doctor(config: Config, job_timeout: float) -> tuple[list[CheckResult], dict[str, str]]:
-    results, connection, _ = await _dependencies(config, "doctor")
+    results, connection = await _dependencies(config, "doctor")
     skip = skipped(["schema", "jobs"], results)
     timeout = config.api.check_timeout
     if "schema" not in skip:
