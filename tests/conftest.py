@@ -51,6 +51,17 @@ def drop_database(name: str) -> None:
         )
 
 
+PROCESS_TEST_TIMEOUT = 300  # seconds; pytest-timeout's backstop for the `process` tests
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Process tests start and stop whole stacks: give them a longer backstop than the
+    ini's `timeout`, unless a test names its own."""
+    for item in items:
+        if item.get_closest_marker("process") and not item.get_closest_marker("timeout"):
+            item.add_marker(pytest.mark.timeout(PROCESS_TEST_TIMEOUT))
+
+
 @pytest.fixture(scope="session")
 def database() -> Iterator[str]:
     """A database for this run (migrated by the tests that need it)."""

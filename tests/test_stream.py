@@ -30,6 +30,9 @@ from tests.messaging import unique
 pytestmark = pytest.mark.process
 
 TIMEOUT = 10.0  # per receive: only so that a failure does not hang the run
+# Every wait for an event has an overall deadline too: the server pings every second, so a
+# read that skips noise would otherwise wait forever for a frame that never comes.
+WAIT = 30.0
 NOISE = frozenset({"ping", "presence", "receipt"})
 Frame = dict[str, Any]
 UNKNOWN_KEY = "ak_" + "0" * 12 + "_" + "s" * 43  # well-formed, never issued
@@ -151,13 +154,24 @@ async def recv(ws: ClientConnection) -> Frame:
     return frame
 
 
+@contextlib.asynccontextmanager
+async def within(seconds: float, what: str) -> AsyncIterator[None]:
+    """Fail (instead of hanging) when the block has not finished after `seconds`."""
+    try:
+        async with asyncio.timeout(seconds):
+            yield
+    except TimeoutError:
+        raise AssertionError(f"timed out after {seconds:g}s waiting for {what}") from None
+
+
 async def expect(ws: ClientConnection, event: str, ignore: frozenset[str] = NOISE) -> Frame:
     """The next `event` frame; frames of the `ignore` kinds may come first, nothing else."""
-    while True:
-        frame = await recv(ws)
-        if frame["event"] == event:
-            return frame
-        assert frame["event"] in ignore, f"expected {event}, got {frame}"
+    async with within(WAIT, f"a {event} frame"):
+        while True:
+            frame = await recv(ws)
+            if frame["event"] == event:
+                return frame
+            assert frame["event"] in ignore, f"expected {event}, got {frame}"
 
 
 async def messages(ws: ClientConnection, count: int) -> list[Frame]:
@@ -168,10 +182,11 @@ async def messages(ws: ClientConnection, count: int) -> list[Frame]:
 async def messages_until(ws: ClientConnection, conversation: str, seq: int) -> list[int]:
     """Seqs of `conversation` received until `seq` arrives (other frames: noise only)."""
     seqs: list[int] = []
-    while not seqs or seqs[-1] < seq:
-        message = (await expect(ws, "message"))["message"]
-        assert message["conversation"] == conversation, message
-        seqs.append(message["seq"])
+    async with within(2 * WAIT, f"seq {seq} of {conversation}"):
+        while not seqs or seqs[-1] < seq:
+            message = (await expect(ws, "message"))["message"]
+            assert message["conversation"] == conversation, message
+            seqs.append(message["seq"])
     return seqs
 
 
@@ -189,8 +204,9 @@ async def closed(ws: ClientConnection) -> tuple[int | None, str | None, list[Fra
     """Read until the server closes: (close code, reason, frames received before it)."""
     frames: list[Frame] = []
     try:
-        while True:
-            frames.append(await recv(ws))
+        async with within(WAIT, "the server to close the socket"):
+            while True:
+                frames.append(await recv(ws))
     except ConnectionClosed:
         pass
     return ws.close_code, ws.close_reason, frames
@@ -483,8 +499,10 @@ async def test_no_gap_and_no_duplicate_at_the_seam(api: Api) -> None:
             acked.append(await api.publish(conversation))
 
     async def reached(count: int) -> None:
-        while len(acked) < count:
-            await asyncio.sleep(0.005)
+        async with within(WAIT, f"{count} acknowledged publishes"):
+            while len(acked) < count:
+                assert not any(t.done() and t.exception() for t in tasks), "a publisher failed"
+                await asyncio.sleep(0.005)
 
     tasks = [asyncio.create_task(publish(total // publishers)) for _ in range(publishers)]
     try:
@@ -897,7 +915,9 @@ async def test_hub_reconnects_after_redis_restart(
                 seqs: list[int] = []
                 reset: list[dict[str, Any]] = []
                 last = 0
-                for _ in range(300):  # publish until the hub is back and one arrives
+                give_up = asyncio.get_running_loop().time() + 2 * WAIT
+                # Publish until the hub is back and one arrives.
+                while asyncio.get_running_loop().time() < give_up:
                     with contextlib.suppress(httpx.HTTPError, AssertionError):
                         last = await api.publish(after)
                     try:
@@ -916,16 +936,17 @@ async def test_hub_reconnects_after_redis_restart(
                 assert seqs, f"no message after the Redis restart\n{proc.log()}"
                 for _ in range(5):
                     last = await api.publish(after)
-                while True:
-                    event = await recv(ws)
-                    if event["event"] == "error":
-                        reset.append(event["error"])
-                    elif event["event"] == "message":
-                        seqs.append(event["message"]["seq"])
-                        if seqs[-1] == last:
-                            break
-                    else:
-                        assert event["event"] in NOISE, event
+                async with within(WAIT, f"seq {last} after the Redis restart"):
+                    while True:
+                        event = await recv(ws)
+                        if event["event"] == "error":
+                            reset.append(event["error"])
+                        elif event["event"] == "message":
+                            seqs.append(event["message"]["seq"])
+                            if seqs[-1] == last:
+                                break
+                        else:
+                            assert event["event"] in NOISE, event
                 if not reset:  # `before` may catch up after `after` (each retries on its own)
                     reset.append((await expect(ws, "error"))["error"])
         # Whatever was acknowledged while the hub was still away came from the tail.

@@ -8,7 +8,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import pytest
@@ -29,6 +29,15 @@ from tests.messaging import unique
 async def svc(resources: Resources) -> AsyncIterator[Services]:
     async with open_services(resources) as services:
         yield services
+
+
+async def until(condition: Callable[[], bool], what: str, timeout: float = 10.0) -> None:
+    """Poll `condition` until it holds; fail naming `what` after `timeout` seconds."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not condition():
+        if asyncio.get_running_loop().time() > deadline:
+            pytest.fail(f"timed out after {timeout:g}s waiting for {what}")
+        await asyncio.sleep(0.01)
 
 
 def session_for(svc: Services, principal: Principal | None = None) -> Session:
@@ -149,12 +158,8 @@ async def test_a_removal_racing_the_subscribe_is_caught(
         async with resources.connection() as conn:
             await service.remove_member(conn, conversation, user)
         await announce(svc.redis, svc.keys, Invalidation("member", conversation, user))
-        for _ in range(200):  # the hub hears it over Redis
-            if svc.access.generation != generation:
-                break
-            await asyncio.sleep(0.01)
-        else:
-            pytest.fail("the invalidation never arrived")
+        # The hub hears it over Redis.
+        await until(lambda: svc.access.generation != generation, "the invalidation")
         await join(channel, listener)
 
     monkeypatch.setattr(svc.hub, "join", removed_then_join)
@@ -201,10 +206,7 @@ async def test_a_head_below_what_was_sent_after_a_resync_ends_with_seq_reset(
     sub = subscribed(session, conversation, 5)  # it had sent up to 5 before the loss
     sub.live = True
     sub.resync()  # what the hub does on reconnect
-    for _ in range(200):
-        if conversation not in session.subs:
-            break
-        await asyncio.sleep(0.01)
+    await until(lambda: conversation not in session.subs, "the subscription to end")
     frames = sent(session)
     assert seqs(frames) == []
     assert [f["event"] for f in frames] == ["error"]
@@ -300,12 +302,10 @@ async def test_a_process_applies_its_own_announcement_once(svc: Services) -> Non
     # Another process's event after it on the same channel: once it is applied, the hub has
     # read (and skipped) ours.
     await announce(svc.redis, svc.keys, Invalidation("conversation", unique("c")))
-    for _ in range(200):
-        if svc.access.generation - before == 2 * applied_once:
-            break
-        await asyncio.sleep(0.01)
-    else:
-        pytest.fail("the other process's invalidation never arrived")
+    await until(
+        lambda: svc.access.generation - before == 2 * applied_once,
+        "the other process's invalidation",
+    )
     await asyncio.sleep(0.1)
     assert svc.access.generation - before == 2 * applied_once
 
