@@ -1,6 +1,9 @@
 """The publish pipeline (appliance/messages/coalesce.py) against real Redis servers: concurrent
 calls share round trips and keep their order, an emptied script cache is survived, one caller's
-script error stays its own, a lost server fails every waiting caller and nothing is resent."""
+script error stays its own, a lost server fails every waiting caller and nothing is resent.
+
+What touches a whole server (SCRIPT FLUSH, a script that keeps it busy, a kill) runs on a
+private redis-server of the test's own, never on the shared one other runs may be using."""
 
 from __future__ import annotations
 
@@ -29,6 +32,21 @@ return redis.call("RPUSH", KEYS[1], ARGV[1])
 async def redis(config: Config) -> AsyncIterator[aioredis.Redis]:
     name = unique("coalesce")
     r = client(config.redis, name)
+    yield r
+    await r.aclose()
+
+
+PrivateRedis = tuple[int, Callable[[], None], Callable[[], None]]
+
+
+def private_section(private_redis: PrivateRedis) -> RedisSection:
+    return RedisSection.model_validate({"url": f"redis://127.0.0.1:{private_redis[0]}/0"})
+
+
+@pytest.fixture
+async def own_redis(private_redis: PrivateRedis) -> AsyncIterator[aioredis.Redis]:
+    """A client on this test's own redis-server."""
+    r = client(private_section(private_redis), unique("coalesce"))
     yield r
     await r.aclose()
 
@@ -71,17 +89,14 @@ async def test_calls_after_a_batch_form_the_next_one(redis: aioredis.Redis) -> N
 
 
 async def test_an_emptied_script_cache_is_reloaded_and_each_script_runs_once(
-    redis: aioredis.Redis,
+    own_redis: aioredis.Redis,
 ) -> None:
     key = f"coalesce:{unique('list')}"
-    run = ScriptCoalescer(redis, SCRIPT)
-    try:
-        assert await run([key], ["x"]) == 1
-        await redis.script_flush()  # what a Redis restart does to the script cache
-        assert await asyncio.gather(*(run([key], ["y"]) for _ in range(5))) == [2, 3, 4, 5, 6]
-        assert await redis.llen(key) == 6
-    finally:
-        await redis.delete(key)
+    run = ScriptCoalescer(own_redis, SCRIPT)
+    assert await run([key], ["x"]) == 1
+    await own_redis.script_flush()  # what a Redis restart does to the script cache
+    assert await asyncio.gather(*(run([key], ["y"]) for _ in range(5))) == [2, 3, 4, 5, 6]
+    assert await own_redis.llen(key) == 6
 
 
 async def test_one_callers_error_reply_is_its_own(redis: aioredis.Redis) -> None:
@@ -115,40 +130,46 @@ async def test_a_caller_cancelled_before_its_batch_leaves_is_not_sent(
 
 
 async def test_a_caller_cancelled_while_its_script_is_out_leaves_the_others_their_replies(
-    config: Config, redis: aioredis.Redis
+    private_redis: PrivateRedis, own_redis: aioredis.Redis
 ) -> None:
+    redis = own_redis
+    name = unique("out")
+    r = client(private_section(private_redis), name)
     key = f"coalesce:{unique('list')}"
-    run = ScriptCoalescer(redis, SCRIPT)
-    busy = client(config.redis, unique("busy"))
+    run = ScriptCoalescer(r, SCRIPT)
     try:
-        # Another client keeps Redis busy for 0.5 s, so the first call sits sent but unanswered
-        # and the next two queue behind it.
-        spin = "local t = redis.call('TIME') local e = t[1] * 1e6 + t[2] + 500000 " + (
-            "repeat t = redis.call('TIME') until t[1] * 1e6 + t[2] >= e return 1"
-        )
-        await redis.ping()  # a connection in the pool: the first call's script is written at once
-        blocker = asyncio.ensure_future(busy.eval(spin, 0))
-        await asyncio.sleep(0.1)
+        assert await run([f"{key}:warm"], ["w"]) == 1  # the script cached, as on a live server
+        # The server holds every write (scripts included) until unpaused: the first call sits
+        # sent but unanswered, and the next two queue behind it.
+        await redis.execute_command("CLIENT", "PAUSE", 60_000, "WRITE")
         calls = [asyncio.ensure_future(run([key], [str(i)])) for i in range(3)]
-        await asyncio.sleep(0.1)
-        calls[0].cancel()
-        done = await asyncio.gather(*calls, return_exceptions=True)
+        try:
+            async with asyncio.timeout(10):  # until the server holds the first call
+                while not any(
+                    c["name"] == f"appliance-{name}" and c["cmd"] == "evalsha" and "b" in c["flags"]
+                    for c in await redis.client_list()
+                ):
+                    await asyncio.sleep(0.01)
+            calls[0].cancel()
+            await asyncio.sleep(0)
+        finally:
+            await redis.execute_command("CLIENT", "UNPAUSE")
+        done = await asyncio.wait_for(asyncio.gather(*calls, return_exceptions=True), 10)
         assert isinstance(done[0], asyncio.CancelledError)
-        assert done[1:] == [2, 3]
-        # The cancelled caller's script had been sent, so it ran: it only lost its reply.
-        assert await redis.lrange(key, 0, -1) == [b"0", b"1", b"2"]
-        assert await blocker == 1
+        # The cancelled call's connection was closed with its command held unrun (Redis drops
+        # a paused client's command when it goes): the others got their own replies, in order,
+        # on a new connection, and nothing sent the cancelled one again.
+        assert done[1:] == [1, 2]
+        assert await redis.lrange(key, 0, -1) == [b"1", b"2"]
     finally:
-        await redis.delete(key)
-        await busy.aclose()
+        await r.aclose()
 
 
 async def test_a_lost_server_fails_every_waiting_caller_and_nothing_is_resent(
-    private_redis: tuple[int, Callable[[], None], Callable[[], None]],
+    private_redis: PrivateRedis,
 ) -> None:
-    port, start, kill = private_redis
-    section = RedisSection.model_validate({"url": f"redis://127.0.0.1:{port}/0"})
-    r = client(section, unique("lost"))
+    _, start, kill = private_redis
+    r = client(private_section(private_redis), unique("lost"))
     run = ScriptCoalescer(r, SCRIPT)
     try:
         assert await run(["k"], ["before"]) == 1
