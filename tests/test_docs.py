@@ -27,16 +27,8 @@ _FENCE = re.compile(r"^(```|~~~).*?^\1", re.MULTILINE | re.DOTALL)
 _CODE_SPAN = re.compile(r"`[^`\n]*`")
 _EXTERNAL = ("http://", "https://", "mailto:")
 
-# Calls whose first string argument is an error code: the 401/403 classes take the reason first,
-# and the error body and WebSocket error frame builders take the code first.
-_CODE_FIRST = {
-    "Unauthorized",
-    "Forbidden",
-    "Refused",
-    "error_frame",
-    "error_body",
-    "error_response",
-}
+# The 401/403 classes take the error code first, as `reason` (it is also the metric's label).
+_REASON_FIRST = {"Unauthorized": 0, "Forbidden": 0, "Refused": 0}
 _SNAKE = re.compile(r"^[a-z][a-z0-9_]*\Z")
 
 
@@ -91,9 +83,31 @@ def _str(node: ast.AST | None) -> str | None:
     return node.value if isinstance(node, ast.Constant) and isinstance(node.value, str) else None
 
 
+def _code_positions() -> dict[str, int]:
+    """Callable name → position of its `code` parameter, for every function, method and class
+    (through `__init__`) of the package that takes one: error_frame, error_body, a helper that
+    ends a subscription with a code, … ."""
+    positions = dict(_REASON_FIRST)
+    for _, tree in _sources():
+        for node in ast.walk(tree):
+            function: ast.FunctionDef | ast.AsyncFunctionDef | None = None
+            if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
+                function = node
+            elif isinstance(node, ast.ClassDef):
+                inits = [f for f in node.body if isinstance(f, ast.FunctionDef)]
+                function = next((f for f in inits if f.name == "__init__"), None)
+            if function is None:
+                continue
+            names = [a.arg for a in function.args.args if a.arg not in ("self", "cls")]
+            if "code" in names:
+                positions.setdefault(node.name, names.index("code"))
+    return positions
+
+
 def error_codes() -> dict[str, str]:
     """code → where it is raised, from every place the source names an error code."""
     found: dict[str, str] = {}
+    positions = _code_positions()
 
     def add(code: str | None, path: Path, node: ast.AST) -> None:
         if code is not None and _SNAKE.match(code):
@@ -109,11 +123,11 @@ def error_codes() -> dict[str, str]:
                     ]:
                         add(_str(item.value), path, item)
             elif isinstance(node, ast.Call):
-                # Unauthorized("key_revoked", …), error_frame("seq_reset", …),
-                # error_response(400, "invalid", …)
-                if _name(node.func) in _CODE_FIRST:
-                    first = next((a for a in node.args if _str(a) is not None), None)
-                    add(_str(first), path, node)
+                # Unauthorized("key_revoked", …), error_frame("already_subscribed", …),
+                # error_response(400, "invalid", …), self._end("seq_reset", …)
+                at = positions.get(_name(node.func))
+                if at is not None and at < len(node.args):
+                    add(_str(node.args[at]), path, node)
                 # ApplianceError(…, code="already_subscribed")
                 for keyword in node.keywords:
                     if keyword.arg == "code":
@@ -133,16 +147,24 @@ def error_codes() -> dict[str, str]:
 
 
 def close_codes() -> dict[int, str]:
-    """WebSocket close code → where: `CLOSE_* = n` constants and numbers given to a close call."""
+    """WebSocket close code → where: constants named `*CLOSE*` (or in a class named so, such as
+    an IntEnum `CloseCode`) and the numbers given to any `close` call."""
     found: dict[int, str] = {}
     for path, tree in _sources():
+        in_close_class = {
+            id(item)
+            for node in ast.walk(tree)
+            if isinstance(node, ast.ClassDef) and "close" in node.name.lower()
+            for item in node.body
+        }
         for node in ast.walk(tree):
             numbers: list[ast.AST] = []
             if isinstance(node, ast.Assign | ast.AnnAssign):
                 targets = node.targets if isinstance(node, ast.Assign) else [node.target]
-                if any(_name(t).startswith("CLOSE_") for t in targets) and node.value is not None:
+                named = any("close" in _name(t).lower() for t in targets)
+                if (named or id(node) in in_close_class) and node.value is not None:
                     numbers = [node.value]
-            elif isinstance(node, ast.Call) and _name(node.func).endswith("close"):
+            elif isinstance(node, ast.Call) and _name(node.func).lower().endswith("close"):
                 numbers = [*node.args, *(k.value for k in node.keywords)]
             for expr in numbers:
                 for leaf in ast.walk(expr):
@@ -160,7 +182,7 @@ def test_the_code_scan_finds_what_it_should() -> None:
     """Guards the scan itself: codes of each kind of definition are found."""
     codes = error_codes()
     for code in ("invalid", "key_revoked", "token_expired", "not_member", "already_subscribed",
-                 "resume_too_old", "method_not_allowed"):  # fmt: skip
+                 "resume_too_old", "seq_reset", "method_not_allowed"):  # fmt: skip
         assert code in codes, code
     closes = close_codes()
     for code in (4001, 4003, 4008, 1013, 1011, 1001):
