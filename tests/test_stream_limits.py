@@ -315,3 +315,55 @@ async def test_after_redis_lost_its_data_a_resume_above_the_head_gets_seq_reset(
                 )
                 error = (await expect(ws, "error"))["error"]
                 assert (error["code"], error["field"]) == ("invalid", "since")
+
+
+# -- 3. frame size -------------------------------------------------------------------------------
+
+LIMIT = 65_536
+MiB = 1_048_576
+
+
+def op_of_size(size: int, **fields: Any) -> str:
+    """A ping op of exactly `size` bytes with `fields`, padded with spaces."""
+    text = json.dumps({"op": "ping", **fields})
+    return text[:-1] + " " * (size - len(text)) + "}"
+
+
+@pytest.mark.parametrize(
+    "size",
+    [LIMIT + 1, LIMIT + MiB, 8 * MiB, 16 * MiB, 16 * MiB + 1, 64 * MiB],
+    ids=["limit+1", "limit+1MiB", "8MiB", "16MiB", "16MiB+1", "64MiB"],
+)
+async def test_a_frame_over_max_frame_bytes_is_closed_1009_unread(
+    frames_server: ApiProcess, size: int
+) -> None:
+    """Up to 16 MiB granian reads the frame and the app refuses it unparsed (an op with an
+    unknown field would get an `invalid` error frame if parsed); beyond, granian drops it and
+    the app, told only "disconnected" (1005), answers 1009: the client gets 1009 either way."""
+    admin = await asyncio.to_thread(admin_key, frames_server.settings)
+    async with api_client(frames_server, admin) as api:
+        key = await api.key("subscribe")
+        async with api.socket(key, max_size=None, close_timeout=TIMEOUT) as ws:
+            await ws.send(json.dumps({"op": "ping"}))
+            await expect(ws, "pong")
+            with contextlib.suppress(ConnectionClosed):  # the server may close mid-send
+                await asyncio.wait_for(ws.send(op_of_size(size, x=1)), TIMEOUT * 3)
+            code, frames = await closed(ws)
+        assert code == 1009, (code, frames)
+        assert all(f["event"] in NOISE | {"pong"} for f in frames), frames
+        # The process goes on serving.
+        async with api.socket(key) as ws:
+            await ws.send(op_of_size(LIMIT))  # exactly at the limit: read and answered
+            await expect(ws, "pong")
+
+
+@pytest.fixture(scope="module")
+def frames_server(
+    base_settings: dict[str, Any], migrated: str, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[ApiProcess]:
+    directory = tmp_path_factory.mktemp("frames-api")
+    settings = api_settings(
+        copy.deepcopy(base_settings), directory, realtime={"max_frame_bytes": LIMIT}
+    )
+    with running(directory, settings) as proc:
+        yield proc

@@ -270,6 +270,8 @@ class RealtimeSection(Section):
     # for it) before the connection is reset; also bounds closing every socket at shutdown.
     close_timeout: Seconds = 5.0
     max_subscriptions: int = Field(default=100, ge=1, le=10_000)
+    # Largest frame a client may send (ops are small JSON); larger ones close the socket 1009.
+    max_frame_bytes: int = Field(default=65_536, ge=1024, le=16 * 1_048_576)
     # Messages replayed for one `since` before the socket is told to page history instead.
     max_replay: int = Field(default=5000, ge=1, le=1_000_000)
     # Seconds presence survives without a refresh (a crashed process's sockets fade out).

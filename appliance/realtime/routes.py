@@ -24,6 +24,7 @@ from appliance.realtime import transport
 from appliance.realtime.presence import ReceiptIn
 from appliance.realtime.stream import (
     CLOSE_FORBIDDEN,
+    CLOSE_TOO_BIG,
     CLOSE_TRY_AGAIN,
     CLOSE_UNAUTHORIZED,
     Session,
@@ -105,6 +106,17 @@ async def stream(socket: WebSocket[Any, Any, Any]) -> None:
         if code != 1000:
             await transport.close(
                 socket, code, reason, svc.config.realtime.close_timeout, svc.resets
+            )
+        elif session.peer_code == 1005:
+            # A close without a code, or a frame granian refused (over 16 MiB, a message over
+            # 64 MiB, malformed) of which the app hears only "disconnected" with 1005: answer
+            # 1009. After a real close frame granian has answered it, and drops this one.
+            await transport.close(
+                socket,
+                CLOSE_TOO_BIG,
+                "frame too large or malformed",
+                svc.config.realtime.close_timeout,
+                svc.resets,
             )
         client = socket.scope.get("client")
         svc.activity.record(

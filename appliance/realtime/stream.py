@@ -33,6 +33,7 @@ CLOSE_UNAUTHORIZED = 4001
 CLOSE_FORBIDDEN = 4003
 CLOSE_SLOW_CONSUMER = 4008  # resubscribe with `since` = the last seq received
 CLOSE_TRY_AGAIN = 1013  # a dependency is away: reconnect later
+CLOSE_TOO_BIG = 1009  # a frame over [realtime] max_frame_bytes, or one granian refused
 REPLAY_PAGE = 500
 REPLAY_AHEAD = 200  # replayed frames queued ahead of the socket at most
 
@@ -56,6 +57,15 @@ _decode_op = msgspec.json.Decoder(Subscribe | Unsubscribe | Ping).decode
 def error_frame(code: str, message: str, field: str | None = None, **extra: object) -> str:
     error = {"code": code, "message": message, "field": field, **extra}
     return msgspec.json.encode({"event": "error", "error": error}).decode()
+
+
+def too_big(raw: str | bytes, limit: int) -> bool:
+    """More than `limit` bytes (UTF-8 for text), without encoding a text that surely is."""
+    if len(raw) > limit:  # a character is at least one byte
+        return True
+    if isinstance(raw, bytes) or raw.isascii() or len(raw) * 4 <= limit:
+        return False
+    return len(raw.encode()) > limit
 
 
 def message_frame(message: bytes) -> str:
@@ -211,6 +221,8 @@ class Session:
         self.sending_since: float | None = None
         self.queue_max = svc.config.realtime.queue_max
         self.stall_timeout = svc.config.realtime.stall_timeout
+        self.max_frame = svc.config.realtime.max_frame_bytes
+        self.peer_code: int | None = None  # the code of the peer's close, once it came
         self.tasks: set[asyncio.Task[None]] = set()
         self.closing: tuple[int, str] | None = None
         self.done = asyncio.Event()
@@ -302,9 +314,13 @@ class Session:
         while True:
             event = await self.ws.receive()
             if event["type"] == "websocket.disconnect":
+                self.peer_code = event.get("code", 1005)
                 self.close(1000, "")
                 return
             raw = cast("str | bytes", event.get("text") or event.get("bytes") or b"")
+            if too_big(raw, self.max_frame):  # refused unread
+                self.close(CLOSE_TOO_BIG, f"frames are at most {self.max_frame} bytes")
+                return
             op: Subscribe | Unsubscribe | Ping | None = None
             try:
                 op = parse(_decode_op, raw, "op")
