@@ -13,6 +13,7 @@ import contextlib
 import copy
 import json
 import os
+import signal
 import socket
 import struct
 import time
@@ -367,3 +368,37 @@ def frames_server(
     )
     with running(directory, settings) as proc:
         yield proc
+
+
+# -- 4. the api stops ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("workers", "group"),
+    [(1, False), (2, False), (2, True)],
+    ids=["1-worker", "2-workers", "2-workers-group"],
+)
+async def test_sockets_get_1001_when_the_api_stops(
+    base_settings: dict[str, Any], migrated: str, tmp_path: Path, workers: int, group: bool
+) -> None:
+    """SIGTERM to granian's main process (as supervisord sends it), or to its whole process
+    group: every open socket is closed with 1001 before the worker stops, none sees 1006."""
+    settings = api_settings(copy.deepcopy(base_settings), tmp_path, api={"workers": workers})
+    with running(tmp_path, settings) as proc:
+        assert proc.proc is not None
+        admin = await asyncio.to_thread(admin_key, proc.settings)
+        async with api_client(proc, admin) as api:
+            key = await api.key("subscribe")
+            conversation = await api.conversation()
+            async with contextlib.AsyncExitStack() as stack:
+                sockets = [await stack.enter_async_context(api.socket(key)) for _ in range(8)]
+                for ws in sockets:
+                    await subscribe(ws, conversation)
+                if group:
+                    os.killpg(proc.proc.pid, signal.SIGTERM)
+                else:
+                    os.kill(proc.proc.pid, signal.SIGTERM)
+                codes = [(await closed(ws))[0] for ws in sockets]
+        assert codes == [1001] * len(sockets), f"{codes}\n{proc.log()}"
+        returncode = await asyncio.to_thread(proc.proc.wait, 30)
+        assert returncode == 0, proc.log()

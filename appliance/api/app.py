@@ -26,13 +26,16 @@ from appliance.config import Config, load_config
 from appliance.conversations import routes as conversations_routes
 from appliance.heartbeat import start_heartbeat
 from appliance.messages import routes as messages_routes
+from appliance.realtime import drain
 from appliance.realtime import routes as realtime_routes
 from appliance.resources import open_resources
 
 log = structlog.get_logger()
 
 
-def _lifespan(config: Config) -> Callable[[Litestar], AbstractAsyncContextManager[None]]:
+def _lifespan(
+    config: Config, signals: bool = False
+) -> Callable[[Litestar], AbstractAsyncContextManager[None]]:
     @asynccontextmanager
     async def lifespan(app: Litestar) -> AsyncIterator[None]:
         stop = asyncio.Event()
@@ -52,6 +55,8 @@ def _lifespan(config: Config) -> Callable[[Litestar], AbstractAsyncContextManage
             # out of the collector's reach turns full collections of 75-175 ms into a few ms.
             gc.collect()
             gc.freeze()
+            if signals:  # a granian worker: its sockets are closed with 1001 before it stops
+                drain.drain_on_signal(app.state, services, config.realtime.close_timeout)
             log.info("api_ready", bind=config.api.bind, port=config.api.port)
             try:
                 yield
@@ -65,9 +70,11 @@ def _lifespan(config: Config) -> Callable[[Litestar], AbstractAsyncContextManage
 
 
 def create_app(config: Config | None = None) -> Litestar:
+    signals = config is None  # granian's factory call, in a worker process
     if config is None:
         config = load_config()
         logs.configure("api", config.appliance.log_level, config.appliance.log_format)
+        drain.block_signals()  # before any thread starts: see appliance/realtime/drain.py
     app = Litestar(
         route_handlers=[
             *health.ROUTES,
@@ -76,7 +83,7 @@ def create_app(config: Config | None = None) -> Litestar:
             messages_routes.ROUTER,
             realtime_routes.ROUTER,
         ],
-        lifespan=[_lifespan(config)],
+        lifespan=[_lifespan(config, signals)],
         exception_handlers=EXCEPTION_HANDLERS,
         request_max_body_size=config.api.max_body_bytes,
         openapi_config=OpenAPIConfig(

@@ -24,6 +24,7 @@ from appliance.realtime import transport
 from appliance.realtime.presence import ReceiptIn
 from appliance.realtime.stream import (
     CLOSE_FORBIDDEN,
+    CLOSE_GOING_AWAY,
     CLOSE_TOO_BIG,
     CLOSE_TRY_AGAIN,
     CLOSE_UNAUTHORIZED,
@@ -93,31 +94,38 @@ async def stream(socket: WebSocket[Any, Any, Any]) -> None:
             socket, codes.get(error.status, 1011), error.code, timeout, svc.resets
         )
         return
+    if socket.app.state.shutting_down:  # past close_all (realtime/drain.py): none is left open
+        timeout = svc.config.realtime.close_timeout
+        await transport.close(socket, CLOSE_GOING_AWAY, "server shutting down", timeout, svc.resets)
+        return
     session = Session(socket, svc, principal, credential)
     svc.sessions.add(session)
     metrics.WS_CONNECTIONS.inc()
     try:
         await session.run()
     finally:
-        svc.sessions.discard(session)
         metrics.WS_CONNECTIONS.dec()
         code, reason = session.closing or (1000, "")
         metrics.WS_CLOSED.labels(str(code)).inc()
-        if code != 1000:
-            await transport.close(
-                socket, code, reason, svc.config.realtime.close_timeout, svc.resets
-            )
-        elif session.peer_code == 1005:
-            # A close without a code, or a frame granian refused (over 16 MiB, a message over
-            # 64 MiB, malformed) of which the app hears only "disconnected" with 1005: answer
-            # 1009. After a real close frame granian has answered it, and drops this one.
-            await transport.close(
-                socket,
-                CLOSE_TOO_BIG,
-                "frame too large or malformed",
-                svc.config.realtime.close_timeout,
-                svc.resets,
-            )
+        try:
+            if code != 1000:
+                await transport.close(
+                    socket, code, reason, svc.config.realtime.close_timeout, svc.resets
+                )
+            elif session.peer_code == 1005:
+                # A close without a code, or a frame granian refused (over 16 MiB, a message
+                # over 64 MiB, malformed) of which the app hears only "disconnected" with 1005:
+                # answer 1009. After a real close frame granian has answered it, and drops this.
+                await transport.close(
+                    socket,
+                    CLOSE_TOO_BIG,
+                    "frame too large or malformed",
+                    svc.config.realtime.close_timeout,
+                    svc.resets,
+                )
+        finally:
+            svc.sessions.discard(session)
+            session.ended.set()  # after the close: a shutdown waits for it
         client = socket.scope.get("client")
         svc.activity.record(
             ActivityRecord(

@@ -33,6 +33,7 @@ CLOSE_UNAUTHORIZED = 4001
 CLOSE_FORBIDDEN = 4003
 CLOSE_SLOW_CONSUMER = 4008  # resubscribe with `since` = the last seq received
 CLOSE_TRY_AGAIN = 1013  # a dependency is away: reconnect later
+CLOSE_GOING_AWAY = 1001  # the api is stopping: reconnect (to another instance)
 CLOSE_TOO_BIG = 1009  # a frame over [realtime] max_frame_bytes, or one granian refused
 REPLAY_PAGE = 500
 REPLAY_AHEAD = 200  # replayed frames queued ahead of the socket at most
@@ -226,6 +227,7 @@ class Session:
         self.tasks: set[asyncio.Task[None]] = set()
         self.closing: tuple[int, str] | None = None
         self.done = asyncio.Event()
+        self.ended = asyncio.Event()  # set by the route once the socket is closed
         self.room = asyncio.Event()  # set by the sender whenever it takes a frame
         self.expirer: asyncio.TimerHandle | None = None
 
