@@ -53,6 +53,9 @@ def test_wait_names_the_failing_dependency_after_retries(
         if line["event"] == "dependency_not_ready"
     ]
     assert not_ready == ["redis"]
+    (failed,) = [line for line in log_lines(done.stderr) if line["event"] == "dependency_not_ready"]
+    assert failed["error"].startswith("connection refused: ")
+    assert failed["check"] == "redis.url"
     attempts = [
         line["attempt"]
         for line in log_lines(done.stderr)

@@ -20,6 +20,9 @@ from appliance.storage import Storage
 
 log = structlog.get_logger()
 
+# The config keys that say where each dependency is, named when it does not answer.
+WHERE = {"postgres": "postgres.dsn", "redis": "redis.url", "s3": "s3.endpoint_url"}
+
 
 async def _wait(config: Config, deadline: float) -> list[CheckResult]:
     """Retry each dependency until it answers or the deadline passes; return the last results."""
@@ -84,7 +87,7 @@ def wait(timeout: float | None) -> None:
     results = run_async(_wait(config, deadline))
     failed = [r for r in results if not r.ok]
     for r in failed:
-        log.error("dependency_not_ready", dependency=r.name, error=r.detail)
+        log.error("dependency_not_ready", dependency=r.name, error=r.detail, check=WHERE[r.name])
     if failed:
         sys.exit(1)
     click.echo("dependencies ready: " + ", ".join(r.name for r in results))
