@@ -159,7 +159,10 @@ class Pool(AsyncConnectionPool[Conn]):
         if self.down_since is not None:
             # Idle connections may have died meanwhile: test them (dead ones are replaced), so
             # the first callers after the outage do not each find one.
-            await self.check()
+            try:
+                await self.check()
+            except Exception:  # a bug there must not keep the pool down: callers find out
+                log.exception("postgres_pool_check_failed", pool=self.name)
             log.info("postgres_up", pool=self.name, down_for=time.monotonic() - self.down_since)
             self.down_since = None
 
@@ -175,6 +178,11 @@ class Pool(AsyncConnectionPool[Conn]):
             if not unreachable(exc):
                 return None
             return (str(exc).splitlines() or [type(exc).__name__])[0][:300]
+        except Exception as exc:
+            # Not an answer from PostgreSQL: keep probing (a probe that died would leave the
+            # pool down for good), and say so in the log.
+            log.exception("postgres_probe_failed", pool=self.name)
+            return type(exc).__name__
         return None
 
     async def close(self, timeout: float = 5.0) -> None:
