@@ -460,19 +460,18 @@ async def test_wrong_secret_of_a_real_key_is_401(world: World) -> None:
     await assert_refused(world, keys_list, bearer(forged), 401, "invalid_key")
 
 
-async def test_revocation_takes_effect_within_a_second(world: World) -> None:
-    """A cached key is dropped on every process when revocation is announced."""
+async def test_revocation_takes_effect_before_the_cache_expires(world: World) -> None:
+    """A cached key is dropped on every process when revocation is announced (10 s at most
+    here: a deadline against hanging, far below the 30 s key cache TTL)."""
     key = await world.key(["admin"])
     assert (await world.api.get("/v1/keys", headers=bearer(key))).status_code == 200
     revoked = await world.api.delete(f"/v1/keys/{key_id(key)}", headers=bearer(world.admin))
     assert revoked.status_code == 200, revoked.text
     assert revoked.json()["revoked_at"] is not None
-    for _ in range(20):
-        response = await world.api.get("/v1/keys", headers=bearer(key))
-        if response.status_code == 401:
-            break
+    deadline = asyncio.get_running_loop().time() + 10
+    while (response := await world.api.get("/v1/keys", headers=bearer(key))).status_code != 401:
+        assert asyncio.get_running_loop().time() < deadline, response.text
         await asyncio.sleep(0.05)
-    assert response.status_code == 401, response.text
     assert response.json()["error"]["code"] == "key_revoked"
     assert response.headers["www-authenticate"] == "Bearer"
 

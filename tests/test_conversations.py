@@ -119,8 +119,9 @@ async def test_membership_changes_apply_on_every_process_at_once(
 
 
 async def eventually(client: Client, path: str, headers: dict[str, str], status: int) -> None:
-    """Poll until `path` answers `status` (bounded by a second, far below any cache TTL)."""
-    deadline = asyncio.get_running_loop().time() + 1.0
+    """Poll until `path` answers `status`, for at most 10 s: a deadline, not a bound on the
+    delay, and far below the 30 s cache TTLs, so only the invalidation can have changed it."""
+    deadline = asyncio.get_running_loop().time() + 10.0
     while (await client.get(path, headers=headers)).status_code != status:
         assert asyncio.get_running_loop().time() < deadline, f"{path} never answered {status}"
         await asyncio.sleep(0.02)

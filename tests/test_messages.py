@@ -215,15 +215,24 @@ async def test_idempotency_keys_of_principals_never_run_into_each_other(
 async def test_idempotency_window_is_configurable(
     settings: dict[str, Any], resources: Resources
 ) -> None:
-    settings["messages"] = {"idempotency_window": 1.0}  # the smallest allowed
+    """The window is the idempotency record's TTL: read from Redis, not waited out (a window
+    short enough to wait for would make "a repeat within it" a race on a loaded machine)."""
+    settings["messages"] = {"idempotency_window": 30.0}
     async with AsyncTestClient(app=create_app(Config.model_validate(settings))) as client:
         conversation, key = await conversation_with_key(client, resources)
         path = f"/v1/conversations/{conversation}/messages"
         headers = bearer(key, **{"Idempotency-Key": "k"})
         assert (await client.post(path, json=body(), headers=headers)).json()["seq"] == 1
+        sender = (await client.get(f"{path}/1", headers=bearer(key))).json()["sender"]
+        record = resources.keys.idempotency(conversation, sender, "k")
+        assert 1000 < await resources.redis.pttl(record) <= 30_000  # not the default day
         again = await client.post(path, json=body(), headers=headers)
         assert again.status_code == 200 and again.json()["seq"] == 1  # within the window
-        await asyncio.sleep(1.3)
+        await resources.redis.pexpire(record, 1)  # the window ends
+        deadline = asyncio.get_running_loop().time() + 10
+        while await resources.redis.exists(record):
+            assert asyncio.get_running_loop().time() < deadline, "the record never expired"
+            await asyncio.sleep(0.01)
         later = await client.post(path, json=body(), headers=headers)
         assert later.status_code == 201 and later.json()["seq"] == 2
 
