@@ -421,8 +421,8 @@ async def test_known_keys_and_members_publish_through_a_postgres_outage(
     PostgreSQL answers 503 at once, a revocation announced through Redis meanwhile holds, and
     everything is back within a probe interval (asserted with margin) of PostgreSQL's return."""
     dsn, start, kill = private_postgres
-    admin, publisher, impersonator, doomed = await migrate_with_keys(
-        dsn, ["admin"], ["publish"], ["impersonate"], ["publish"]
+    admin, publisher, impersonator, doomed, watcher = await migrate_with_keys(
+        dsn, ["admin"], ["publish"], ["impersonate"], ["publish"], ["subscribe"]
     )
     settings = api_settings(
         copy.deepcopy(base_settings),
@@ -458,6 +458,11 @@ async def test_known_keys_and_members_publish_through_a_postgres_outage(
 
                 for headers in (bearer(publisher), as_member, bearer(doomed)):  # now cached
                     assert (await publish(headers)).status_code == 201
+                viewed = await http.get(
+                    f"/v1/conversations/{conversation}", headers=bearer(watcher)
+                )
+                assert viewed.status_code == 200, viewed.text
+                watcher_cached = time.monotonic()
                 # Revoked in PostgreSQL without a word to the api (the announcement comes during
                 # the outage), and not used before it: the api holds it as valid.
                 async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as conn:
@@ -488,6 +493,16 @@ async def test_known_keys_and_members_publish_through_a_postgres_outage(
                 assert ready.status_code == 503 and elapsed < FAST, (ready.text, elapsed)
                 checks = {check["name"]: check for check in ready.json()["checks"]}
                 assert "known down" in checks["postgres"]["detail"]
+
+                # A socket opened past the TTL, by a key seen before, sees the load live.
+                while time.monotonic() < watcher_cached + 1.0:  # the key_cache_ttl above
+                    await asyncio.sleep(0.05)
+                async with connect(
+                    proc.ws_url, additional_headers=bearer(watcher), open_timeout=TIMEOUT
+                ) as ws:
+                    head = (await subscribe(ws, conversation))["seq"]
+                    message = (await expect(ws, "message"))["message"]
+                    assert message["seq"] > head
 
                 # Past the TTL, the doomed key is served stale; then its revocation arrives.
                 assert (await publish(bearer(doomed))).status_code == 201
