@@ -729,6 +729,35 @@ async def test_receipts_only_rise_and_are_listed_per_principal(api: Api) -> None
     }
 
 
+async def test_a_principal_goes_online_once_however_many_sockets_it_subscribes(api: Api) -> None:
+    """Two sockets of one principal, one of them re-subscribing, announce `online` once; the
+    watcher's frames up to a message published after it all are exactly that event."""
+    _, key = await api.key("impersonate")
+    alice, bob = f"user:{unique('alice')}", f"user:{unique('bob')}"
+    conversation = await api.conversation(alice, bob)
+    as_alice = {"X-On-Behalf-Of": alice}
+    async with api.socket(key, **{"X-On-Behalf-Of": bob}) as watcher:
+        await subscribe(watcher, conversation)
+        own = await expect(watcher, "presence", ignore=frozenset({"ping"}))
+        assert (own["principal"], own["status"]) == (bob, "online")
+        async with api.socket(key, **as_alice) as one, api.socket(key, **as_alice) as two:
+            await subscribe(one, conversation)
+            await subscribe(two, conversation)
+            await send(two, "unsubscribe", conversation=conversation)
+            await expect(two, "unsubscribed")
+            await subscribe(two, conversation)
+            seq = await api.publish(conversation)
+            seen: list[tuple[str, str]] = []
+            async with within(WAIT, f"message {seq}"):
+                while (frame := await recv(watcher))["event"] != "message":
+                    if frame["event"] == "presence":
+                        seen.append((frame["principal"], frame["status"]))
+                    else:
+                        assert frame["event"] == "ping", frame
+            assert frame["message"]["seq"] == seq
+    assert seen == [(alice, "online")]
+
+
 async def test_a_refused_subscribe_announces_no_presence(api: Api) -> None:
     _, key = await api.key("impersonate")
     alice, bob = f"user:{unique('alice')}", f"user:{unique('bob')}"
