@@ -71,6 +71,9 @@ class Keys:
     def presence(self, conversation: str) -> str:
         return self._conversation(conversation, "presence")
 
+    def sockets(self, principal: str) -> str:
+        return f"{self.prefix}:sockets:{principal}"
+
     def rate(self, principal: str) -> str:
         return f"{self.prefix}:rate:{principal}"
 

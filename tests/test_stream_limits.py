@@ -402,3 +402,70 @@ async def test_sockets_get_1001_when_the_api_stops(
         assert codes == [1001] * len(sockets), f"{codes}\n{proc.log()}"
         returncode = await asyncio.to_thread(proc.proc.wait, 30)
         assert returncode == 0, proc.log()
+
+
+# -- 2. sockets per principal --------------------------------------------------------------------
+
+
+async def served(ws: ClientConnection) -> None:
+    await ws.send(json.dumps({"op": "ping"}))
+    await expect(ws, "pong")
+
+
+async def admitted(api: Api, key: str) -> bool:
+    """Open a socket: True if it is served, False if refused with too_many_sockets and 4029."""
+    async with api.socket(key) as ws:
+        try:
+            await ws.send(json.dumps({"op": "ping"}))
+            while (frame := await recv(ws))["event"] != "pong":
+                assert frame["event"] in NOISE or frame["error"]["code"] == "too_many_sockets"
+        except ConnectionClosed:
+            assert ws.close_code == 4029, ws.close_code
+            return False
+        return True
+
+
+async def test_sockets_per_principal_are_limited_across_processes(
+    base_settings: dict[str, Any], migrated: str, tmp_path: Path
+) -> None:
+    """Two api processes on one Redis share each principal's `max_sockets_per_principal`; one
+    more socket gets `too_many_sockets` and 4029; a closed socket gives its slot back, and the
+    slots of a process killed outright lapse after presence_ttl."""
+    realtime = {"max_sockets_per_principal": 3, "ping_interval": 1.0, "presence_ttl": 3.0}
+    one = api_settings(copy.deepcopy(base_settings), tmp_path / "one", realtime=realtime)
+    two = api_settings(copy.deepcopy(base_settings), tmp_path / "two", realtime=realtime)
+    with running(tmp_path / "one", one) as a, running(tmp_path / "two", two) as b:
+        admin = await asyncio.to_thread(admin_key, a.settings)
+        async with (
+            api_client(a, admin) as on_a,
+            api_client(b, admin) as on_b,
+            contextlib.AsyncExitStack() as stack,
+        ):
+            key, other = await on_a.key("subscribe"), await on_a.key("subscribe")
+            first = await stack.enter_async_context(on_a.socket(key))
+            held = [first, await stack.enter_async_context(on_a.socket(key))]
+            held.append(await stack.enter_async_context(on_b.socket(key)))
+            for ws in held:
+                await served(ws)
+
+            async with on_b.socket(key) as ws:
+                code, frames = await closed(ws)
+            assert code == 4029, (code, frames)
+            assert [f["error"]["code"] for f in frames] == ["too_many_sockets"], frames
+            async with on_b.socket(other) as ws:  # the limit is per principal
+                await served(ws)
+
+            # A closed socket gives its slot back (once its handler is done: retry a while).
+            await first.close()
+            deadline = time.monotonic() + 20.0
+            while not await admitted(on_b, key):
+                assert time.monotonic() < deadline, "the closed socket's slot never came back"
+                await asyncio.sleep(0.2)
+
+            # Process one dies without closing anything: its socket's slot lapses.
+            assert a.proc is not None
+            os.killpg(a.proc.pid, signal.SIGKILL)
+            deadline = time.monotonic() + 30.0
+            while not await admitted(on_b, key):
+                assert time.monotonic() < deadline, "a dead process's slot never lapsed"
+                await asyncio.sleep(0.5)

@@ -21,6 +21,7 @@ from appliance.invalidation import Invalidation, announce
 from appliance.messages.publish import Publisher
 from appliance.realtime.hub import Hub
 from appliance.realtime.presence import Presence
+from appliance.realtime.slots import Slots
 from appliance.realtime.stream import Session
 from appliance.realtime.transport import Resets
 from appliance.redis_keys import Keys
@@ -38,6 +39,7 @@ class Services:
     hub: Hub = field(init=False)
     sessions: set[Session] = field(default_factory=set)
     resets: Resets = field(default_factory=Resets)  # sockets whose close could not be written
+    slots: Slots = field(init=False)
     # Marks this process's announcements: the hub hears them too, and they are applied already.
     origin: str = field(default_factory=lambda: uuid.uuid4().hex)
 
@@ -100,6 +102,12 @@ async def open_services(res: Resources) -> AsyncIterator[Services]:
         ),
     )
     svc.hub = Hub(res.redis, res.keys, svc.invalidate)
+    svc.slots = Slots(
+        res.redis,
+        res.keys,
+        config.realtime.max_sockets_per_principal,
+        config.realtime.presence_ttl,
+    )
     await svc.hub.start()
     await svc.auth.start()
     await svc.activity.start()

@@ -272,6 +272,8 @@ class RealtimeSection(Section):
     max_subscriptions: int = Field(default=100, ge=1, le=10_000)
     # Largest frame a client may send (ops are small JSON); larger ones close the socket 1009.
     max_frame_bytes: int = Field(default=65_536, ge=1024, le=16 * 1_048_576)
+    # Open sockets one principal may hold across all api processes (close code 4029 beyond).
+    max_sockets_per_principal: int = Field(default=100, ge=1, le=100_000)
     # Messages replayed for one `since` before the socket is told to page history instead.
     max_replay: int = Field(default=5000, ge=1, le=1_000_000)
     # Seconds presence survives without a refresh (a crashed process's sockets fade out).

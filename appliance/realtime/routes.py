@@ -22,10 +22,12 @@ from appliance.errors import Invalid, known
 from appliance.messages import history
 from appliance.realtime import transport
 from appliance.realtime.presence import ReceiptIn
+from appliance.realtime.slots import TooManySockets
 from appliance.realtime.stream import (
     CLOSE_FORBIDDEN,
     CLOSE_GOING_AWAY,
     CLOSE_TOO_BIG,
+    CLOSE_TOO_MANY_SOCKETS,
     CLOSE_TRY_AGAIN,
     CLOSE_UNAUTHORIZED,
     Session,
@@ -79,12 +81,20 @@ async def stream(socket: WebSocket[Any, Any, Any]) -> None:
         principal = await svc.auth.authenticate(
             f"Bearer {credential}", None, socket.headers.get("x-on-behalf-of")
         )
+        session = Session(socket, svc, principal, credential)
+        if not await svc.slots.take(principal.id, session.id):
+            raise TooManySockets(svc.slots.limit)
     except Exception as exc:
         error = known(exc)
         if error is None:
             raise
         metrics.count_refused(error)
-        codes = {401: CLOSE_UNAUTHORIZED, 403: CLOSE_FORBIDDEN, 503: CLOSE_TRY_AGAIN}
+        codes = {
+            401: CLOSE_UNAUTHORIZED,
+            403: CLOSE_FORBIDDEN,
+            429: CLOSE_TOO_MANY_SOCKETS,
+            503: CLOSE_TRY_AGAIN,
+        }
         timeout = svc.config.realtime.close_timeout
         with contextlib.suppress(Exception):  # the peer may be gone already
             await asyncio.wait_for(
@@ -97,8 +107,8 @@ async def stream(socket: WebSocket[Any, Any, Any]) -> None:
     if socket.app.state.shutting_down:  # past close_all (realtime/drain.py): none is left open
         timeout = svc.config.realtime.close_timeout
         await transport.close(socket, CLOSE_GOING_AWAY, "server shutting down", timeout, svc.resets)
+        await svc.slots.give_back(principal.id, session.id)
         return
-    session = Session(socket, svc, principal, credential)
     svc.sessions.add(session)
     metrics.WS_CONNECTIONS.inc()
     try:
@@ -126,6 +136,7 @@ async def stream(socket: WebSocket[Any, Any, Any]) -> None:
         finally:
             svc.sessions.discard(session)
             session.ended.set()  # after the close: a shutdown waits for it
+            await svc.slots.give_back(principal.id, session.id)
         client = socket.scope.get("client")
         svc.activity.record(
             ActivityRecord(

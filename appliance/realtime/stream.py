@@ -32,6 +32,7 @@ log = structlog.get_logger()
 CLOSE_UNAUTHORIZED = 4001
 CLOSE_FORBIDDEN = 4003
 CLOSE_SLOW_CONSUMER = 4008  # resubscribe with `since` = the last seq received
+CLOSE_TOO_MANY_SOCKETS = 4029  # [realtime] max_sockets_per_principal are open already
 CLOSE_TRY_AGAIN = 1013  # a dependency is away: reconnect later
 CLOSE_GOING_AWAY = 1001  # the api is stopping: reconnect (to another instance)
 CLOSE_TOO_BIG = 1009  # a frame over [realtime] max_frame_bytes, or one granian refused
@@ -305,6 +306,7 @@ class Session:
                 (c, self.principal.id, self.id) for c, sub in self.subs.items() if sub.present
             ]
             try:
+                await self.svc.slots.take(self.principal.id, self.id)  # renewed, never refused
                 await self.svc.presence.refresh(entries)
                 # An unsubscribe while the refresh was out: it may have put the entry back.
                 gone = [entry for entry in entries if entry[0] not in self.subs]
