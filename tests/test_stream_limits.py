@@ -242,6 +242,7 @@ async def test_a_close_the_peer_never_reads_ends_the_connection_within_close_tim
                 while (state := server_side(proc.port, client_port)) is not None:
                     assert time.monotonic() - gave_up < 1.0 + 15.0, f"still there: state {state}"
                     await asyncio.sleep(0.1)
+                print(f"server socket gone {time.monotonic() - gave_up:.2f}s after the 4008")
                 # ... and the client, reading again, finds the connection reset or ended.
                 sock.settimeout(TIMEOUT)
                 ended = False

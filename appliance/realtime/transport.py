@@ -101,8 +101,13 @@ def linger_zero(wanted: set[Pair]) -> set[Pair]:
         try:
             if not os.readlink(f"/proc/self/fd/{name}").startswith("socket:"):
                 continue
-            sock = socket.socket(fileno=os.dup(int(name)))
-        except OSError:
+            copy = os.dup(int(name))
+        except OSError:  # closed meanwhile
+            continue
+        try:
+            sock = socket.socket(fileno=copy)
+        except OSError:  # a family Python does not know
+            os.close(copy)
             continue
         with sock:
             if sock.type != socket.SOCK_STREAM or sock.family not in (
