@@ -55,16 +55,24 @@ class SplitDriver:
         """Every `interval` seconds, `SELECT 1` on the LISTEN connection (psycopg keeps a
         NOTIFY that arrives meanwhile for the watcher); returns never, and raises
         `psycopg.OperationalError` once the connection is lost or has not answered within
-        `timeout` (which includes waiting for the watcher's lock, held up to a second)."""
+        `timeout` (which includes waiting for the watcher's lock, held up to a second).
+
+        A probe that does not answer is left running, not cancelled: psycopg would first try
+        to cancel it on the server, up to 10 s more on a connection that may be gone. Closing
+        the connection ends it."""
         while True:
             await asyncio.sleep(interval)
+            probe = asyncio.ensure_future(self._listen_conn.execute("SELECT 1"))
             try:
-                async with asyncio.timeout(timeout):
-                    await self._listen_conn.execute("SELECT 1")
-            except TimeoutError:
+                done, _ = await asyncio.wait({probe}, timeout=timeout)
+            finally:
+                if not probe.done():
+                    probe.add_done_callback(_ignore_outcome)
+            if not done:
                 raise psycopg.OperationalError(
                     f"the LISTEN connection did not answer within {timeout:g}s"
-                ) from None
+                )
+            probe.result()  # raises when the connection is lost
 
     async def fetch(self, query: str, *args: object) -> list[dict[str, object]]:
         rows: list[dict[str, object]] = await self._queries.fetch(query, *args)
@@ -98,3 +106,9 @@ class SplitDriver:
 
     async def __aexit__(self, *exc: object) -> None:
         await self._listen.__aexit__(*exc)
+
+
+def _ignore_outcome(task: asyncio.Future[Any]) -> None:
+    """Retrieve an abandoned probe's outcome (its connection is being closed anyway)."""
+    if not task.cancelled():
+        task.exception()

@@ -106,6 +106,10 @@ async def _serve(res: Resources, stop: asyncio.Event) -> None:
                 stopper.cancel()
                 lost = liveness.done()
                 liveness.cancel()
+                if lost:
+                    # Ends what still waits on it (an unanswered probe, pgqueuer's watcher), so
+                    # that the runner can stop.
+                    await listen.close()
                 qm.shutdown.set()
                 # pgqueuer waits for running jobs; the runner's drain deadline bounds that wait.
                 await runner
