@@ -267,7 +267,11 @@ class BenchApi:
         config = load_config()
         self.keys = Keys(config.redis.key_prefix, config.segments.shards)
         self.redis_url = config.redis.url.get_secret_value()
-        ensure_database(config.postgres.dsn.get_secret_value())
+        problem = ensure_database(
+            config.postgres.dsn.get_secret_value(), config.postgres.connect_timeout
+        )
+        if problem:
+            raise RuntimeError(problem)
         subprocess.run([str(BIN / "appliance"), "migrate"], check=True, capture_output=True)
         deadline = time.monotonic() + 30
         while not listening(moto_port):
@@ -501,6 +505,9 @@ def machine() -> str:
 
 if __name__ == "__main__":
     if sys.argv[1:] == ["ensure-database"]:
-        ensure_database(load_config().postgres.dsn.get_secret_value())
+        postgres = load_config().postgres
+        problem = ensure_database(postgres.dsn.get_secret_value(), postgres.connect_timeout)
+        if problem:
+            sys.exit(problem)
     else:
         sys.exit(f"usage: {sys.argv[0]} ensure-database")

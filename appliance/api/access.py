@@ -1,10 +1,21 @@
-"""Per-request plumbing around the whole app: request id, body limit, access log, HTTP metrics.
+"""Per-request plumbing around the whole app: request id, body limit and deadline, access log,
+HTTP metrics.
 
 It wraps the router (not a route), so unmatched routes and early errors are logged and counted too.
+
+Two outcomes are the client's doing, never a 5xx:
+- 408: the request body did not arrive within `api.body_timeout` (the time the app spends waiting
+  for body bytes); the answer carries `Connection: close`, so the slow client's connection (and
+  granian's permit for it) is released at once;
+- 499 ("client closed request", as nginx counts it): the body ended before it was complete, by
+  an abort or by broken chunked framing (granian reports both as a disconnect, so they cannot be
+  told apart). The app's answer is dropped; a 400 with `Connection: close` goes out instead,
+  which only a client still reading (the broken framing) receives.
 """
 
 from __future__ import annotations
 
+import asyncio
 import re
 import time
 import uuid
@@ -13,7 +24,16 @@ from datetime import UTC, datetime
 import msgspec
 import structlog
 from litestar.enums import ScopeType
-from litestar.types import ASGIApp, HTTPResponseStartEvent, Message, Receive, Scope, Send
+from litestar.types import (
+    ASGIApp,
+    HTTPDisconnectEvent,
+    HTTPResponseStartEvent,
+    Message,
+    Receive,
+    ReceiveMessage,
+    Scope,
+    Send,
+)
 
 from appliance import metrics
 from appliance.activity import ActivityRecord
@@ -22,6 +42,8 @@ from appliance.api.errors import error_body
 log = structlog.get_logger()
 
 PROBES = frozenset({"/livez", "/readyz", "/metrics"})
+CLIENT_CLOSED = 499
+_DISCONNECT: HTTPDisconnectEvent = {"type": "http.disconnect"}
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}\Z")
 
 
@@ -32,24 +54,31 @@ def _header(scope: Scope, name: bytes) -> str | None:
     return None
 
 
-async def _reject_too_large(send: Send, limit: int, request_id: str) -> None:
-    body = msgspec.json.encode(
-        error_body("too_large", f"request body exceeds {limit} bytes", "body")
-    )
+async def _reject(
+    send: Send,
+    status: int,
+    body: dict[str, object],
+    request_id: str,
+    close: bool = False,
+) -> None:
+    encoded = msgspec.json.encode(body)
+    headers = [
+        (b"content-type", b"application/json"),
+        (b"content-length", str(len(encoded)).encode()),
+        (b"x-request-id", request_id.encode()),
+    ]
+    if close:
+        headers.append((b"connection", b"close"))
     start: HTTPResponseStartEvent = {
         "type": "http.response.start",
-        "status": 413,
-        "headers": [
-            (b"content-type", b"application/json"),
-            (b"content-length", str(len(body)).encode()),
-            (b"x-request-id", request_id.encode()),
-        ],
+        "status": status,
+        "headers": headers,
     }
     await send(start)
-    await send({"type": "http.response.body", "body": body, "more_body": False})
+    await send({"type": "http.response.body", "body": encoded, "more_body": False})
 
 
-def access_layer(app: ASGIApp, max_body_bytes: int) -> ASGIApp:
+def access_layer(app: ASGIApp, max_body_bytes: int, body_timeout: float = 10.0) -> ASGIApp:
     async def handle(scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != ScopeType.HTTP:
             await app(scope, receive, send)
@@ -58,9 +87,53 @@ def access_layer(app: ASGIApp, max_body_bytes: int) -> ASGIApp:
         request_id = given if given and _REQUEST_ID.match(given) else uuid.uuid4().hex
         started = time.perf_counter()
         status = 500
+        # The body's state: still to come (with the waiting time it has left), complete, or cut
+        # short (timed out or the client gone); once cut short the app's answer is not sent.
+        body_pending = True
+        budget = body_timeout
+        cut_short = False
+
+        async def receive_wrapper() -> ReceiveMessage:
+            nonlocal body_pending, budget, cut_short, status
+            if not body_pending:
+                return await receive()
+            waited = time.perf_counter()
+            try:
+                async with asyncio.timeout(budget):
+                    message = await receive()
+            except TimeoutError:
+                body_pending, cut_short = False, True
+                status = 408
+                log.info("request_body_timeout", body_timeout=body_timeout)
+                await _reject(
+                    send,
+                    408,
+                    error_body("timeout", f"request body not received within {body_timeout:g}s"),
+                    request_id,
+                    close=True,
+                )
+                return _DISCONNECT
+            budget -= time.perf_counter() - waited
+            if message["type"] == "http.disconnect":
+                body_pending, cut_short = False, True
+                status = CLIENT_CLOSED
+                # Heard only by a client whose chunked framing broke (one that left hears nothing);
+                # without it, granian would answer 500 for the app.
+                await _reject(
+                    send,
+                    400,
+                    error_body("invalid", "request body ended before it was complete", "body"),
+                    request_id,
+                    close=True,
+                )
+            elif not message.get("more_body", False):
+                body_pending = False
+            return message
 
         async def send_wrapper(message: Message) -> None:
             nonlocal status
+            if cut_short:
+                return
             if message["type"] == "http.response.start":
                 status = message["status"]
                 message["headers"] = [
@@ -74,9 +147,16 @@ def access_layer(app: ASGIApp, max_body_bytes: int) -> ASGIApp:
                 length = _header(scope, b"content-length")
                 if length is not None and length.isdigit() and int(length) > max_body_bytes:
                     status = 413
-                    await _reject_too_large(send, max_body_bytes, request_id)
+                    await _reject(
+                        send,
+                        413,
+                        error_body(
+                            "too_large", f"request body exceeds {max_body_bytes} bytes", "body"
+                        ),
+                        request_id,
+                    )
                 else:
-                    await app(scope, receive, send_wrapper)
+                    await app(scope, receive_wrapper, send_wrapper)
             finally:
                 elapsed = time.perf_counter() - started
                 route = scope.get("path_template") or "unmatched"

@@ -93,5 +93,7 @@ def create_app(config: Config | None = None) -> Litestar:
         logging_config=None,
         debug=False,
     )
-    app.asgi_handler = access_layer(app.asgi_handler, config.api.max_body_bytes)
+    app.asgi_handler = access_layer(
+        app.asgi_handler, config.api.max_body_bytes, config.api.body_timeout
+    )
     return app

@@ -71,6 +71,12 @@ class ApiSection(Section):
     port: int = Field(default=8080, ge=1, le=65535)
     workers: int = Field(default=1, ge=1, le=64)
     max_body_bytes: int = Field(default=1_048_576, ge=1024, le=64 * 1_048_576)
+    # Slow clients (docs/operations.md): open connections per api worker (granian's
+    # backpressure), seconds to send a request's headers (also an idle keep-alive's life) and
+    # seconds a request body may take to arrive (then 408, connection closed).
+    max_connections: int = Field(default=8192, ge=64, le=200_000)
+    header_timeout: float = Field(default=5.0, ge=1, le=60)
+    body_timeout: float = Field(default=10.0, ge=1, le=300)
     check_timeout: Seconds = 2.0
     metrics_token: OptionalSecret = None
 
