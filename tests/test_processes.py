@@ -28,7 +28,8 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from supervisor.xmlrpc import SupervisorTransport
 
-from tests.support import free_port, write_toml
+from tests.api_process import ApiProcess, api_settings
+from tests.support import free_port, wait_for, write_toml
 
 pytestmark = pytest.mark.process
 
@@ -626,3 +627,50 @@ def test_sigterm_during_start_up_steps_is_a_clean_stop(
     assert time.monotonic() - started < 10
     assert running.leftovers() == [], describe(running.leftovers())
     assert not (running.run_dir / "supervisord.pid").exists()
+
+
+# -- granian's own processes (`appliance run api`, no supervisord) --------------------------------
+
+
+def granian_children(pid: int) -> list[int]:
+    """Live processes whose parent is `pid`."""
+    out = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            fields = proc_stat(entry.name)
+            if fields is not None and fields[0] != "Z" and int(fields[1]) == pid:
+                out.append(int(entry.name))
+    return sorted(out)
+
+
+def start_api(base_settings: dict[str, Any], directory: Path, **sections: Any) -> ApiProcess:
+    settings = api_settings(copy.deepcopy(base_settings), directory, **sections)
+    return ApiProcess(directory, settings).start()
+
+
+def test_workers_end_with_granian_main_killed_9(
+    base_settings: dict[str, Any], migrated: str, tmp_path: Path
+) -> None:
+    api = start_api(base_settings, tmp_path, api={"workers": 2})
+    try:
+        assert api.proc is not None
+        main = api.proc.pid
+        workers = wait_for(
+            lambda: len(w := granian_children(main)) == 2 and w, 30, "two granian workers"
+        )
+        os.kill(main, signal.SIGKILL)
+        api.proc.wait(10)
+        killed = time.monotonic()
+        wait_for(
+            lambda: not any(alive(w) for w in workers),
+            10,
+            f"workers {workers} to end after their parent was killed",
+        )
+        elapsed = time.monotonic() - killed
+        # Nothing serves on the port any more: supervisord's next api can bind it.
+        with socket.socket() as probe:
+            probe.settimeout(2)
+            assert probe.connect_ex(("127.0.0.1", api.port)) != 0, "a worker still listens"
+        print(f"workers gone {elapsed:.2f}s after kill -9 of granian's main process")
+    finally:
+        api.stop()

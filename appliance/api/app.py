@@ -26,6 +26,7 @@ from appliance.config import Config, load_config
 from appliance.conversations import routes as conversations_routes
 from appliance.heartbeat import start_heartbeat
 from appliance.messages import routes as messages_routes
+from appliance.programs.api import die_with_parent
 from appliance.realtime import drain
 from appliance.realtime import routes as realtime_routes
 from appliance.resources import open_resources
@@ -74,6 +75,8 @@ def create_app(config: Config | None = None) -> Litestar:
     if config is None:
         config = load_config()
         logs.configure("api", config.appliance.log_level, config.appliance.log_format)
+        # In a granian worker: end with granian's main process, never serve outside it.
+        die_with_parent(config.appliance.stop_timeout)
         drain.block_signals()  # before any thread starts: see appliance/realtime/drain.py
     app = Litestar(
         route_handlers=[

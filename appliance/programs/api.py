@@ -1,11 +1,20 @@
-"""The api program: granian serving `create_app`, its flags built from the TOML alone."""
+"""The api program: granian serving `create_app`, its flags built from the TOML alone.
+
+Each worker binds itself to granian's main process (`die_with_parent`), so no worker ever
+outlives it, serving outside supervision.
+"""
 
 from __future__ import annotations
 
+import ctypes
 import json
+import multiprocessing
 import os
 import resource
+import signal
 import sys
+import threading
+import time
 from pathlib import Path
 
 import structlog
@@ -21,6 +30,8 @@ FD_HEADROOM = 4096
 # The listen backlog: connections the kernel completes while every permit is taken, or in a burst
 # before the worker accepts them (the kernel caps it at net.core.somaxconn, 4096 on Linux >= 5.4).
 BACKLOG = 2048
+PR_SET_PDEATHSIG = 1
+PARENT_CHECK_INTERVAL = 1.0
 
 
 def granian_argv(config: Config, log_config: Path) -> list[str]:
@@ -101,3 +112,40 @@ def exec_api(config: Config) -> None:
     )
     argv = granian_argv(config, log_config)
     os.execve(sys.executable, argv, granian_env(dict(os.environ)))
+
+
+# -- in the worker processes ------------------------------------------------------------------
+
+
+def die_with_parent(stop_timeout: float) -> None:
+    """Make this granian worker end when granian's main process does (even by kill -9).
+
+    The kernel sends SIGTERM when the parent dies (PR_SET_PDEATHSIG), which granian's worker
+    takes as a graceful stop; a thread also checks the parent every second (in case the signal
+    was missed or is unsupported), sends the same SIGTERM, and ends the process outright if it
+    is still there `stop_timeout` later. A no-op outside a granian worker (tests, the CLI).
+    """
+    parent = multiprocessing.parent_process()
+    if parent is None or multiprocessing.current_process().name != "granian-worker":
+        return
+    expected = parent.pid
+    if sys.platform == "linux":
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0) != 0:
+            log.warning("api_pdeathsig_failed", errno=ctypes.get_errno())
+    if os.getppid() != expected:  # the parent died before the signal was armed
+        log.warning("api_parent_gone", parent=expected)
+        os._exit(1)
+    threading.Thread(
+        target=_watch_parent, args=(expected, stop_timeout), name="parent-watch", daemon=True
+    ).start()
+
+
+def _watch_parent(expected: int | None, stop_timeout: float) -> None:
+    while os.getppid() == expected:
+        time.sleep(PARENT_CHECK_INTERVAL)
+    log.warning("api_parent_gone", parent=expected, stop_timeout=stop_timeout)
+    os.kill(os.getpid(), signal.SIGTERM)
+    time.sleep(stop_timeout)
+    log.error("api_worker_drain_timeout", stop_timeout=stop_timeout)
+    os._exit(1)
