@@ -24,11 +24,12 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import psycopg
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from supervisor.xmlrpc import SupervisorTransport
 
-from tests.api_process import ApiProcess, api_settings
+from tests.api_process import ApiProcess, admin_key, api_settings
 from tests.support import free_port, wait_for, write_toml
 
 pytestmark = pytest.mark.process
@@ -468,6 +469,7 @@ def test_sigterm_stops_everything_in_time(
     log = running.log()
     assert "program_fatal" not in log, running.tail()
     assert "drain_timeout" not in log, running.tail()
+    assert "refused to gracefully stop" not in log, running.tail()
 
 
 def fatal_events(stack: Stack) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
@@ -674,3 +676,59 @@ def test_workers_end_with_granian_main_killed_9(
         print(f"workers gone {elapsed:.2f}s after kill -9 of granian's main process")
     finally:
         api.stop()
+
+
+def test_sigterm_to_granian_drains_every_worker_without_a_kill(
+    base_settings: dict[str, Any], migrated: str, tmp_path: Path
+) -> None:
+    """Three stops of two workers, each with a request just answered and two slow clients.
+
+    Every stop exits 0 within stop_timeout, granian kills no worker ("refused to gracefully
+    stop"), the slow clients are let go by their deadlines, and the activity record of the last
+    request is in PostgreSQL (flushed by the drain: the flush interval is longer than the test).
+    """
+    for attempt in range(3):
+        api = start_api(
+            base_settings,
+            tmp_path / f"a{attempt}",
+            api={"workers": 2, "header_timeout": 2.0, "body_timeout": 2.0},
+            activity={"flush_interval": 600.0},
+        )
+        try:
+            assert api.proc is not None
+            key = admin_key(api.settings)
+            request_id = f"drain-{uuid.uuid4().hex[:8]}"
+            answer = httpx.get(
+                f"{api.url}/v1/keys",
+                headers={"Authorization": f"Bearer {key}", "X-Request-ID": request_id},
+                timeout=10,
+            )
+            assert answer.status_code == 200, answer.text
+            with socket.create_connection(("127.0.0.1", api.port)) as headers_only:
+                headers_only.sendall(b"GET /livez HTTP/1.1\r\nHost: t\r\n")
+                with socket.create_connection(("127.0.0.1", api.port)) as slow_body:
+                    slow_body.sendall(
+                        b"POST /v1/conversations HTTP/1.1\r\nHost: t\r\n"
+                        b"Authorization: Bearer " + key.encode() + b"\r\n"
+                        b"Content-Length: 100\r\n\r\n{"
+                    )
+                    stopped = time.monotonic()
+                    os.kill(api.proc.pid, signal.SIGTERM)  # granian's main process alone
+                    code = api.proc.wait(STOP_TIMEOUT + 10)
+                    elapsed = time.monotonic() - stopped
+            log = api.log(400)
+            assert code == 0, f"granian exited {code}\n{log}"
+            assert elapsed < STOP_TIMEOUT, f"stop took {elapsed:.1f}s\n{log}"
+            assert "refused to gracefully stop" not in log, log
+            assert "Stopped worker-1" in log and "Stopped worker-2" in log, log
+            assert activity_count(api.settings, request_id) == 1, log
+        finally:
+            api.stop()
+
+
+def activity_count(settings: dict[str, Any], request_id: str) -> int:
+    with psycopg.connect(settings["postgres"]["dsn"]) as conn:
+        row = conn.execute(
+            "SELECT count(*) FROM api_activity WHERE request_id = %s", (request_id,)
+        ).fetchone()
+    return int(row[0]) if row else 0

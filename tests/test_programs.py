@@ -428,3 +428,30 @@ async def test_worker_reconnects_when_its_listen_connection_dies(
             await asyncio.wait_for(task, 30)
     assert answer["instance"] == "listen-kill"
     assert sum(e["event"] == "worker_ready" for e in logs) >= 2
+
+
+def test_granian_sees_a_worker_reaped_by_its_watcher_as_stopped() -> None:
+    """The race behind "Killing worker-1 after it refused to gracefully stop" 0.1 s into a stop.
+
+    granian's watcher thread and its stop both wait for a worker; when the watcher reaps it
+    first, multiprocessing says the worker is still alive (waitpid fails with ECHILD), and granian
+    SIGKILLs a worker that stopped gracefully. `_reap_once` asks the worker's sentinel instead.
+    """
+    import multiprocessing
+
+    from granian.server.common import AbstractWorker
+    from granian.server.mp import WorkerProcess
+
+    from appliance.programs.api import _reap_once
+
+    _reap_once()
+    worker = WorkerProcess.__new__(WorkerProcess)
+    worker.inner = multiprocessing.get_context("fork").Process(target=time.sleep, args=(30,))
+    worker.inner.start()
+    try:
+        assert worker.is_alive()  # type: ignore[no-untyped-call]
+    finally:
+        os.kill(worker.inner.pid, signal.SIGTERM)
+    os.waitpid(worker.inner.pid, 0)  # reaped elsewhere, as granian's watcher thread does
+    assert AbstractWorker.is_alive(worker), "granian's own check would now say alive"  # type: ignore[no-untyped-call]
+    assert not worker.is_alive()  # type: ignore[no-untyped-call]

@@ -1,7 +1,9 @@
 """The api program: granian serving `create_app`, its flags built from the TOML alone.
 
-Each worker binds itself to granian's main process (`die_with_parent`), so no worker ever
-outlives it, serving outside supervision.
+`appliance run api` execs `python -m appliance.programs.api <granian flags>`: granian's own command
+line, started through `main()` below, which first mends one race in granian's worker bookkeeping
+(see `_reap_once`). Each worker binds itself to granian's main process (`die_with_parent`), so no
+worker ever outlives it, serving outside supervision.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import signal
 import sys
 import threading
 import time
+from multiprocessing.connection import wait
 from pathlib import Path
 
 import structlog
@@ -37,7 +40,7 @@ PARENT_CHECK_INTERVAL = 1.0
 def granian_argv(config: Config, log_config: Path) -> list[str]:
     api = config.api
     return [
-        sys.executable, "-m", "granian",
+        sys.executable, "-m", "appliance.programs.api",
         "--interface", "asgi",
         "--factory", "appliance.api.app:create_app",
         "--host", api.bind,
@@ -149,3 +152,39 @@ def _watch_parent(expected: int | None, stop_timeout: float) -> None:
     time.sleep(stop_timeout)
     log.error("api_worker_drain_timeout", stop_timeout=stop_timeout)
     os._exit(1)
+
+
+# -- in granian's main process ----------------------------------------------------------------
+
+
+def _reap_once() -> None:
+    """Stop granian from killing workers that already stopped gracefully.
+
+    granian (2.8) watches each worker with a thread blocked in `Process.join()`, while a stop
+    calls `join(timeout)` and then `is_alive()` from the main thread. Both end in `waitpid()`: when
+    the watcher reaps the worker first, the main thread's `waitpid()` fails with ECHILD, which
+    multiprocessing reports as "still running" until the watcher thread has stored the exit code.
+    On a busy machine that takes longer than the 1 ms granian allows, and it logs "Killing
+    worker-1 after it refused to gracefully stop" (and SIGKILLs a pid already reaped) about 0.1 s
+    into a stop that went well. Here a worker is alive while its sentinel pipe is open: the
+    kernel closes it when the process exits, whoever reaps it.
+    """
+    from granian.server.mp import WorkerProcess
+
+    def is_alive(self: WorkerProcess) -> bool:
+        return not wait([self.inner.sentinel], 0)
+
+    WorkerProcess.is_alive = is_alive  # type: ignore[method-assign,assignment]
+
+
+def main() -> None:
+    """granian's command line, with `_reap_once` applied first."""
+    _reap_once()
+    from granian.cli import entrypoint
+
+    sys.argv[0] = "granian"
+    entrypoint()  # type: ignore[no-untyped-call]
+
+
+if __name__ == "__main__":
+    main()
