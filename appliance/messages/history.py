@@ -9,7 +9,6 @@ token for "continue before/after seq N".
 from __future__ import annotations
 
 import base64
-import binascii
 import re
 from dataclasses import dataclass
 from typing import Literal, cast
@@ -53,7 +52,8 @@ def decode_cursor(cursor: str) -> Position:
         directions: dict[str, Direction] = {"b": "before", "a": "after"}
         direction = directions[text[0]]
         seq = number(text[1:], "cursor")
-    except (binascii.Error, UnicodeDecodeError, KeyError, IndexError, Invalid):
+    # ValueError covers binascii.Error, UnicodeDecodeError and a str that is not ASCII.
+    except (ValueError, KeyError, IndexError, Invalid):
         raise Invalid("is not a cursor returned by this API", field="cursor") from None
     if seq > MAX_SEQ:
         raise Invalid("is not a cursor returned by this API", field="cursor")
