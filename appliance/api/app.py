@@ -20,6 +20,7 @@ from appliance import __version__, logs, metrics
 from appliance.api import health
 from appliance.api.access import access_layer
 from appliance.api.errors import EXCEPTION_HANDLERS
+from appliance.api.openapi import Document, operation_id
 from appliance.api.services import open_services
 from appliance.auth import routes as keys_routes
 from appliance.config import Config, load_config
@@ -90,7 +91,13 @@ def create_app(config: Config | None = None) -> Litestar:
         exception_handlers=EXCEPTION_HANDLERS,
         request_max_body_size=config.api.max_body_bytes,
         openapi_config=OpenAPIConfig(
-            title="Messaging appliance", version=__version__, path="/schema"
+            title="Messaging appliance",
+            version=__version__,
+            path="/schema",
+            # The JSON document only, at /schema and /schema/openapi.json (no UI pages that
+            # fetch scripts from elsewhere); see api/openapi.py.
+            render_plugins=[Document(path=["/openapi.json", "/"])],
+            operation_id_creator=operation_id,
         ),
         state=State({"shutting_down": False, "services": None}),
         logging_config=None,

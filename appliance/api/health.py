@@ -4,24 +4,47 @@ from __future__ import annotations
 
 import asyncio
 import hmac
-from typing import Any
+from typing import Any, Literal
 
+import msgspec
 from litestar import Request, Response, get
 from litestar.datastructures import State
 
 from appliance import metrics
+from appliance.api.openapi import documented
 from appliance.checks import readiness
 from appliance.errors import Unauthorized
 from appliance.resources import Resources
 
 
-@get("/livez", sync_to_thread=False, include_in_schema=True)
+class Live(msgspec.Struct):
+    status: Literal["ok"]
+
+
+class CheckOut(msgspec.Struct):
+    name: str
+    ok: bool
+    latency_ms: float
+    detail: str
+
+
+class Readiness(msgspec.Struct):
+    status: Literal["ok", "fail"]
+    checks: list[CheckOut]
+
+
+@get("/livez", sync_to_thread=False, operation_class=documented(returns=Live))
 def livez() -> dict[str, str]:
     """200 while this api process answers; checks nothing else."""
     return {"status": "ok"}
 
 
-@get("/readyz")
+@get(
+    "/readyz",
+    operation_class=documented(
+        returns=Readiness, also={503: (Readiness, "A check failed, or shutdown has begun")}
+    ),
+)
 async def readyz(state: State) -> Response[dict[str, Any]]:
     """200 only when every dependency, the schema and every enabled program's heartbeat are fine."""
     res: Resources = state.resources
@@ -37,7 +60,12 @@ async def readyz(state: State) -> Response[dict[str, Any]]:
     )
 
 
-@get("/metrics", media_type="text/plain; version=0.0.4")
+@get(
+    "/metrics",
+    media_type="text/plain; version=0.0.4",
+    # 401 only when [api] metrics_token is set.
+    operation_class=documented(returns=str, media_type="text/plain", errors=(401,)),
+)
 async def metrics_endpoint(request: Request[Any, Any, State], state: State) -> bytes:
     """Prometheus text for all programs of this container."""
     token = state.resources.config.api.metrics_token

@@ -2,17 +2,39 @@
 
 from __future__ import annotations
 
-from litestar import Response, Router, delete, get, post
+import msgspec
+from litestar import Response, delete, get, post
 from litestar.params import FromPath
 
 from appliance.api.body import decode
 from appliance.api.deps import DEPENDENCIES, Req, Who, require_scope, services
 from appliance.api.json import json_response
+from appliance.api.openapi import BEARER, KEY_ID, ON_BEHALF_OF, documented, link
+from appliance.api.routing import router
 from appliance.auth import keys
 from appliance.invalidation import Invalidation
 
+AUTH = (401, 403, 503)  # every route: credentials, the admin scope, PostgreSQL
+BY_ID = (*AUTH, 400, 404)  # a malformed or unknown key id
+PARAMS = {"key_id": KEY_ID}
 
-@post("/")
+
+class KeyList(msgspec.Struct):
+    keys: list[keys.KeyInfo]
+
+
+@post(
+    "/",
+    operation_class=documented(
+        returns=keys.IssuedKey,
+        body=keys.KeyCreate,
+        errors=(*AUTH, 400, 409, 413),
+        headers=[ON_BEHALF_OF],
+        links={
+            name: link(name, key_id="$response.body#/id") for name in ("rotate_key", "revoke_key")
+        },
+    ),
+)
 async def create_key(request: Req, principal: Who) -> Response[bytes]:
     """Create a key; the response carries the full key once (`key`), never again."""
     svc = services(request)
@@ -23,15 +45,26 @@ async def create_key(request: Req, principal: Who) -> Response[bytes]:
     return json_response(issued, 201)
 
 
-@get("/")
+@get("/", operation_class=documented(returns=KeyList, errors=AUTH, headers=[ON_BEHALF_OF]))
 async def list_keys(request: Req, principal: Who) -> Response[bytes]:
     svc = services(request)
     require_scope(principal, "admin")
     async with svc.connection() as conn:
-        return json_response({"keys": await keys.list_keys(conn)})
+        return json_response(KeyList(await keys.list_keys(conn)))
 
 
-@post("/{key_id:str}/rotate")
+@post(
+    "/{key_id:str}/rotate",
+    status_code=200,
+    operation_class=documented(
+        returns=keys.IssuedKey,
+        body=keys.KeyRotate,
+        body_required=False,
+        errors=(*BY_ID, 413),
+        params=PARAMS,
+        headers=[ON_BEHALF_OF],
+    ),
+)
 async def rotate_key(request: Req, key_id: FromPath[str], principal: Who) -> Response[bytes]:
     """A new secret; the old one keeps working for `grace` seconds (default [auth] rotate_grace)."""
     svc = services(request)
@@ -45,7 +78,13 @@ async def rotate_key(request: Req, key_id: FromPath[str], principal: Who) -> Res
     return json_response(issued, 200)
 
 
-@delete("/{key_id:str}", status_code=200)
+@delete(
+    "/{key_id:str}",
+    status_code=200,
+    operation_class=documented(
+        returns=keys.KeyInfo, errors=BY_ID, params=PARAMS, headers=[ON_BEHALF_OF]
+    ),
+)
 async def revoke_key(request: Req, key_id: FromPath[str], principal: Who) -> Response[bytes]:
     """Revoke at once, on every api process (within a second)."""
     svc = services(request)
@@ -56,9 +95,10 @@ async def revoke_key(request: Req, key_id: FromPath[str], principal: Who) -> Res
     return json_response(info)
 
 
-ROUTER = Router(
+ROUTER = router(
     "/v1/keys",
-    route_handlers=[create_key, list_keys, rotate_key, revoke_key],
+    [create_key, list_keys, rotate_key, revoke_key],
     dependencies=DEPENDENCIES,
     tags=["keys"],
+    security=BEARER,
 )

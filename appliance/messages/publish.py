@@ -62,6 +62,23 @@ class _Rest(msgspec.Struct, omit_defaults=True):
     idempotency_key: str | None = None
 
 
+class Message(msgspec.Struct):
+    """A message as readers get it (history, WebSocket): the head and `_Rest` joined by the
+    script. Never built on the read path (messages are passed through as stored): it documents
+    them."""
+
+    conversation: str
+    seq: int
+    id: str
+    ts: str
+    sender: str
+    type: str
+    body: Any
+    attachments: list[Attachment] = []
+    reply_to: int | None = None
+    idempotency_key: str | None = None
+
+
 class Ack(msgspec.Struct):
     conversation: str
     seq: int

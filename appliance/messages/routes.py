@@ -2,18 +2,61 @@
 
 from __future__ import annotations
 
-from litestar import Response, Router, get, post
+from typing import Any
+
+import msgspec
+from litestar import Response, get, post
 from litestar.params import FromPath, FromQuery
 
 from appliance import metrics
 from appliance.api.body import decode
 from appliance.api.deps import DEPENDENCIES, Req, Who, services
 from appliance.api.json import json_response
+from appliance.api.openapi import BEARER, CONVERSATION, ON_BEHALF_OF, SEQ, documented, link
+from appliance.api.routing import router
 from appliance.auth.principal import Principal
 from appliance.messages import history
-from appliance.messages.publish import BatchIn, MessageIn, check_idempotency_key
+from appliance.messages.publish import Ack, BatchIn, Message, MessageIn, check_idempotency_key
 
 BASE = "/v1/conversations/{conversation:str}/messages"
+READ_ERRORS = (400, 401, 403, 404, 503)
+# 409: the Idempotency-Key was used with another body; 429: the rate limit.
+PUBLISH_ERRORS = (*READ_ERRORS, 409, 413, 429)
+IDEMPOTENCY_KEY = {
+    "name": "Idempotency-Key",
+    "in": "header",
+    "required": False,
+    "description": "A repeat within [messages] idempotency_window answers the original ack (200)",
+    "schema": {"type": "string", "pattern": "^[!-~]{1,255}$"},
+}
+_POSITION: dict[str, Any] = {"type": "integer", "minimum": 0, "maximum": history.MAX_SEQ}
+PARAMS: dict[str, dict[str, Any]] = {
+    "conversation": CONVERSATION,
+    "seq": SEQ,
+    "before": _POSITION,
+    "after": _POSITION,
+    "limit": {"type": "integer", "minimum": 1, "maximum": history.MAX_LIMIT, "default": 50},
+}
+
+
+# From a publish to the message it made.
+PUBLISHED_LINKS = {
+    "get_message": link(
+        "get_message", conversation="$request.path.conversation", seq="$response.body#/seq"
+    )
+}
+
+
+class AckList(msgspec.Struct):
+    messages: list[Ack]
+
+
+class Page(msgspec.Struct):
+    """The page history.page() writes as bytes."""
+
+    messages: list[Message]
+    next_cursor: str | None
+    prev_cursor: str | None
 
 
 async def _publish(
@@ -32,16 +75,37 @@ async def _publish(
     if not result.replayed:
         metrics.MESSAGES_PUBLISHED.labels(mode).inc(len(messages))
     status = 200 if result.replayed else 201
-    return json_response({"messages": result.acks} if batch else result.acks[0], status)
+    return json_response(AckList(result.acks) if batch else result.acks[0], status)
 
 
-@post("/")
+@post(
+    "/",
+    operation_class=documented(
+        returns=Ack,
+        also={200: (Ack, "An Idempotency-Key repeat: the original acknowledgement")},
+        body=MessageIn,
+        errors=PUBLISH_ERRORS,
+        params=PARAMS,
+        headers=[IDEMPOTENCY_KEY, ON_BEHALF_OF],
+        links=PUBLISHED_LINKS,
+    ),
+)
 async def publish(request: Req, conversation: FromPath[str], principal: Who) -> Response[bytes]:
     """Publish one message → 201 `{conversation, seq, id, ts}` (200: an Idempotency-Key repeat)."""
     return await _publish(request, conversation, principal, batch=False)
 
 
-@post("/batch")
+@post(
+    "/batch",
+    operation_class=documented(
+        returns=AckList,
+        also={200: (AckList, "An Idempotency-Key repeat: the original acknowledgements")},
+        body=BatchIn,
+        errors=PUBLISH_ERRORS,
+        params=PARAMS,
+        headers=[IDEMPOTENCY_KEY, ON_BEHALF_OF],
+    ),
+)
 async def publish_batch(
     request: Req, conversation: FromPath[str], principal: Who
 ) -> Response[bytes]:
@@ -49,7 +113,12 @@ async def publish_batch(
     return await _publish(request, conversation, principal, batch=True)
 
 
-@get("/")
+@get(
+    "/",
+    operation_class=documented(
+        returns=Page, errors=READ_ERRORS, params=PARAMS, headers=[ON_BEHALF_OF]
+    ),
+)
 async def list_messages(
     request: Req,
     conversation: FromPath[str],
@@ -72,7 +141,12 @@ def _number(text: str | None, field: str) -> int | None:
     return None if text is None else history.number(text, field)
 
 
-@get("/{seq:str}")
+@get(
+    "/{seq:str}",
+    operation_class=documented(
+        returns=Message, errors=READ_ERRORS, params=PARAMS, headers=[ON_BEHALF_OF]
+    ),
+)
 async def get_message(
     request: Req, conversation: FromPath[str], seq: FromPath[str], principal: Who
 ) -> Response[bytes]:
@@ -82,9 +156,10 @@ async def get_message(
     return json_response(await history.one(svc.redis, svc.keys, conversation, number))
 
 
-ROUTER = Router(
+ROUTER = router(
     BASE,
-    route_handlers=[publish, publish_batch, list_messages, get_message],
+    [publish, publish_batch, list_messages, get_message],
     dependencies=DEPENDENCIES,
     tags=["messages"],
+    security=BEARER,
 )

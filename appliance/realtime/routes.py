@@ -8,7 +8,8 @@ import time
 from datetime import UTC, datetime
 from typing import Any
 
-from litestar import Response, Router, WebSocket, get, post, websocket
+import msgspec
+from litestar import Response, WebSocket, get, post, websocket
 from litestar.params import FromPath
 
 from appliance import metrics
@@ -16,12 +17,14 @@ from appliance.activity import ActivityRecord
 from appliance.api.body import decode
 from appliance.api.deps import DEPENDENCIES, Req, Who, services
 from appliance.api.json import json_response
+from appliance.api.openapi import BEARER, CONVERSATION, ON_BEHALF_OF, documented
+from appliance.api.routing import router
 from appliance.api.services import Services
 from appliance.auth.authenticate import bearer
 from appliance.errors import Invalid, known
 from appliance.messages import history
 from appliance.realtime import transport
-from appliance.realtime.presence import ReceiptIn
+from appliance.realtime.presence import Receipt, ReceiptIn, ReceiptKind
 from appliance.realtime.slots import TooManySockets
 from appliance.realtime.stream import (
     CLOSE_FORBIDDEN,
@@ -35,9 +38,31 @@ from appliance.realtime.stream import (
 )
 
 BASE = "/v1/conversations/{conversation:str}"
+ERRORS = (400, 401, 403, 404, 503)
+PARAMS = {"conversation": CONVERSATION}
 
 
-@post(f"{BASE}/receipts")
+class Mark(msgspec.Struct):
+    principal: str
+    type: ReceiptKind
+    seq: int
+
+
+class ReceiptList(msgspec.Struct):
+    receipts: list[Receipt]
+
+
+class Online(msgspec.Struct):
+    online: list[str]
+
+
+@post(
+    f"{BASE}/receipts",
+    status_code=200,
+    operation_class=documented(
+        returns=Mark, body=ReceiptIn, errors=(*ERRORS, 413), params=PARAMS, headers=[ON_BEHALF_OF]
+    ),
+)
 async def post_receipt(
     request: Req, conversation: FromPath[str], principal: Who
 ) -> Response[bytes]:
@@ -49,25 +74,35 @@ async def post_receipt(
     if not 1 <= spec.seq <= head:
         raise Invalid(f"must be between 1 and the head seq {head}", field="seq")
     mark = await svc.presence.receipt(conversation, principal.id, spec.type, spec.seq)
-    return json_response({"principal": principal.id, "type": spec.type, "seq": mark})
+    return json_response(Mark(principal.id, spec.type, mark))
 
 
-@get(f"{BASE}/receipts")
+@get(
+    f"{BASE}/receipts",
+    operation_class=documented(
+        returns=ReceiptList, errors=ERRORS, params=PARAMS, headers=[ON_BEHALF_OF]
+    ),
+)
 async def get_receipts(
     request: Req, conversation: FromPath[str], principal: Who
 ) -> Response[bytes]:
     svc = services(request)
     await svc.access.require(principal, conversation, "read")
-    return json_response({"receipts": await svc.presence.receipts(conversation)})
+    return json_response(ReceiptList(await svc.presence.receipts(conversation)))
 
 
-@get(f"{BASE}/presence")
+@get(
+    f"{BASE}/presence",
+    operation_class=documented(
+        returns=Online, errors=ERRORS, params=PARAMS, headers=[ON_BEHALF_OF]
+    ),
+)
 async def get_presence(
     request: Req, conversation: FromPath[str], principal: Who
 ) -> Response[bytes]:
     svc = services(request)
     await svc.access.require(principal, conversation, "read")
-    return json_response({"online": await svc.presence.online(conversation)})
+    return json_response(Online(await svc.presence.online(conversation)))
 
 
 @websocket("/v1/stream")
@@ -153,9 +188,10 @@ async def stream(socket: WebSocket[Any, Any, Any]) -> None:
         )
 
 
-ROUTER = Router(
+ROUTER = router(
     "/",
-    route_handlers=[post_receipt, get_receipts, get_presence, stream],
+    [post_receipt, get_receipts, get_presence, stream],
     dependencies=DEPENDENCIES,
     tags=["realtime"],
+    security=BEARER,
 )
