@@ -29,6 +29,8 @@ _ID_ALPHABET = "abcdefghijklmnopqrstuvwxyz0123456789"
 
 KeyName = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9._-]{1,64}\Z")]
 Prefix = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9._:-]{1,128}\Z")]
+# RFC 3339 with a time zone (msgspec's own schema of datetime leaves the format out).
+Timestamp = Annotated[datetime, msgspec.Meta(extra_json_schema={"format": "date-time"})]
 
 
 class KeyCreate(msgspec.Struct, forbid_unknown_fields=True):
@@ -36,7 +38,7 @@ class KeyCreate(msgspec.Struct, forbid_unknown_fields=True):
     # No scope is a pure member: `key:<name>` acts only through its conversation memberships.
     scopes: Annotated[list[Scope], msgspec.Meta(max_length=6)]
     conversation_prefix: Prefix | None = None
-    expires_at: datetime | None = None
+    expires_at: Timestamp | None = None
 
 
 class KeyRotate(msgspec.Struct, forbid_unknown_fields=True):
