@@ -76,9 +76,9 @@ def create_app(config: Config | None = None) -> Litestar:
     if config is None:
         config = load_config()
         logs.configure("api", config.appliance.log_level, config.appliance.log_format)
+        drain.block_signals()  # before any thread starts: see appliance/realtime/drain.py
         # In a granian worker: end with granian's main process, never serve outside it.
         die_with_parent(config.appliance.stop_timeout)
-        drain.block_signals()  # before any thread starts: see appliance/realtime/drain.py
     app = Litestar(
         route_handlers=[
             *health.ROUTES,
