@@ -10,7 +10,9 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import click
 import psycopg
+import pytest
 from litestar.testing import AsyncTestClient
 
 from appliance.api.app import create_app
@@ -390,3 +392,13 @@ def test_cli_creates_a_key_without_scopes(
     text = cli(config, "keys", "create", "--name", unique("m"))
     assert text.returncode == 0, text.stderr
     assert "acts only in conversations it is a member of" in text.stderr
+
+
+# full-width, Arabic-Indic and superscript digits
+@pytest.mark.parametrize("text", ["\uff11d", "\u0663h", "1.\uff15", "\u00b2s"])
+def test_cli_durations_are_ascii_digits_only(text: str) -> None:
+    from appliance.cli.keys_cmd import seconds
+
+    with pytest.raises(click.BadParameter):
+        seconds(text, "--expires-in")
+    assert seconds("1.5h", "--expires-in") == 5400

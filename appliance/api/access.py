@@ -203,7 +203,12 @@ def access_layer(app: ASGIApp, max_body_bytes: int, body_timeout: float = 10.0) 
         with structlog.contextvars.bound_contextvars(request_id=request_id):
             try:
                 length = _header(scope, b"content-length")
-                if length is not None and length.isdigit() and int(length) > max_body_bytes:
+                if (
+                    length is not None
+                    and length.isascii()
+                    and length.isdigit()
+                    and int(length) > max_body_bytes
+                ):
                     status = 413
                     await _reject(
                         send,

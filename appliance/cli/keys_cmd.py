@@ -23,7 +23,7 @@ from appliance.resources import direct_connection, keys_for
 
 T = TypeVar("T")
 
-_DURATION = re.compile(r"^(\d+(?:\.\d+)?)([smhd]?)\Z")
+_DURATION = re.compile(r"^(\d+(?:\.\d+)?)([smhd]?)\Z", re.ASCII)  # int() reads other digits too
 _UNIT = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
 
 
