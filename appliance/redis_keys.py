@@ -1,4 +1,4 @@
-"""Redis: the client factory and the one place key names are built.
+"""Redis: the client factory (and its connections) and the one place key names are built.
 
 Keys are `<prefix>:<...>`. Everything of one conversation, and the ingest stream of its shard,
 carries the shard's hash tag (`{s7}`), so a Lua script touching them all runs on Redis Cluster
@@ -9,23 +9,82 @@ from __future__ import annotations
 
 import hashlib
 import zlib
+from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Any
 
 import redis.asyncio as aioredis
+from redis.asyncio.connection import AbstractConnection, parse_url
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import RedisError
 
 from appliance.config.model import RedisSection
 
 
-def client(section: RedisSection, name: str) -> aioredis.Redis:
-    """A pooled asyncio client; the caller closes it with `aclose()`."""
-    return aioredis.Redis.from_url(
-        section.url.get_secret_value(),
-        socket_connect_timeout=section.connect_timeout,
-        socket_timeout=section.connect_timeout,
-        health_check_interval=30,
-        client_name=f"appliance-{name}",
-        decode_responses=False,
-    )
+class _LostOnFailedSend(AbstractConnection):
+    """A write to a connection that is gone raises what the event loop raises for it: uvloop
+    (granian's loop) a RuntimeError ("... the handler is closed") once a reset from the server
+    closed the transport, asyncio an AttributeError when a concurrent disconnect dropped the
+    writer. redis-py drops the connection after any failed send but turns only OSError into a
+    ConnectionError, so these escaped as bugs (a 500, a socket closed 1011) and were never
+    retried. A packed command is bytes, so its write fails only for the connection's sake: a
+    failure that left the connection dropped is a lost connection. Redis's own errors, and a
+    failure that left the connection up (raised before the write), pass unchanged."""
+
+    async def send_packed_command(
+        self, command: bytes | str | Iterable[bytes], check_health: bool = True
+    ) -> None:
+        try:
+            await super().send_packed_command(command, check_health)
+        except RedisError:
+            raise
+        except Exception as exc:
+            if self.is_connected:
+                raise
+            raise RedisConnectionError(
+                f"connection lost while writing ({type(exc).__name__}: {exc})"
+            ) from exc
+
+
+class _Tcp(_LostOnFailedSend, aioredis.Connection):
+    pass
+
+
+class _Tls(_LostOnFailedSend, aioredis.SSLConnection):
+    pass
+
+
+class _Unix(_LostOnFailedSend, aioredis.UnixDomainSocketConnection):
+    pass
+
+
+_CONNECTIONS: dict[type[AbstractConnection], type[AbstractConnection]] = {
+    aioredis.Connection: _Tcp,
+    aioredis.SSLConnection: _Tls,
+    aioredis.UnixDomainSocketConnection: _Unix,
+}
+
+
+def client(section: RedisSection, name: str, *, reconnect: bool = True) -> aioredis.Redis:
+    """A pooled asyncio client; the caller closes it with `aclose()`. With `reconnect=False`,
+    redis-py never reconnects a connection by itself after an error (not even for a pub/sub):
+    the caller does, for a connection that must not be reconnected from two tasks at once."""
+    options: dict[str, Any] = {
+        "socket_connect_timeout": section.connect_timeout,
+        "socket_timeout": section.connect_timeout,
+        "health_check_interval": 30,
+        "client_name": f"appliance-{name}",
+        "decode_responses": False,
+        # What Redis.from_url does: the URL's own options win.
+        **parse_url(section.url.get_secret_value()),
+    }
+    if not reconnect:
+        options["retry"] = Retry(NoBackoff(), 0, supported_errors=())
+    base = options.pop("connection_class", aioredis.Connection)
+    pool = aioredis.ConnectionPool(connection_class=_CONNECTIONS[base], **options)
+    return aioredis.Redis.from_pool(pool)
 
 
 def shard_of(conversation: str, shards: int) -> int:

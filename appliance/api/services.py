@@ -101,7 +101,7 @@ async def open_services(res: Resources) -> AsyncIterator[Services]:
             config.activity, res.pool, close_timeout=config.appliance.stop_timeout
         ),
     )
-    svc.hub = Hub(res.redis, res.keys, svc.invalidate)
+    svc.hub = Hub(config.redis, res.keys, svc.invalidate)
     svc.slots = Slots(
         res.redis,
         res.keys,
