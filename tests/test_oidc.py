@@ -141,7 +141,7 @@ async def verifier_for(issuer: Issuer) -> AsyncIterator[Callable[..., OidcVerifi
     """Factory of verifiers for `issuer`; keyword arguments override OidcSection fields."""
     made: list[OidcVerifier] = []
 
-    def make(**overrides: Any) -> OidcVerifier:
+    def make(clock: Callable[[], float] = time.monotonic, **overrides: Any) -> OidcVerifier:
         fields: dict[str, Any] = {
             "enabled": True,
             "issuer": issuer.url,
@@ -149,12 +149,26 @@ async def verifier_for(issuer: Issuer) -> AsyncIterator[Callable[..., OidcVerifi
             "http_timeout": 2.0,
             **overrides,
         }
-        made.append(OidcVerifier(OidcSection(**fields)))
+        made.append(OidcVerifier(OidcSection(**fields), clock))
         return made[-1]
 
     yield make
     for verifier in made:
         await verifier.aclose()
+
+
+class Clock:
+    """A monotonic clock the test turns: cache and refetch windows as long as one likes, and
+    no race with a loaded machine's scheduling."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
 
 
 def sign(
@@ -256,13 +270,15 @@ async def test_wrong_issuer(
 async def test_unknown_kid_refetch_is_rate_limited(
     issuer: Issuer, verifier_for: Callable[..., OidcVerifier], rsa_key: rsa.RSAPrivateKey
 ) -> None:
-    verifier = verifier_for(jwks_min_refresh=0.5)
+    clock = Clock()
+    verifier = verifier_for(jwks_min_refresh=10, clock=clock)
     await verifier.verify(sign(issuer, rsa_key, "rsa-1"))
     assert issuer.jwks_fetches == 1
-    # Right after a fetch, an unknown kid does not refetch.
+    # Within jwks_min_refresh of a fetch, an unknown kid does not refetch.
+    clock.advance(9.9)
     await rejected(verifier, sign(issuer, rsa_key, "forged-0"), "token_kid_unknown")
     assert issuer.jwks_fetches == 1
-    await asyncio.sleep(0.6)
+    clock.advance(0.2)
     forged = [sign(issuer, rsa_key, f"forged-{n}") for n in range(1, 21)]
     results = await asyncio.gather(*(verifier.verify(t) for t in forged), return_exceptions=True)
     assert all(isinstance(r, Unauthorized) and r.reason == "token_kid_unknown" for r in results)
@@ -275,10 +291,11 @@ async def test_rotated_keys_verify_without_restart(
     rsa_key: rsa.RSAPrivateKey,
     rsa_key_new: rsa.RSAPrivateKey,
 ) -> None:
-    verifier = verifier_for(jwks_min_refresh=0.2)
+    clock = Clock()
+    verifier = verifier_for(jwks_min_refresh=10, clock=clock)
     await verifier.verify(sign(issuer, rsa_key, "rsa-1"))
     issuer.publish((rsa_key_new, "rsa-2"))
-    await asyncio.sleep(0.3)
+    clock.advance(11)
     identity = await verifier.verify(sign(issuer, rsa_key_new, "rsa-2", sub="carol"))
     assert identity.user == "carol"
     assert issuer.jwks_fetches == 2
@@ -286,12 +303,12 @@ async def test_rotated_keys_verify_without_restart(
     await rejected(verifier, sign(issuer, rsa_key, "rsa-1"), "token_kid_unknown")
 
 
-async def eventually(condition: Callable[[], bool], what: str) -> None:
-    for _ in range(100):
-        if condition():
-            return
-        await asyncio.sleep(0.05)
-    pytest.fail(f"{what} did not happen within 5 s")
+async def eventually(condition: Callable[[], bool], what: str, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            pytest.fail(f"{what} did not happen within {timeout:g} s")
+        await asyncio.sleep(0.02)
 
 
 async def test_cache_ttl_refetches_known_keys_in_the_background(
@@ -300,11 +317,12 @@ async def test_cache_ttl_refetches_known_keys_in_the_background(
     rsa_key: rsa.RSAPrivateKey,
     rsa_key_new: rsa.RSAPrivateKey,
 ) -> None:
-    verifier = verifier_for(jwks_cache_ttl=0.2, jwks_min_refresh=0.1)
+    clock = Clock()
+    verifier = verifier_for(jwks_cache_ttl=100, jwks_min_refresh=10, clock=clock)
     token = sign(issuer, rsa_key, "rsa-1")
     await verifier.verify(token)
     issuer.publish((rsa_key, "rsa-1"), (rsa_key_new, "rsa-2"))
-    await asyncio.sleep(0.3)
+    clock.advance(100.1)
     assert (await verifier.verify(token)).user == "alice"  # the expired set still serves
     await eventually(lambda: issuer.jwks_fetches == 2, "the background refetch")
     # The refetched set is in use: a key published meanwhile verifies with no fetch of its own.
@@ -316,10 +334,11 @@ async def test_cache_ttl_refetches_known_keys_in_the_background(
 async def test_a_hanging_issuer_delays_no_token_whose_key_is_known(
     issuer: Issuer, verifier_for: Callable[..., OidcVerifier], rsa_key: rsa.RSAPrivateKey
 ) -> None:
-    verifier = verifier_for(jwks_cache_ttl=0.2, jwks_min_refresh=0.1, http_timeout=20)
+    clock = Clock()
+    verifier = verifier_for(jwks_cache_ttl=100, jwks_min_refresh=10, http_timeout=20, clock=clock)
     token = sign(issuer, rsa_key, "rsa-1")
     await verifier.verify(token)
-    await asyncio.sleep(0.3)
+    clock.advance(100.1)
     issuer.answering.clear()
     try:
         # Twenty verifications finish while the issuer holds the refetch they started.
@@ -342,16 +361,18 @@ async def test_callers_waiting_for_a_refetch_take_its_result(
     rsa_key_new: rsa.RSAPrivateKey,
 ) -> None:
     # A fetch that outlasts jwks_min_refresh: callers that queued behind it do not fetch again.
-    verifier = verifier_for(jwks_min_refresh=0.1, http_timeout=20)
+    clock = Clock()
+    verifier = verifier_for(jwks_min_refresh=10, http_timeout=20, clock=clock)
     await verifier.verify(sign(issuer, rsa_key, "rsa-1"))
-    await asyncio.sleep(0.2)
+    clock.advance(11)  # the new kid may refetch
     issuer.publish((rsa_key_new, "rsa-2"))
     issuer.answering.clear()
     token = sign(issuer, rsa_key_new, "rsa-2", sub="carol")
     first = asyncio.ensure_future(verifier.verify(token))
     await eventually(lambda: issuer.jwks_fetches == 2, "the refetch for the new kid")
     later = [asyncio.ensure_future(verifier.verify(token)) for _ in range(5)]
-    await asyncio.sleep(0.3)  # past jwks_min_refresh while the fetch is still held
+    await asyncio.sleep(0)  # they start, and queue behind the fetch
+    clock.advance(11)  # past jwks_min_refresh while the fetch is still held
     issuer.answering.set()
     results = await asyncio.wait_for(asyncio.gather(first, *later), 5)
     assert [r.user for r in results] == ["carol"] * 6
@@ -361,11 +382,12 @@ async def test_callers_waiting_for_a_refetch_take_its_result(
 async def test_stale_keys_survive_an_issuer_outage(
     issuer: Issuer, verifier_for: Callable[..., OidcVerifier], rsa_key: rsa.RSAPrivateKey
 ) -> None:
-    verifier = verifier_for(jwks_cache_ttl=0.2, jwks_min_refresh=0.1)
+    clock = Clock()
+    verifier = verifier_for(jwks_cache_ttl=100, jwks_min_refresh=10, clock=clock)
     token = sign(issuer, rsa_key, "rsa-1")
     await verifier.verify(token)
     issuer.stop()
-    await asyncio.sleep(0.3)
+    clock.advance(100.1)
     with capture_logs() as logs:
         assert (await verifier.verify(token)).user == "alice"
         await eventually(lambda: verifier._background is None, "the failed refetch")

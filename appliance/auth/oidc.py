@@ -21,6 +21,7 @@ import math
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
@@ -109,8 +110,11 @@ class OidcIdentity:
 
 
 class OidcVerifier:
-    def __init__(self, section: OidcSection) -> None:
+    def __init__(self, section: OidcSection, clock: Callable[[], float] = time.monotonic) -> None:
+        """`clock` is monotonic seconds, for the JWKS cache and refetch windows (tests turn it
+        by hand)."""
         self._section = section
+        self._clock = clock
         issuer = section.issuer.rstrip("/")
         self._discovery_url = section.discovery_url or f"{issuer}/.well-known/openid-configuration"
         self._jwks_uri: str | None = None
@@ -189,7 +193,7 @@ class OidcVerifier:
         return frozenset(role for role in value if isinstance(role, str))
 
     async def _key_for(self, kid: str | None) -> jwt.PyJWK:
-        now = time.monotonic()
+        now = self._clock()
         section = self._section
         if self._keys is None:
             await self._refresh(since=now)
@@ -228,27 +232,27 @@ class OidcVerifier:
         """Refetch the JWKS unless an attempt ended since `since` (a caller that waited for it
         takes its result) or the last one began under `jwks_min_refresh` ago."""
         async with self._lock:
-            recent = time.monotonic() - self._attempted_at < self._section.jwks_min_refresh
+            recent = self._clock() - self._attempted_at < self._section.jwks_min_refresh
             if self._finished_at >= since or recent:
                 if not self._keys:
                     raise self._unavailable()
                 return
-            self._attempted_at = time.monotonic()
+            self._attempted_at = self._clock()
             try:
                 self._keys = await asyncio.to_thread(self._fetch_keys)
-                self._loaded_at = time.monotonic()
+                self._loaded_at = self._clock()
             except _IssuerError as exc:
                 log.warning("oidc_jwks_refresh_failed", error=str(exc), stale=bool(self._keys))
                 if not self._keys:
                     raise self._unavailable() from None
             finally:
-                self._finished_at = time.monotonic()
+                self._finished_at = self._clock()
 
     def _unavailable(self) -> Unavailable:
         """The 503 while no keys are held: no URL or detail (those are logged), and Retry-After
         the seconds until `jwks_min_refresh` lets the next fetch begin."""
         error = unavailable("the OIDC issuer")
-        wait = self._attempted_at + self._section.jwks_min_refresh - time.monotonic()
+        wait = self._attempted_at + self._section.jwks_min_refresh - self._clock()
         error.headers["Retry-After"] = str(max(1, math.ceil(wait)))
         return error
 
