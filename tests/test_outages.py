@@ -38,7 +38,17 @@ from appliance.resources import Resources, keys_for
 from appliance.storage import Storage
 from tests.api_process import ApiProcess, api_settings
 from tests.messaging import bearer, body, issue_key, unique
-from tests.test_stream import NOISE, TIMEOUT, api_client, closed, expect, recv, send, subscribe
+from tests.test_stream import (
+    NOISE,
+    TIMEOUT,
+    api_client,
+    closed,
+    expect,
+    recv,
+    send,
+    subscribe,
+    within,
+)
 
 Client = AsyncTestClient[Any]
 PrivateRedis = tuple[int, Callable[[], None], Callable[[], None]]  # port, start, kill
@@ -207,12 +217,14 @@ async def test_http_routes_answer_503_while_postgres_is_down(
 
 
 async def expect_one_of(ws: ClientConnection, *events: str) -> dict[str, Any]:
-    """The next frame of one of `events`; only noise may come first."""
-    while True:
-        frame = await recv(ws)
-        if frame["event"] in events:
-            return frame
-        assert frame["event"] in NOISE, f"expected one of {events}, got {frame}"
+    """The next frame of one of `events`; only noise may come first. Pings come every second,
+    so each receive succeeds: the whole wait has its own deadline."""
+    async with within(3 * TIMEOUT, f"a frame of one of {events}"):
+        while True:
+            frame = await recv(ws)
+            if frame["event"] in events:
+                return frame
+            assert frame["event"] in NOISE, f"expected one of {events}, got {frame}"
 
 
 @pytest.mark.process

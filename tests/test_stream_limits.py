@@ -127,12 +127,17 @@ async def recv(ws: ClientConnection) -> Frame:
 
 
 async def expect(ws: ClientConnection, event: str) -> Frame:
-    """The next `event` frame; only noise may come first."""
-    while True:
-        frame = await recv(ws)
-        if frame["event"] == event:
-            return frame
-        assert frame["event"] in NOISE, f"expected {event}, got {frame}"
+    """The next `event` frame; only noise may come first. Pings keep each receive short of its
+    timeout, so the whole wait has a deadline of its own."""
+    try:
+        async with asyncio.timeout(TIMEOUT * 3):
+            while True:
+                frame = await recv(ws)
+                if frame["event"] == event:
+                    return frame
+                assert frame["event"] in NOISE, f"expected {event}, got {frame}"
+    except TimeoutError:
+        raise AssertionError(f"no {event} frame within {TIMEOUT * 3:g}s") from None
 
 
 async def subscribe(ws: ClientConnection, conversation: str, since: int | None = None) -> Frame:
@@ -173,7 +178,9 @@ def raw_socket(port: int, key: str) -> socket.socket:
     )
     head = b""
     while b"\r\n\r\n" not in head:
-        head += sock.recv(1)  # byte by byte: not one byte of the frames that follow
+        byte = sock.recv(1)  # byte by byte: not one byte of the frames that follow
+        assert byte, f"the server closed during the handshake: {head!r}"
+        head += byte
     assert head.startswith(b"HTTP/1.1 101"), head
     return sock
 
@@ -229,7 +236,9 @@ async def test_a_close_the_peer_never_reads_ends_the_connection_within_close_tim
                 sock.sendall(client_frame(json.dumps(op).encode()))
                 seen = b""
                 while b"subscribed" not in seen:
-                    seen += sock.recv(4096)
+                    chunk = sock.recv(4096)  # each within the socket's timeout
+                    assert chunk, f"closed before subscribed: {seen!r}"
+                    seen += chunk
                 # From here the client reads nothing: publish until the server gives up on it.
                 pad = "x" * 30_000
                 for _ in range(60):
@@ -418,8 +427,9 @@ async def admitted(api: Api, key: str) -> bool:
     async with api.socket(key) as ws:
         try:
             await ws.send(json.dumps({"op": "ping"}))
-            while (frame := await recv(ws))["event"] != "pong":
-                assert frame["event"] in NOISE or frame["error"]["code"] == "too_many_sockets"
+            async with asyncio.timeout(TIMEOUT * 3):  # pings keep each receive alive
+                while (frame := await recv(ws))["event"] != "pong":
+                    assert frame["event"] in NOISE or frame["error"]["code"] == "too_many_sockets"
         except ConnectionClosed:
             assert ws.close_code == 4029, ws.close_code
             return False
