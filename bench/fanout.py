@@ -480,7 +480,9 @@ def main() -> int:
         f" publisher: {generator} over HTTP (8 connections, paced); 1 granian worker"
     )
     report = Report()
-    with BenchApi() as api:
+    # Every subscriber is one principal here: lift the per-principal socket limit out of the way.
+    sockets = {"APPLIANCE_REALTIME__MAX_SOCKETS_PER_PRINCIPAL": str(args.sockets + 10)}
+    with BenchApi(extra_env=sockets) as api:
         uvloop.run(run(args, api, generator, report))
     if not args.no_bare:
         with BenchApi(BARE_FACTORY) as bare:
