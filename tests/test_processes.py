@@ -28,6 +28,8 @@ import psycopg
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from supervisor.xmlrpc import SupervisorTransport
+from websockets.exceptions import ConnectionClosed
+from websockets.sync.client import ClientConnection, connect
 
 from tests.api_process import ApiProcess, admin_key, api_settings
 from tests.support import free_port, wait_for, write_toml
@@ -455,11 +457,29 @@ def test_sigterm_stops_everything_in_time(
     )
     before = running.leftovers()
     assert len(before) >= 6, describe(before)  # start.sh, supervisord, listener, 4 programs
+    key = admin_key(running.settings)
+    opened = contextlib.ExitStack()
+    sockets = [
+        opened.enter_context(
+            connect(
+                f"ws://127.0.0.1:{running.port}/v1/stream",
+                additional_headers={"Authorization": f"Bearer {key}"},
+                open_timeout=10,
+            )
+        )
+        for _ in range(3)
+    ]
+    for ws in sockets:  # each is live before the stop
+        ws.send(json.dumps({"op": "ping"}))
+        assert json.loads(ws.recv(timeout=10))["event"] == "pong"
 
     started = time.monotonic()
     running.proc.send_signal(signal.SIGTERM)
+    with opened:
+        codes = [close_code(ws, deadline=started + STOP_TIMEOUT + 10) for ws in sockets]
     code = running.wait_exit(STOP_TIMEOUT + 30)
     elapsed = time.monotonic() - started
+    assert codes == [1001] * len(sockets), f"close codes {codes}{running.tail()}"
     assert code == 0, f"start.sh exited {code} after SIGTERM{running.tail()}"
     assert elapsed < STOP_TIMEOUT + 10, f"stopping took {elapsed:.1f}s{running.tail()}"
     left = running.leftovers()
@@ -470,6 +490,19 @@ def test_sigterm_stops_everything_in_time(
     assert "program_fatal" not in log, running.tail()
     assert "drain_timeout" not in log, running.tail()
     assert "refused to gracefully stop" not in log, running.tail()
+
+
+def close_code(ws: ClientConnection, deadline: float) -> int | None:
+    """The close code `ws` receives (frames before it are skipped); None if none by `deadline`."""
+    while (left := deadline - time.monotonic()) > 0:
+        try:
+            ws.recv(timeout=left)
+        except TimeoutError:
+            break
+        except ConnectionClosed:
+            return ws.close_code
+    ws.close()
+    return None
 
 
 def fatal_events(stack: Stack) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
