@@ -122,8 +122,14 @@ class Api:
         assert response.status_code == 201, response.text
         return [ack["seq"] for ack in response.json()["messages"]]
 
-    def socket(self, key: str, **headers: str) -> Any:
-        return connect(self.ws_url, additional_headers=auth(key, **headers), open_timeout=TIMEOUT)
+    def socket(self, key: str, options: dict[str, Any] | None = None, **headers: str) -> Any:
+        """A WebSocket with `key` and `headers`; `options` go to websockets' `connect`."""
+        return connect(
+            self.ws_url,
+            additional_headers=auth(key, **headers),
+            open_timeout=TIMEOUT,
+            **(options or {}),
+        )
 
 
 @contextlib.asynccontextmanager

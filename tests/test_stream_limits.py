@@ -17,19 +17,18 @@ import signal
 import socket
 import struct
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
 import redis.asyncio as aioredis
 from prometheus_client.parser import text_string_to_metric_families
-from websockets.asyncio.client import ClientConnection, connect
+from websockets.asyncio.client import ClientConnection
 from websockets.exceptions import ConnectionClosed
 
 from tests.api_process import ApiProcess, admin_key, api_settings
-from tests.messaging import unique
+from tests.test_stream import Api, api_client, recv
 
 pytestmark = pytest.mark.process
 
@@ -52,64 +51,14 @@ def running(directory: Path, settings: dict[str, Any]) -> Iterator[ApiProcess]:
         print(proc.log())  # shown by pytest only when a test failed
 
 
-class Api:
-    """HTTP to one api process, with an admin key to mint the keys a test needs."""
-
-    def __init__(self, http: httpx.AsyncClient, admin: str, ws_url: str) -> None:
-        self.http = http
-        self.admin = admin
-        self.ws_url = ws_url
-        self._manager: str | None = None
-
-    async def key(self, *scopes: str) -> str:
-        response = await self.http.post(
-            "/v1/keys",
-            json={"name": unique("k"), "scopes": list(scopes)},
-            headers=auth(self.admin),
-        )
-        assert response.status_code == 201, response.text
-        key: str = response.json()["key"]
-        return key
-
-    async def manager(self) -> str:
-        if self._manager is None:
-            self._manager = await self.key("manage", "publish")
-        return self._manager
-
-    async def conversation(self) -> str:
-        name = unique("conv")
-        response = await self.http.post(
-            "/v1/conversations", json={"conversation": name}, headers=auth(await self.manager())
-        )
-        assert response.status_code == 201, response.text
-        return name
-
-    async def publish(self, conversation: str, bodies: list[Any]) -> list[int]:
-        response = await self.http.post(
-            f"/v1/conversations/{conversation}/messages/batch",
-            json={"messages": [{"type": "text", "body": b} for b in bodies]},
-            headers=auth(await self.manager()),
-        )
-        assert response.status_code == 201, response.text
-        return [ack["seq"] for ack in response.json()["messages"]]
-
-    async def closed_total(self, code: int) -> float:
-        response = await self.http.get("/metrics")
-        assert response.status_code == 200, response.text
-        return samples_with(response.text, "appliance_websocket_closed_total", reason=str(code))
-
-    def socket(self, key: str, **options: Any) -> Any:
-        return connect(self.ws_url, additional_headers=auth(key), open_timeout=TIMEOUT, **options)
+async def closed_total(api: Api, code: int) -> float:
+    response = await api.http.get("/metrics")
+    assert response.status_code == 200, response.text
+    return samples_with(response.text, "appliance_websocket_closed_total", reason=str(code))
 
 
-@contextlib.asynccontextmanager
-async def api_client(proc: ApiProcess, admin: str) -> AsyncIterator[Api]:
-    async with httpx.AsyncClient(base_url=proc.url, timeout=30.0) as http:
-        yield Api(http, admin, proc.ws_url)
-
-
-def auth(key: str) -> dict[str, str]:
-    return {"Authorization": f"Bearer {key}"}
+async def subscriber_key(api: Api) -> str:
+    return (await api.key("subscribe"))[1]
 
 
 def samples_with(text: str, name: str, **labels: str) -> float:
@@ -119,11 +68,6 @@ def samples_with(text: str, name: str, **labels: str) -> float:
             if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
                 total += sample.value
     return total
-
-
-async def recv(ws: ClientConnection) -> Frame:
-    frame: Frame = json.loads(await asyncio.wait_for(ws.recv(), TIMEOUT))
-    return frame
 
 
 async def expect(ws: ClientConnection, event: str) -> Frame:
@@ -227,7 +171,7 @@ async def test_a_close_the_peer_never_reads_ends_the_connection_within_close_tim
     with running(tmp_path, settings) as proc:
         admin = await asyncio.to_thread(admin_key, proc.settings)
         async with api_client(proc, admin) as api:
-            key = await api.key("subscribe")
+            key = await subscriber_key(api)
             conversation = await api.conversation()
             sock = raw_socket(proc.port, key)
             with sock:
@@ -242,10 +186,10 @@ async def test_a_close_the_peer_never_reads_ends_the_connection_within_close_tim
                 # From here the client reads nothing: publish until the server gives up on it.
                 pad = "x" * 30_000
                 for _ in range(60):
-                    await api.publish(conversation, [{"pad": pad}] * 100)
-                    if await api.closed_total(4008) > 0:
+                    await api.publish_batch(conversation, [{"pad": pad}] * 100)
+                    if await closed_total(api, 4008) > 0:
                         break
-                assert await api.closed_total(4008) > 0, "never closed as a slow consumer"
+                assert await closed_total(api, 4008) > 0, "never closed as a slow consumer"
                 gave_up = time.monotonic()
                 # The server's end disappears (RST), well within the bound...
                 while (state := server_side(proc.port, client_port)) is not None:
@@ -281,9 +225,15 @@ async def test_after_redis_lost_its_data_a_resume_above_the_head_gets_seq_reset(
     with running(tmp_path, settings) as proc:
         admin = await asyncio.to_thread(admin_key, proc.settings)
         async with api_client(proc, admin) as api:
-            key = await api.key("subscribe")
+            key = await subscriber_key(api)
             conversation = await api.conversation()
-            assert await api.publish(conversation, [{"n": n} for n in range(5)]) == [1, 2, 3, 4, 5]
+            assert await api.publish_batch(conversation, [{"n": n} for n in range(5)]) == [
+                1,
+                2,
+                3,
+                4,
+                5,
+            ]
             async with api.socket(key) as live:
                 await subscribe(live, conversation, since=0)
                 seqs = [(await expect(live, "message"))["message"]["seq"] for _ in range(5)]
@@ -294,7 +244,7 @@ async def test_after_redis_lost_its_data_a_resume_above_the_head_gets_seq_reset(
                     await redis.flushall()
                 finally:
                     await redis.aclose()
-                assert await api.publish(conversation, [{"n": "new"}]) == [1]
+                assert await api.publish_batch(conversation, [{"n": "new"}]) == [1]
 
                 # The live subscription hears seq 1 again: it ends, naming the head.
                 error = (await expect(live, "error"))["error"]
@@ -317,7 +267,7 @@ async def test_after_redis_lost_its_data_a_resume_above_the_head_gets_seq_reset(
                 # Not subscribed after it: a resume from the history's end gets what follows.
                 assert (await subscribe(ws, conversation, since=0))["seq"] == 1
                 assert (await expect(ws, "message"))["message"]["body"] == {"n": "new"}
-                assert await api.publish(conversation, [{"n": "next"}]) == [2]
+                assert await api.publish_batch(conversation, [{"n": "next"}]) == [2]
                 assert (await expect(ws, "message"))["message"]["seq"] == 2
             # A negative since is still invalid.
             async with api.socket(key) as ws:
@@ -353,8 +303,8 @@ async def test_a_frame_over_max_frame_bytes_is_closed_1009_unread(
     the app, told only "disconnected" (1005), answers 1009: the client gets 1009 either way."""
     admin = await asyncio.to_thread(admin_key, frames_server.settings)
     async with api_client(frames_server, admin) as api:
-        key = await api.key("subscribe")
-        async with api.socket(key, max_size=None, close_timeout=TIMEOUT) as ws:
+        key = await subscriber_key(api)
+        async with api.socket(key, options={"max_size": None, "close_timeout": TIMEOUT}) as ws:
             await ws.send(json.dumps({"op": "ping"}))
             await expect(ws, "pong")
             with contextlib.suppress(ConnectionClosed):  # the server may close mid-send
@@ -398,7 +348,7 @@ async def test_sockets_get_1001_when_the_api_stops(
         assert proc.proc is not None
         admin = await asyncio.to_thread(admin_key, proc.settings)
         async with api_client(proc, admin) as api:
-            key = await api.key("subscribe")
+            key = await subscriber_key(api)
             conversation = await api.conversation()
             async with contextlib.AsyncExitStack() as stack:
                 sockets = [await stack.enter_async_context(api.socket(key)) for _ in range(8)]
@@ -452,7 +402,7 @@ async def test_sockets_per_principal_are_limited_across_processes(
             api_client(b, admin) as on_b,
             contextlib.AsyncExitStack() as stack,
         ):
-            key, other = await on_a.key("subscribe"), await on_a.key("subscribe")
+            key, other = await subscriber_key(on_a), await subscriber_key(on_a)
             first = await stack.enter_async_context(on_a.socket(key))
             held = [first, await stack.enter_async_context(on_a.socket(key))]
             held.append(await stack.enter_async_context(on_b.socket(key)))
