@@ -12,9 +12,13 @@ from litestar.status_codes import HTTP_500_INTERNAL_SERVER_ERROR
 from litestar.types import ExceptionHandlersMap
 
 from appliance import metrics
-from appliance.errors import OUTAGES, ApplianceError, known, refused_value
+from appliance.errors import OUTAGES, ApplianceError, Unavailable, known, refused_value
+from appliance.logthrottle import Throttle
 
 log = structlog.get_logger()
+# While a dependency is down every request fails the same way, thousands a second under load:
+# those lines are logged once, then summed up once per window (metrics count each request).
+OUTAGE_LOG = Throttle(every=5.0)
 
 _CODES = {
     400: "invalid",
@@ -49,7 +53,11 @@ def _validation_field(exc: ValidationException) -> tuple[str | None, str]:
 
 
 def handle_appliance_error(_: Request[Any, Any, Any], exc: ApplianceError) -> Response[Any]:
-    if exc.status >= 500:
+    if isinstance(exc, Unavailable):
+        # Not the whole message: a storage error's carries S3's detail; its operation suffices.
+        key = ("request_failed", exc.code, exc.message.split(":")[0])
+        OUTAGE_LOG(log.error, "request_failed", key, code=exc.code, error=exc.message)
+    elif exc.status >= 500:
         log.error("request_failed", code=exc.code, error=exc.message)
     metrics.count_refused(exc)
     response = error_response(exc.status, exc.code, exc.message, exc.field)
@@ -72,7 +80,16 @@ def handle_http_exception(_: Request[Any, Any, Any], exc: HTTPException) -> Resp
 
 
 def handle_outage(_: Request[Any, Any, Any], exc: Exception) -> Response[Any]:
-    log.warning("dependency_unavailable", error=str(exc), type=type(exc).__name__)
+    dependency = "postgresql" if isinstance(exc, psycopg.Error) else "redis"
+    kind = type(exc).__name__
+    OUTAGE_LOG(
+        log.warning,
+        "dependency_unavailable",
+        ("dependency_unavailable", dependency, kind),
+        dependency=dependency,
+        error=str(exc),
+        type=kind,
+    )
     unavailable = known(exc)
     assert unavailable is not None
     response = error_response(unavailable.status, unavailable.code, unavailable.message)
