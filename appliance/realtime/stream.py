@@ -21,6 +21,7 @@ from appliance import metrics
 from appliance.api.body import parse
 from appliance.auth.principal import Principal
 from appliance.errors import OUTAGES, ApplianceError, Unavailable, known
+from appliance.logthrottle import Throttle
 from appliance.messages import history
 
 if TYPE_CHECKING:
@@ -29,6 +30,20 @@ if TYPE_CHECKING:
     from appliance.api.services import Services
 
 log = structlog.get_logger()
+# Every socket meets the same outage: one line per window and error type, with the count.
+_OUTAGE_LOG = Throttle()
+
+
+def _outage_log(exc: BaseException) -> None:
+    _OUTAGE_LOG(
+        log.warning,
+        "stream_dependency_unavailable",
+        type(exc).__name__,
+        error=str(exc),
+        type=type(exc).__name__,
+    )
+
+
 CLOSE_UNAUTHORIZED = 4001
 CLOSE_FORBIDDEN = 4003
 CLOSE_SLOW_CONSUMER = 4008  # resubscribe with `since` = the last seq received
@@ -275,7 +290,7 @@ class Session:
         if task.cancelled() or (exc := task.exception()) is None:
             return
         if isinstance(known(exc), Unavailable):  # e.g. a recheck that could not ask
-            log.warning("stream_dependency_unavailable", error=str(exc))
+            _outage_log(exc)
             self.close(CLOSE_TRY_AGAIN, "unavailable")
         else:
             log.warning("stream_task_failed", error=str(exc))
@@ -339,7 +354,7 @@ class Session:
                 if error is None:
                     raise
                 if error is not exc:
-                    log.warning("stream_dependency_unavailable", error=str(exc))
+                    _outage_log(exc)
                 metrics.count_refused(error)
                 conversation = getattr(op, "conversation", None)
                 self.send(
