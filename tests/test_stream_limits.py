@@ -17,6 +17,7 @@ import signal
 import socket
 import struct
 import time
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -27,6 +28,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from websockets.asyncio.client import ClientConnection
 from websockets.exceptions import ConnectionClosed
 
+from appliance.realtime.slots import Slots
+from appliance.redis_keys import Keys
 from tests.api_process import ApiProcess, admin_key, api_settings
 from tests.test_stream import Api, api_client, recv
 
@@ -430,3 +433,37 @@ async def test_sockets_per_principal_are_limited_across_processes(
             while not await admitted(on_b, key):
                 assert time.monotonic() < deadline, "a dead process's slot never lapsed"
                 await asyncio.sleep(0.5)
+
+async def test_a_renewal_reclaims_a_lost_slot_so_the_limit_holds_again(
+    base_settings: dict[str, Any],
+) -> None:
+    """A ping's renewal puts back the slot of an admitted socket when Redis lost the set (restart
+    without data, FLUSH, an outage longer than the ttl), never refusing it; a new socket is then
+    counted against it instead of opening beside it without a slot."""
+    redis = aioredis.Redis.from_url(base_settings["redis"]["url"])
+    keys = Keys(f"{base_settings['redis']['key_prefix']}-slots-{uuid.uuid4().hex[:8]}", 16)
+    slots = Slots(redis, keys, limit=1, ttl=60.0)
+    try:
+        assert await slots.take("p", "A")
+        assert not await slots.take("p", "B")
+        await redis.delete(keys.sockets("p"))  # the set is lost; socket A stays open
+
+        await slots.renew("p", "A")
+        assert await redis.zrange(keys.sockets("p"), 0, -1) == [b"A"]
+        assert 0 < await redis.pttl(keys.sockets("p")) <= 60_000
+        assert not await slots.take("p", "B")
+
+        # Lost again, and a new socket took the free slot before A's next ping: A's renewal is
+        # not refused (A stays open), and from then on both count against the limit.
+        await redis.delete(keys.sockets("p"))
+        assert await slots.take("p", "B")
+        await slots.renew("p", "A")
+        assert sorted(await redis.zrange(keys.sockets("p"), 0, -1)) == [b"A", b"B"]
+        assert not await slots.take("p", "C")
+
+        await slots.give_back("p", "A")
+        await slots.give_back("p", "B")
+        assert await slots.take("p", "C")
+    finally:
+        await redis.delete(keys.sockets("p"))
+        await redis.aclose()

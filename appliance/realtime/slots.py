@@ -17,7 +17,7 @@ from appliance.redis_keys import Keys
 log = structlog.get_logger()
 
 # KEYS: 1 the principal's set. ARGV: 1 socket id, 2 limit, 3 ttl ms. Drops lapsed slots; takes
-# (or renews) the socket's slot unless `limit` others hold one. 1 if it holds a slot now.
+# the socket's slot unless `limit` others hold one. 1 if it holds a slot now.
 _TAKE = """
 local now = redis.call("TIME")
 local ms = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)
@@ -28,6 +28,19 @@ if not redis.call("ZSCORE", KEYS[1], ARGV[1])
 end
 redis.call("ZADD", KEYS[1], ms + tonumber(ARGV[3]), ARGV[1])
 redis.call("PEXPIRE", KEYS[1], ARGV[3])
+return 1
+"""
+
+# KEYS: 1 the principal's set. ARGV: 1 socket id, 2 ttl ms. Drops lapsed slots; (re)claims the
+# socket's slot with no limit check: the socket was admitted, and if the set was lost (Redis
+# restarted empty, flushed, or out longer than the ttl) this puts its slot back, so that new
+# sockets are counted against it again.
+_RENEW = """
+local now = redis.call("TIME")
+local ms = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)
+redis.call("ZREMRANGEBYSCORE", KEYS[1], "-inf", ms)
+redis.call("ZADD", KEYS[1], ms + tonumber(ARGV[2]), ARGV[1])
+redis.call("PEXPIRE", KEYS[1], ARGV[2])
 return 1
 """
 
@@ -47,13 +60,20 @@ class Slots:
         self.limit = limit
         self._ttl_ms = int(ttl * 1000)
         self._take = redis.register_script(_TAKE)
+        self._renew = redis.register_script(_RENEW)
 
     async def take(self, principal: str, socket: str) -> bool:
-        """Take a slot for `socket` (or renew the one it holds); False when all are taken."""
+        """Take a slot for a socket about to be served; False when all are taken."""
         taken = await self._take(
             keys=[self._keys.sockets(principal)], args=[socket, self.limit, self._ttl_ms]
         )
         return bool(taken)
+
+    async def renew(self, principal: str, socket: str) -> None:
+        """Hold the slot of an admitted socket for another ttl, claiming it again if it was lost:
+        never refused, so a lost set costs no open socket, and the limit holds once every open
+        socket has renewed (within one ping interval)."""
+        await self._renew(keys=[self._keys.sockets(principal)], args=[socket, self._ttl_ms])
 
     async def give_back(self, principal: str, socket: str) -> None:
         try:

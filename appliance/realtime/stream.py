@@ -321,7 +321,7 @@ class Session:
                 (c, self.principal.id, self.id) for c, sub in self.subs.items() if sub.present
             ]
             try:
-                await self.svc.slots.take(self.principal.id, self.id)  # renewed, never refused
+                await self.svc.slots.renew(self.principal.id, self.id)
                 await self.svc.presence.refresh(entries)
                 # An unsubscribe while the refresh was out: it may have put the entry back.
                 gone = [entry for entry in entries if entry[0] not in self.subs]
