@@ -22,7 +22,7 @@ from appliance.cache import MISSING, Cache
 from appliance.config import Config
 from appliance.conversations import service
 from appliance.conversations.access import Access
-from appliance.errors import Forbidden, Unauthorized
+from appliance.errors import Forbidden, NotFound, Unauthorized
 from appliance.invalidation import Invalidation
 from appliance.resources import Resources
 from tests.messaging import bearer, issue_key, unique
@@ -185,9 +185,9 @@ def test_a_dropped_entry_is_not_served_stale() -> None:
     for key in ("a", "b"):
         cache.put(key, key, cache.generation)
     clock.now += 60
-    cache.drop(lambda key: key == "a")
+    cache.drop("a")
     assert (cache.stale("a"), cache.stale("b")) == (MISSING, "b")
-    cache.drop()
+    cache.clear()
     assert cache.stale("b") is MISSING
 
 
@@ -197,3 +197,105 @@ def test_without_a_stale_window_nothing_outlives_the_ttl() -> None:
     cache.put("k", "v", cache.generation)
     clock.now += 30
     assert (cache.get("k"), cache.stale("k")) == (MISSING, MISSING)
+
+
+def test_a_dropped_group_is_not_served_stale() -> None:
+    clock = Clock()
+    cache: Cache[tuple[str, str], str] = Cache(
+        ttl=30, maxsize=10, stale_window=300, timer=clock, group=lambda key: key[0]
+    )
+    for key in (("c1", "u1"), ("c1", "u2"), ("c2", "u1")):
+        cache.put(key, "member", cache.generation)
+    clock.now += 60
+    cache.drop_group("c1")
+    assert [cache.stale(key) for key in (("c1", "u1"), ("c1", "u2"), ("c2", "u1"))] == [
+        MISSING,
+        MISSING,
+        "member",
+    ]
+
+
+def filled(entries: int, clock: Clock) -> Cache[tuple[str, str], str]:
+    """A cache of `entries` roles over conversations of 4 members, plus 3 of conversation "c"."""
+    cache: Cache[tuple[str, str], str] = Cache(
+        ttl=30, maxsize=entries + 3, stale_window=300, timer=clock, group=lambda key: key[0]
+    )
+    for i in range(entries):
+        cache.put((f"other{i // 4}", f"u{i}"), "member", cache.generation)
+    for user in ("u1", "u2", "u3"):
+        cache.put(("c", user), "member", cache.generation)
+    return cache
+
+
+def test_a_drop_costs_the_entries_it_drops_not_the_size_of_the_cache() -> None:
+    """An invalidation event is handled on the event loop: it must not walk a full cache."""
+    for entries in (10, 100_000):
+        cache = filled(entries, Clock())
+        cache.drop(("other0", "u0"))
+        assert cache.visited == 1
+        cache.drop_group("c")
+        assert cache.visited == 1 + 3  # the three entries of "c", whatever the cache holds
+        assert len(cache) == entries - 1
+        assert cache.stale(("other1", "u4")) == "member"
+
+
+def test_the_group_index_follows_expiry_and_eviction() -> None:
+    """Entries leaving by themselves leave the index too: it never outgrows the cache."""
+    clock = Clock()
+    cache = filled(1000, clock)
+    for i in range(2000):  # evicts the least recently used: all of the above
+        cache.put((f"new{i // 4}", f"u{i}"), "member", cache.generation)
+    assert len(cache) == 1003
+    assert sum(len(keys) for keys in cache._data.groups.values()) == 1003
+    cache.drop_group("c")  # evicted already: nothing to visit
+    assert cache.visited == 0
+    clock.now += 331  # past TTL + window: all expire at the next put
+    cache.put(("last", "u"), "member", cache.generation)
+    assert len(cache) == 1
+    assert cache._data.groups == {"last": {("last", "u")}}
+
+
+def test_negative_entries_are_gone_at_their_ttl() -> None:
+    """A made-up key id or conversation name is never served stale: only within the TTL."""
+    clock = Clock()
+    cache: Cache[str, bool] = Cache(
+        ttl=30, maxsize=100, stale_window=300, timer=clock, negative=lambda found: not found
+    )
+    cache.put("made-up", False, cache.generation)
+    cache.put("real", True, cache.generation)
+    clock.now += 29.9
+    assert (cache.get("made-up"), cache.stale("made-up")) == (False, False)
+    clock.now += 0.2
+    assert (cache.get("made-up"), cache.stale("made-up")) == (MISSING, MISSING)
+    assert cache.stale("real") is True
+    for i in range(20):  # a flood of made-up names, once past their TTL, takes no room
+        cache.put(f"made-up-{i}", False, cache.generation)
+    clock.now += 30
+    cache.put("real-2", True, cache.generation)
+    assert (len(cache), cache.stale("real")) == (2, True)
+
+
+async def test_access_and_keys_drop_by_key_and_forget_made_up_names_at_the_ttl(
+    config: Config, resources: Resources, connections: Connections
+) -> None:
+    """The wiring: events drop without a scan, and negative lookups are negative entries."""
+    access = Access(connections, ttl=30, stale_window=300)
+    for i in range(1000):
+        access._roles.put((f"other{i}", "user:u"), "member", access._roles.generation)
+    for user in ("user:a", "user:b"):
+        access._roles.put(("c", user), "member", access._roles.generation)
+    access.forget(Invalidation("conversation", "c", None))
+    access.forget(Invalidation("member", "other1", "user:u"))
+    assert (access._roles.visited, access._exists.visited) == (2 + 1, 1)
+    assert (len(access._roles), access._roles.stale(("other2", "user:u"))) == (999, "member")
+    name = unique("nope")
+    with pytest.raises(NotFound):
+        await access.require(Principal("user:u", frozenset()), name, "view")
+    assert access._exists.stale(name) is False  # cached within the TTL
+    assert access._exists._data.ttu(name, (0.0, False), 0.0) == 30  # not kept for the window
+    assert access._exists._data.ttu(name, (0.0, True), 0.0) == 330
+    auth = Authenticator(config, connections)
+    assert auth._unknown._data.ttu("id", (0.0, None), 0.0) == config.auth.key_cache_ttl
+    assert auth._known._data.ttu("id", (0.0, None), 0.0) == (
+        config.auth.key_cache_ttl + config.auth.stale_window
+    )

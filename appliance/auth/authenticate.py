@@ -54,7 +54,8 @@ class Authenticator:
         ttl, stale = config.auth.key_cache_ttl, config.auth.stale_window
         self._known: Cache[str, keys.KeyRecord] = Cache(ttl, _KNOWN_MAX, stale)
         # Ids that are no key, apart: a flood of made-up ids never evicts the real ones.
-        self._unknown: Cache[str, None] = Cache(ttl, _UNKNOWN_MAX, stale)
+        # Not kept past the TTL: serving "no such key" stale would help no one through an outage.
+        self._unknown: Cache[str, None] = Cache(ttl, _UNKNOWN_MAX, stale, negative=lambda _: True)
         self._used: dict[str, datetime] = {}
         self._oidc = OidcVerifier(config.oidc) if config.oidc.enabled else None
         self._flusher: asyncio.Task[None] | None = None
@@ -73,7 +74,10 @@ class Authenticator:
     def forget(self, key_id: str | None = None) -> None:
         """Drop one cached key (an invalidation event) or all of them (a missed-event window)."""
         for cache in (self._known, self._unknown):
-            cache.drop(None if key_id is None else (lambda cached: cached == key_id))
+            if key_id is None:
+                cache.clear()
+            else:
+                cache.drop(key_id)
 
     async def authenticate(
         self, authorization: str | None, token: str | None, on_behalf_of: str | None

@@ -45,8 +45,14 @@ _CACHE_MAX = 100_000
 class Access:
     def __init__(self, connection: ConnFactory, ttl: float, stale_window: float = 0.0) -> None:
         self._connection = connection
-        self._exists: Cache[str, bool] = Cache(ttl, _CACHE_MAX, stale_window)
-        self._roles: Cache[tuple[str, str], str | None] = Cache(ttl, _CACHE_MAX, stale_window)
+        # A name that is no conversation is forgotten at its TTL (anyone can make those up).
+        self._exists: Cache[str, bool] = Cache(
+            ttl, _CACHE_MAX, stale_window, negative=lambda found: not found
+        )
+        # Grouped by conversation: deleting one drops its roles without a scan of the cache.
+        self._roles: Cache[tuple[str, str], str | None] = Cache(
+            ttl, _CACHE_MAX, stale_window, group=lambda key: key[0]
+        )
 
     @property
     def generation(self) -> int:
@@ -105,14 +111,13 @@ class Access:
     def forget(self, event: Invalidation | None) -> None:
         """Apply an invalidation event; None (a missed-event window) forgets everything."""
         if event is None:
-            self._exists.drop()
-            self._roles.drop()
+            self._exists.clear()
+            self._roles.clear()
         elif event.kind == "conversation":
-            self._exists.drop(lambda key: key == event.id)
-            self._roles.drop(lambda key: key[0] == event.id)
+            self._exists.drop(event.id)
+            self._roles.drop_group(event.id)
         elif event.kind == "member" and event.principal is not None:
-            member = (event.id, event.principal)
-            self._roles.drop(lambda key: key == member)
+            self._roles.drop((event.id, event.principal))
 
 
 def _stale(cache: Cache[Any, Any], key: Any, name: str, outage: psycopg.Error) -> object:
