@@ -29,6 +29,7 @@ from websockets.asyncio.client import ClientConnection
 from websockets.exceptions import ConnectionClosed
 
 from appliance.realtime.slots import Slots
+from appliance.realtime.transport import linger_zero, matches
 from appliance.redis_keys import Keys
 from tests.api_process import ApiProcess, admin_key, api_settings
 from tests.test_stream import Api, api_client, recv
@@ -159,17 +160,20 @@ def server_side(port: int, client_port: int) -> str | None:
 # -- 1. a close the peer never reads ---------------------------------------------------------------
 
 
+@pytest.mark.parametrize("bind", ["127.0.0.1", "0.0.0.0"])
 async def test_a_close_the_peer_never_reads_ends_the_connection_within_close_timeout(
-    base_settings: dict[str, Any], migrated: str, tmp_path: Path
+    base_settings: dict[str, Any], migrated: str, tmp_path: Path, bind: str
 ) -> None:
     """A client that stops reading is closed as a slow consumer; its close frame cannot be
     written (the buffers are full) and the client never answers it. The server's socket is
-    gone (reset) within stall_timeout + close_timeout, not kept until the client leaves."""
+    gone (reset) within stall_timeout + close_timeout, not kept until the client leaves.
+    Bound to 0.0.0.0 (the default) too: granian's scope then names the bind address, not the
+    socket's own."""
     settings = api_settings(
         copy.deepcopy(base_settings),
         tmp_path,
         realtime={"queue_max": 1_000_000, "stall_timeout": 0.5, "close_timeout": 1.0},
-        api={"max_body_bytes": 16 * 1_048_576},
+        api={"max_body_bytes": 16 * 1_048_576, "bind": bind},
     )
     with running(tmp_path, settings) as proc:
         admin = await asyncio.to_thread(admin_key, proc.settings)
@@ -209,7 +213,60 @@ async def test_a_close_the_peer_never_reads_ends_the_connection_within_close_tim
                 except ConnectionResetError:
                     ended = True
                 assert ended
-        assert "websocket_reset_failed" not in proc.log(2000)
+        log = proc.log(2000)
+        assert "websocket_reset_failed" not in log
+        assert "websocket_reset_not_found" not in log
+
+
+@pytest.mark.parametrize(
+    ("server", "client", "local", "peer", "expected"),
+    [
+        ("127.0.0.1", "127.0.0.1", "127.0.0.1", "127.0.0.1", True),
+        ("0.0.0.0", "127.0.0.1", "127.0.0.1", "127.0.0.1", True),  # granian's, bound to any
+        ("::", "127.0.0.1", "::ffff:127.0.0.1", "::ffff:127.0.0.1", True),  # dual-stack
+        ("::", "::ffff:127.0.0.1", "::ffff:127.0.0.1", "::ffff:127.0.0.1", True),
+        ("::", "::1", "::1", "::1", True),
+        ("::ffff:127.0.0.1", "127.0.0.1", "127.0.0.1", "127.0.0.1", True),
+        ("127.0.0.1", "::ffff:127.0.0.1", "::ffff:127.0.0.1", "::ffff:127.0.0.1", True),
+        ("10.0.0.1", "127.0.0.1", "127.0.0.1", "127.0.0.1", False),  # another local address
+        ("0.0.0.0", "127.0.0.1", "127.0.0.1", "127.0.0.2", False),  # another peer
+        ("::1", "::1", "127.0.0.1", "::1", False),
+    ],
+)
+def test_a_reset_matches_the_socket_whatever_address_the_scope_names(
+    server: str, client: str, local: str, peer: str, expected: bool
+) -> None:
+    """The scope's server address is the bind address (unspecified = any local one), and IPv4
+    may be spelt IPv4-mapped on either side."""
+    wanted = ((server, 8000), (client, 50000))
+    assert matches(wanted, (local, 8000), (peer, 50000)) is expected
+    assert not matches(wanted, (local, 8001), (peer, 50000))  # another port
+    assert not matches(wanted, (local, 8000), (peer, 50001))  # another peer port
+
+
+@pytest.mark.parametrize("bind", ["0.0.0.0", "::"])
+def test_linger_zero_finds_a_socket_accepted_on_an_any_address(bind: str) -> None:
+    """A listener bound to any address: the accepted socket is found from the scope granian
+    would give (the bind address, the peer), and only it gets SO_LINGER 0."""
+    family = socket.AF_INET6 if ":" in bind else socket.AF_INET
+    if family == socket.AF_INET6 and not socket.has_ipv6:
+        pytest.skip("no IPv6")
+    with socket.socket(family) as listener:
+        if family == socket.AF_INET6:
+            listener.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+        listener.bind((bind, 0))
+        listener.listen()
+        port = listener.getsockname()[1]
+        with socket.create_connection(("127.0.0.1", port), timeout=TIMEOUT) as client:
+            accepted, peer = listener.accept()
+            with accepted:
+                wanted = ((bind, port), (peer[0], client.getsockname()[1]))
+                other = ((bind, port), (peer[0], client.getsockname()[1] + 1))
+                assert linger_zero({wanted, other}) == {wanted}
+                linger = accepted.getsockopt(socket.SOL_SOCKET, socket.SO_LINGER, 8)
+                assert struct.unpack("ii", linger) == (1, 0)
+                untouched = client.getsockopt(socket.SOL_SOCKET, socket.SO_LINGER, 8)
+                assert struct.unpack("ii", untouched) == (0, 0)
 
 
 # -- 5. Redis lost its data ----------------------------------------------------------------------
@@ -433,6 +490,7 @@ async def test_sockets_per_principal_are_limited_across_processes(
             while not await admitted(on_b, key):
                 assert time.monotonic() < deadline, "a dead process's slot never lapsed"
                 await asyncio.sleep(0.5)
+
 
 async def test_a_renewal_reclaims_a_lost_slot_so_the_limit_holds_again(
     base_settings: dict[str, Any],

@@ -10,11 +10,14 @@ would leave an orphan in FIN-WAIT-1 for as long as the peer acknowledges window 
 
 ASGI gives the app no handle on the socket. The one this process holds for the connection is
 found by its two addresses among the process's descriptors, for all waiting resets in one walk.
+The scope's server address is granian's bind address, not the socket's own: an unspecified one
+(0.0.0.0, ::) matches any local address, on the port and the peer's address alone.
 """
 
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import os
 import socket
 import struct
@@ -68,7 +71,10 @@ class Resets:
             waiter = self._wanted[pair] = asyncio.get_running_loop().create_future()
         if self._walker is None:
             self._walker = asyncio.create_task(self._walk())
-        return await asyncio.shield(waiter)
+        found = await asyncio.shield(waiter)
+        if not found:
+            log.warning("websocket_reset_not_found", server=pair[0], client=pair[1])
+        return found
 
     async def _walk(self) -> None:
         try:
@@ -86,11 +92,42 @@ class Resets:
             self._walker = None
 
 
+def _host(address: str) -> str:
+    """`address` in one spelling: an IPv4-mapped IPv6 address as the IPv4 one."""
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return address
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        return str(ip.ipv4_mapped)
+    return str(ip)
+
+
+def _unspecified(address: str) -> bool:
+    try:
+        return ipaddress.ip_address(address).is_unspecified
+    except ValueError:
+        return False
+
+
+def matches(wanted: Pair, local: tuple[str, int], peer: tuple[str, int]) -> bool:
+    """Whether a socket with these addresses is the connection of `wanted` (a scope's pair,
+    whose server address may be the unspecified one it was bound to)."""
+    (server, server_port), (client, client_port) = wanted
+    if (local[1], _host(peer[0]), peer[1]) != (server_port, _host(client), client_port):
+        return False
+    return _unspecified(server) or _host(server) == _host(local[0])
+
+
 def linger_zero(wanted: set[Pair]) -> set[Pair]:
-    """Set SO_LINGER 0 on this process's TCP sockets whose (local, peer) addresses are in
-    `wanted`; the ones found. Options belong to the socket, so a duplicate descriptor serves,
-    and it is checked after duplicating: a descriptor reused meanwhile is never touched."""
+    """Set SO_LINGER 0 on this process's TCP sockets that are the connection of a pair in
+    `wanted` (see `matches`); the pairs found. Options belong to the socket, so a duplicate
+    descriptor serves, and it is checked after duplicating: a descriptor reused meanwhile is
+    never touched."""
     found: set[Pair] = set()
+    by_peer: dict[tuple[int, str, int], list[Pair]] = {}
+    for pair in wanted:
+        by_peer.setdefault((pair[0][1], _host(pair[1][0]), pair[1][1]), []).append(pair)
     try:
         names = os.listdir("/proc/self/fd")
     except OSError:  # not Linux: no reset, the close still ends the handler
@@ -119,8 +156,9 @@ def linger_zero(wanted: set[Pair]) -> set[Pair]:
                 local, peer = sock.getsockname(), sock.getpeername()
             except OSError:  # a listener, or not connected
                 continue
-            pair: Pair = ((local[0], local[1]), (peer[0], peer[1]))
-            if pair in wanted:
+            candidates = by_peer.get((local[1], _host(peer[0]), peer[1]), [])
+            hits = [pair for pair in candidates if matches(pair, local[:2], peer[:2])]
+            if hits:
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_ZERO)
-                found.add(pair)
+                found.update(hits)
     return found
