@@ -13,6 +13,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import copy
+import os
+import signal
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -31,7 +33,7 @@ from appliance.auth.principal import Scope
 from appliance.config import Config
 from appliance.config.model import PostgresSection
 from appliance.db.migrate import migrate
-from appliance.db.pool import PostgresDown, open_pool
+from appliance.db.pool import Pool, PostgresDown, open_pool
 from appliance.invalidation import Invalidation, announce
 from appliance.redis_keys import client
 from appliance.resources import Resources, keys_for
@@ -390,6 +392,66 @@ async def test_the_pool_fails_fast_while_postgres_is_down_and_is_back_at_once(
         print(f"pool back {recovered:.2f}s after postgres accepted connections")
         assert recovered <= BACK_WITHIN
         assert not pool.down
+
+
+class HangingCheck(Pool):
+    """A pool whose check of the idle connections never ends (whatever the cause)."""
+
+    def __init__(self, section: PostgresSection, name: str) -> None:
+        super().__init__(section, name)
+        self.checking = asyncio.Event()
+
+    async def check(self) -> None:
+        self.checking.set()
+        await asyncio.Event().wait()
+
+
+async def test_a_check_that_hangs_does_not_keep_the_pool_down(
+    private_postgres: PrivatePostgres,
+) -> None:
+    dsn, start, kill = private_postgres
+    pool = HangingCheck(PostgresSection(dsn=dsn, pool_min=1, pool_max=2), "test")
+    await pool.open(wait=False)
+    try:
+        await asyncio.to_thread(kill)
+        pool.suspect("the test stopped postgresql")
+        await eventually(lambda: asyncio.sleep(0.05, pool.down or None), "the pool going down")
+        await asyncio.to_thread(start)
+        await eventually(lambda: asyncio.sleep(0.05, not pool.down or None), "the pool back up")
+        assert pool.checking.is_set()  # it is back while its check still hangs
+
+        async def select() -> tuple[Any, ...] | None:
+            # The idle connection died with the server, and this check never got to it.
+            with contextlib.suppress(psycopg.OperationalError):
+                async with pool.connection() as conn:
+                    return await (await conn.execute("SELECT 1")).fetchone()
+            return None
+
+        assert await eventually(select, "a query through the pool") == (1,)
+    finally:
+        await pool.close()
+
+
+async def test_an_idle_connection_that_never_answers_is_replaced_by_the_check(
+    private_postgres: PrivatePostgres,
+) -> None:
+    """A half-open connection (here: its backend stopped) fails its check within the connect
+    timeout instead of holding `check()`, and so recovery, until TCP gives up on it."""
+    dsn, _, _ = private_postgres
+    section = PostgresSection(dsn=dsn, pool_min=1, pool_max=1, connect_timeout=1.0)
+    async with open_pool(section, "test") as pool:
+        async with pool.connection() as conn:
+            row = await (await conn.execute("SELECT pg_backend_pid()")).fetchone()
+        assert row is not None
+        silent = row[0]
+        os.kill(silent, signal.SIGSTOP)
+        try:
+            await asyncio.wait_for(pool.check(), RECOVERY)
+            async with pool.connection() as conn:
+                row = await (await conn.execute("SELECT pg_backend_pid()")).fetchone()
+            assert row is not None and row[0] != silent  # a new connection took its place
+        finally:
+            os.kill(silent, signal.SIGCONT)
 
 
 class Load:

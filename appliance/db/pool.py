@@ -5,9 +5,10 @@ A sign of trouble (a connection broke, none came within the timeout, the pool ga
 reconnecting) starts a probe: one direct connection and `SELECT 1`. If PostgreSQL cannot be
 reached, the pool is *down*: `getconn()` raises `PostgresDown` at once (callers already waiting
 are released with it too), and the probe repeats every `PROBE_INTERVAL` seconds. Its first success
-checks the idle connections (those that died are replaced) and opens the pool again, so recovery
-takes one probe interval, not psycopg_pool's reconnect back-off, which doubles from 1 s for
-`reconnect_timeout` (kept short here: a failed slot is given up and regrown on demand at once).
+opens the pool again, then checks the idle connections (those that died or do not answer within
+the connect timeout are replaced), so recovery takes one probe interval, not psycopg_pool's
+reconnect back-off, which doubles from 1 s for `reconnect_timeout` (kept short here: a failed
+slot is given up and regrown on demand at once), nor a half-open idle connection's silence.
 """
 
 from __future__ import annotations
@@ -157,14 +158,28 @@ class Pool(AsyncConnectionPool[Conn]):
             self.last_error = error
             await asyncio.sleep(PROBE_INTERVAL)
         if self.down_since is not None:
+            # Up first: the check below must not hold the pool down (a half-open connection
+            # answers nothing until its TCP keepalive gives up, many minutes).
+            log.info("postgres_up", pool=self.name, down_for=time.monotonic() - self.down_since)
+            self.down_since = None
             # Idle connections may have died meanwhile: test them (dead ones are replaced), so
             # the first callers after the outage do not each find one.
             try:
                 await self.check()
-            except Exception:  # a bug there must not keep the pool down: callers find out
+            except Exception:  # a bug there must not matter: callers find out
                 log.exception("postgres_pool_check_failed", pool=self.name)
-            log.info("postgres_up", pool=self.name, down_for=time.monotonic() - self.down_since)
-            self.down_since = None
+
+    async def check_connection(self, conn: Conn) -> None:  # type: ignore[override]
+        """psycopg_pool's test of an idle connection (by `check()`), bounded by the connect
+        timeout: one that does not answer is closed and replaced like a broken one."""
+        try:
+            async with asyncio.timeout(self._connect_timeout):
+                await super().check_connection(conn)
+        except TimeoutError:
+            await conn.close()  # closes the socket without waiting for an answer
+            raise psycopg.OperationalError(
+                f"idle connection did not answer within {self._connect_timeout:g}s"
+            ) from None
 
     async def probe(self) -> str | None:
         """None if PostgreSQL can be reached, else why not (host and port, never the password)."""
