@@ -15,6 +15,7 @@ import subprocess
 import sys
 import time
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -104,6 +105,17 @@ class ApiProcess:
                 raise AssertionError(f"api not live after {START_TIMEOUT}s:\n{self.log()}")
             time.sleep(0.1)
         return self
+
+    @contextlib.contextmanager
+    def running(self) -> Iterator[ApiProcess]:
+        """Started for the block and stopped after it; its log is printed then (pytest shows
+        it for a failed test)."""
+        self.start()
+        try:
+            yield self
+        finally:
+            self.stop()
+            print(self.log())
 
     def _live(self) -> bool:
         try:

@@ -27,7 +27,6 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from jwt.algorithms import ECAlgorithm, RSAAlgorithm
 from litestar.testing import AsyncTestClient
-from prometheus_client.parser import text_string_to_metric_families
 from structlog.testing import capture_logs
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
@@ -41,6 +40,7 @@ from appliance.resources import Resources
 from tests.api_process import ApiProcess, api_settings
 from tests.messaging import unique
 from tests.support import free_port
+from tests.test_auth_matrix import auth_failures
 
 AUDIENCE = "appliance"
 PrivateKey = rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey
@@ -882,18 +882,6 @@ def api_for(
         return AsyncTestClient(app=create_app(Config.model_validate(settings)))
 
     return make
-
-
-async def auth_failures(api: Client, reason: str) -> float:
-    response = await api.get("/metrics")
-    assert response.status_code == 200
-    for family in text_string_to_metric_families(response.text):
-        for sample in family.samples:
-            if sample.name == "appliance_auth_failures_total" and sample.labels == {
-                "reason": reason
-            }:
-                return float(sample.value)
-    return 0.0
 
 
 def bearer(token: str) -> dict[str, str]:

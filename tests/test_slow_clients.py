@@ -42,12 +42,8 @@ def start_api(base_settings: dict[str, Any], directory: Path, **api: float) -> I
         capture_output=True,
         timeout=60,
     )
-    proc.start()
-    try:
+    with proc.running():
         yield proc
-    finally:
-        proc.stop()
-        print(proc.log())  # shown by pytest only when a test failed
 
 
 @pytest.fixture(scope="module")

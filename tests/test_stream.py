@@ -50,13 +50,8 @@ def server(
     settings = api_settings(
         copy.deepcopy(base_settings), directory, realtime={"ping_interval": 1.0}
     )
-    proc = ApiProcess(directory, settings)
-    proc.start()
-    try:
+    with ApiProcess(directory, settings).running() as proc:
         yield proc
-    finally:
-        proc.stop()
-        print(proc.log())  # shown by pytest only when a test failed
 
 
 @pytest.fixture(scope="module")
@@ -843,13 +838,8 @@ def slow_server(
         realtime=SLOW_LIMITS[request.param],
         api={"max_body_bytes": 16 * 1_048_576},
     )
-    proc = ApiProcess(tmp_path, settings)
-    proc.start()
-    try:
+    with ApiProcess(tmp_path, settings).running() as proc:
         yield proc
-    finally:
-        proc.stop()
-        print(proc.log())
 
 
 def small_buffer_socket(port: int) -> socket.socket:

@@ -44,17 +44,6 @@ Frame = dict[str, Any]
 # -- processes and clients -----------------------------------------------------------------------
 
 
-@contextlib.contextmanager
-def running(directory: Path, settings: dict[str, Any]) -> Iterator[ApiProcess]:
-    proc = ApiProcess(directory, settings)
-    proc.start()
-    try:
-        yield proc
-    finally:
-        proc.stop()
-        print(proc.log())  # shown by pytest only when a test failed
-
-
 async def closed_total(api: Api, code: int) -> float:
     response = await api.http.get("/metrics")
     assert response.status_code == 200, response.text
@@ -175,7 +164,7 @@ async def test_a_close_the_peer_never_reads_ends_the_connection_within_close_tim
         realtime={"queue_max": 1_000_000, "stall_timeout": 0.5, "close_timeout": 1.0},
         api={"max_body_bytes": 16 * 1_048_576, "bind": bind},
     )
-    with running(tmp_path, settings) as proc:
+    with ApiProcess(tmp_path, settings).running() as proc:
         admin = await asyncio.to_thread(admin_key, proc.settings)
         async with api_client(proc, admin) as api:
             key = await subscriber_key(api)
@@ -282,7 +271,7 @@ async def test_after_redis_lost_its_data_a_resume_above_the_head_gets_seq_reset(
     settings = api_settings(
         copy.deepcopy(base_settings), tmp_path, redis={"url": f"redis://127.0.0.1:{port}/0"}
     )
-    with running(tmp_path, settings) as proc:
+    with ApiProcess(tmp_path, settings).running() as proc:
         admin = await asyncio.to_thread(admin_key, proc.settings)
         async with api_client(proc, admin) as api:
             key = await subscriber_key(api)
@@ -386,7 +375,7 @@ def frames_server(
     settings = api_settings(
         copy.deepcopy(base_settings), directory, realtime={"max_frame_bytes": LIMIT}
     )
-    with running(directory, settings) as proc:
+    with ApiProcess(directory, settings).running() as proc:
         yield proc
 
 
@@ -404,7 +393,7 @@ async def test_sockets_get_1001_when_the_api_stops(
     """SIGTERM to granian's main process (as supervisord sends it), or to its whole process
     group: every open socket is closed with 1001 before the worker stops, none sees 1006."""
     settings = api_settings(copy.deepcopy(base_settings), tmp_path, api={"workers": workers})
-    with running(tmp_path, settings) as proc:
+    with ApiProcess(tmp_path, settings).running() as proc:
         assert proc.proc is not None
         admin = await asyncio.to_thread(admin_key, proc.settings)
         async with api_client(proc, admin) as api:
@@ -455,7 +444,10 @@ async def test_sockets_per_principal_are_limited_across_processes(
     realtime = {"max_sockets_per_principal": 3, "ping_interval": 1.0, "presence_ttl": 3.0}
     one = api_settings(copy.deepcopy(base_settings), tmp_path / "one", realtime=realtime)
     two = api_settings(copy.deepcopy(base_settings), tmp_path / "two", realtime=realtime)
-    with running(tmp_path / "one", one) as a, running(tmp_path / "two", two) as b:
+    with (
+        ApiProcess(tmp_path / "one", one).running() as a,
+        ApiProcess(tmp_path / "two", two).running() as b,
+    ):
         admin = await asyncio.to_thread(admin_key, a.settings)
         async with (
             api_client(a, admin) as on_a,
