@@ -15,11 +15,16 @@ import boto3
 from botocore.config import Config as BotoConfig
 from botocore.exceptions import BotoCoreError, ClientError
 
+from appliance import metrics
 from appliance.config.model import S3Section
 from appliance.errors import Unavailable
 
 if TYPE_CHECKING:
     from mypy_boto3_s3 import S3Client
+
+
+# S3's answers that are not failures of S3 (asked for something that is not there).
+_ANSWERS = frozenset({"404", "NoSuchKey", "NotFound", "NoSuchBucket", "BucketAlreadyOwnedByYou"})
 
 
 class StorageError(Unavailable):
@@ -64,8 +69,11 @@ class Storage:
             return await asyncio.to_thread(fn, **kwargs)
         except ClientError as exc:
             code = str(exc.response.get("Error", {}).get("Code", ""))
+            if code not in _ANSWERS:
+                metrics.S3_ERRORS.labels(operation).inc()
             raise StorageError(operation, code or str(exc), code) from exc
         except BotoCoreError as exc:
+            metrics.S3_ERRORS.labels(operation).inc()
             raise StorageError(operation, str(exc)) from exc
 
     async def bucket_exists(self) -> bool:
@@ -112,6 +120,97 @@ class Storage:
 
     async def delete(self, key: str) -> None:
         await self._call("delete_object", self.s3.delete_object, Bucket=self.bucket, Key=key)
+
+    async def delete_many(self, keys: list[str]) -> int:
+        """Delete `keys` with batch deletes (1,000 a request); a missing key counts as deleted.
+        The number deleted; a key S3 refused raises StorageError."""
+        done = 0
+        for start in range(0, len(keys), 1000):
+            chunk = keys[start : start + 1000]
+            response = await self._call(
+                "delete_objects",
+                self.s3.delete_objects,
+                Bucket=self.bucket,
+                Delete={"Objects": [{"Key": k} for k in chunk], "Quiet": True},
+            )
+            errors = response.get("Errors") or []
+            if errors:
+                first = errors[0]
+                raise StorageError(
+                    "delete_objects",
+                    f"{len(errors)} keys not deleted, first {first.get('Key')}: "
+                    f"{first.get('Code')}",
+                    str(first.get("Code", "")),
+                )
+            done += len(chunk)
+        return done
+
+    async def list_keys(self, prefix: str) -> list[tuple[str, int]]:
+        """(key, size) of every object under `prefix`."""
+        found: list[tuple[str, int]] = []
+        kwargs: dict[str, Any] = {"Bucket": self.bucket, "Prefix": prefix}
+        while True:
+            response = await self._call("list_objects_v2", self.s3.list_objects_v2, **kwargs)
+            found += [(o["Key"], int(o["Size"])) for o in response.get("Contents", [])]
+            if not response.get("IsTruncated"):
+                return found
+            kwargs["ContinuationToken"] = response["NextContinuationToken"]
+
+    async def size(self, key: str) -> int | None:
+        """The object's size, or None when there is no such object."""
+        try:
+            response = await self._call(
+                "head_object", self.s3.head_object, Bucket=self.bucket, Key=key
+            )
+        except StorageError as exc:
+            if exc.s3_code in {"404", "NoSuchKey", "NotFound"}:
+                return None
+            raise
+        return int(response["ContentLength"])
+
+    async def start_upload(self, key: str) -> str:
+        """A multipart upload of `key`; its upload id."""
+        response = await self._call(
+            "create_multipart_upload",
+            self.s3.create_multipart_upload,
+            Bucket=self.bucket,
+            Key=key,
+            ContentType="application/octet-stream",
+        )
+        return str(response["UploadId"])
+
+    async def upload_part(self, key: str, upload_id: str, number: int, body: bytes) -> str:
+        """Part `number` (from 1; all but the last at least 5 MiB); its ETag."""
+        response = await self._call(
+            "upload_part",
+            self.s3.upload_part,
+            Bucket=self.bucket,
+            Key=key,
+            UploadId=upload_id,
+            PartNumber=number,
+            Body=body,
+        )
+        return str(response["ETag"])
+
+    async def complete_upload(self, key: str, upload_id: str, etags: list[str]) -> None:
+        parts = [{"PartNumber": i + 1, "ETag": etag} for i, etag in enumerate(etags)]
+        await self._call(
+            "complete_multipart_upload",
+            self.s3.complete_multipart_upload,
+            Bucket=self.bucket,
+            Key=key,
+            UploadId=upload_id,
+            MultipartUpload={"Parts": parts},
+        )
+
+    async def abort_upload(self, key: str, upload_id: str) -> None:
+        await self._call(
+            "abort_multipart_upload",
+            self.s3.abort_multipart_upload,
+            Bucket=self.bucket,
+            Key=key,
+            UploadId=upload_id,
+        )
 
     async def presign_get(self, key: str, expires: int = 3600) -> str:
         url: str = await self._call(

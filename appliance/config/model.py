@@ -198,6 +198,15 @@ class WorkerSection(Section):
 
 class SegmentsSection(Section):
     shards: int = Field(default=16, ge=1, le=1024)
+    # A flusher cuts a segment when its buffered records reach max_bytes (raw) or the oldest has
+    # waited max_age seconds, whichever first (defaults measured in docs/benchmarks.md).
+    max_bytes: int = Field(default=8 * 1_048_576, ge=65536, le=256 * 1_048_576)
+    max_age: Seconds = 60.0
+    # Seconds a flusher's shard lease lasts without renewal: a dead flusher's shards are taken
+    # over after it. Renewed every lease_ttl / 3.
+    lease_ttl: float = Field(default=10.0, ge=2, le=600)
+    # Bytes of decoded blocks each api process keeps for history reads (0: no cache).
+    cache_bytes: int = Field(default=64 * 1_048_576, ge=0, le=64 * 1_073_741_824)
 
 
 class AuthSection(Section):
@@ -256,6 +265,9 @@ class MessagesSection(Section):
     # Per principal, across all api processes: sustained messages/s and burst.
     rate_per_second: float = Field(default=100.0, gt=0, le=1_000_000)
     rate_burst: int = Field(default=1000, ge=1, le=10_000_000)
+    # Newest messages each conversation's Redis tail keeps once they are flushed (older pages
+    # come from S3); a record not yet indexed is never trimmed.
+    tail_max: int = Field(default=200, ge=1, le=1_000_000)
 
     @model_validator(mode="after")
     def _batch_fits_burst(self) -> MessagesSection:
@@ -320,8 +332,15 @@ class PruneJobLogSchedule(Schedule):
     keep_days: int = Field(default=7, ge=1, le=3650)
 
 
+class CompactSegmentsSchedule(Schedule):
+    cron: str = "15 * * * *"
+    # Minutes after a UTC day ends before it is compacted (flushes of that day still in flight).
+    grace_minutes: int = Field(default=10, ge=1, le=1440)
+
+
 class SchedulesSection(Section):
     prune_job_log: PruneJobLogSchedule = Field(default_factory=PruneJobLogSchedule)
+    compact_segments: CompactSegmentsSchedule = Field(default_factory=CompactSegmentsSchedule)
 
 
 class Config(Section):
