@@ -75,6 +75,41 @@ RETENTION_DELETED = Counter(
 )
 S3_ERRORS = Counter("appliance_s3_errors_total", "S3 errors", ["operation"])
 
+# The history tier: flushes, segments, the ingest backlog (per shard, set by its owner; 0 where
+# a flusher no longer owns the shard, so livemax shows the owner's figure), history reads.
+FLUSH_DURATION = Histogram(
+    "appliance_flush_duration_seconds",
+    "One cut: build, PUT, index, acknowledge and trim",
+    buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+)
+FLUSH_ERRORS = Counter(
+    "appliance_flush_errors_total", "Flush steps that failed (and are retried)", ["dependency"]
+)
+SEGMENT_BYTES = Counter("appliance_segment_bytes_total", "Segment bytes written", ["tier"])
+SEGMENT_RECORDS = Counter("appliance_segment_records_total", "Records written", ["tier"])
+SEGMENTS = Counter("appliance_segments_total", "Segment objects written", ["tier"])
+INGEST_BACKLOG = Gauge(
+    "appliance_ingest_backlog",
+    "Ingest stream entries not yet flushed, by shard",
+    ["shard"],
+    multiprocess_mode="livemax",
+)
+OLDEST_UNFLUSHED = Gauge(
+    "appliance_oldest_unflushed_seconds",
+    "Age of the oldest ingest entry not yet flushed, by shard",
+    ["shard"],
+    multiprocess_mode="livemax",
+)
+SHARDS_OWNED = Gauge(
+    "appliance_flusher_shards_owned", "Shards this flusher holds", multiprocess_mode="livesum"
+)
+HISTORY_READS = Counter(
+    "appliance_history_reads_total", "Messages read for history and resume, by tier", ["tier"]
+)
+BLOCK_CACHE = Counter(
+    "appliance_block_cache_total", "Decoded-block cache lookups by outcome", ["outcome"]
+)
+
 MESSAGES_PUBLISHED = Counter(
     "appliance_messages_published_total", "Messages accepted (acknowledged with a seq)", ["mode"]
 )
