@@ -122,6 +122,29 @@ async def test_reseeding_survives_a_trimmed_tail(api: Client, resources: Resourc
     assert (await publish(api, conversation, key))["seq"] == 5
 
 
+async def test_without_counter_and_tail_seqs_go_on_after_the_indexed_head(
+    api: Client, resources: Resources
+) -> None:
+    """Redis lost a conversation (counter and tail gone) whose history was flushed up to seq 7:
+    the next publish is 8, never 1 again; a refused publish seeds nothing; a conversation with
+    nothing indexed starts at 1."""
+    conversation, key = await conversation_with_key(api, resources)
+    fresh, _ = await conversation_with_key(api, resources)
+    async with resources.connection() as conn:
+        await conn.execute(
+            "INSERT INTO segment_heads (conversation, flushed_seq) VALUES (%s, 7)", (conversation,)
+        )
+    keys, redis = resources.keys, resources.redis
+    path = f"/v1/conversations/{conversation}/messages"
+    refused = await api.post(path, json=body(reply_to=8), headers=bearer(key))
+    assert refused.status_code == 400, refused.text
+    assert "at most 7" in refused.json()["error"]["message"]
+    assert await redis.exists(keys.seq(conversation), keys.tail(conversation)) == 0
+    assert (await publish(api, conversation, key, reply_to=7))["seq"] == 8
+    assert (await publish(api, conversation, key))["seq"] == 9
+    assert (await publish(api, fresh, key))["seq"] == 1
+
+
 async def test_before_zero_is_an_empty_page(api: Client, resources: Resources) -> None:
     conversation, key = await conversation_with_key(api, resources)
     await publish(api, conversation, key)

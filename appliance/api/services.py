@@ -93,7 +93,7 @@ async def open_services(res: Resources) -> AsyncIterator[Services]:
         resources=res,
         auth=Authenticator(config, res.connection),
         access=Access(res.connection, config.auth.membership_cache_ttl, config.auth.stale_window),
-        publisher=Publisher(res.redis, res.keys, config.messages),
+        publisher=Publisher(res.redis, res.keys, config.messages, res.connection),
         presence=Presence(
             res.redis, res.keys, config.realtime.presence_ttl, config.realtime.receipt_ttl
         ),

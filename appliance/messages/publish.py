@@ -9,12 +9,15 @@ from __future__ import annotations
 
 import hashlib
 import time
+from collections.abc import Callable
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from importlib import resources
 from typing import Annotated, Any
 
 import msgspec
+import psycopg
 import redis.asyncio as aioredis
 from ulid import ULID
 
@@ -25,6 +28,7 @@ from appliance.errors import Conflict, Invalid, RateLimited
 from appliance.messages.coalesce import ScriptCoalescer
 from appliance.messages.ratelimit import RateLimiter
 from appliance.redis_keys import Keys
+from appliance.segments import index
 
 _IDEMPOTENCY_KEY = frozenset(range(0x21, 0x7F))
 
@@ -114,8 +118,15 @@ def _utf8(raw: msgspec.Raw) -> bool:
 
 
 class Publisher:
-    def __init__(self, redis: aioredis.Redis, keys: Keys, section: MessagesSection) -> None:
+    def __init__(
+        self,
+        redis: aioredis.Redis,
+        keys: Keys,
+        section: MessagesSection,
+        connection: Callable[[], AbstractAsyncContextManager[psycopg.AsyncConnection[Any]]],
+    ) -> None:
         self._redis = redis
+        self._connection = connection
         self._keys = keys
         self._section = section
         self._publish = ScriptCoalescer(redis, _script("publish.lua"))
@@ -181,23 +192,27 @@ class Publisher:
             else keys.seq(conversation)  # unused, but keeps every key in the same slot
         )
         meta = msgspec.json.encode([ts, ids])
-        result = await self._publish(
-            keys=[
-                keys.seq(conversation),
-                keys.tail(conversation),
-                keys.ingest_of(conversation),
-                idem_key,
-            ],
-            args=[
-                conversation,
-                keys.channel(conversation),
-                len(messages),
-                idem_hash,
-                int(self._section.idempotency_window * 1000),
-                meta,
-                *args,
-            ],
-        )
+        script_keys = [
+            keys.seq(conversation),
+            keys.tail(conversation),
+            keys.ingest_of(conversation),
+            idem_key,
+        ]
+        fixed: list[Any] = [
+            conversation,
+            keys.channel(conversation),
+            len(messages),
+            idem_hash,
+            int(self._section.idempotency_window * 1000),
+            meta,
+        ]
+        result = await self._publish(keys=script_keys, args=[*fixed, -1, *args])
+        if result[0] == b"seed":
+            # Neither counter nor tail: a new conversation, or Redis lost its data. Seqs go on
+            # after what PostgreSQL has indexed (an outage there is a 503: no guessing).
+            async with self._connection() as conn:
+                durable = await index.durable_head(conn, conversation)
+            result = await self._publish(keys=script_keys, args=[*fixed, durable, *args])
         outcome = result[0].decode()
         if outcome == "ok":
             first = int(result[1])
@@ -211,10 +226,10 @@ class Publisher:
             raise Conflict(
                 "this Idempotency-Key was used with a different body", field="Idempotency-Key"
             )
-        index, current = int(result[1]) - 1, int(result[2])
+        at, current = int(result[1]) - 1, int(result[2])
         raise Invalid(
             f"must be an existing seq of this conversation (at most {current})",
-            field=f"messages[{index}].reply_to" if batch else "reply_to",
+            field=f"messages[{at}].reply_to" if batch else "reply_to",
         )
 
 
