@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from appliance.config import Config
 from appliance.config.model import Schedule
 from appliance.resources import Resources
-from appliance.schedules import prune_job_log
+from appliance.schedules import compact_segments, prune_job_log
 
 Counts = dict[str, int]
 
@@ -22,4 +22,5 @@ class Entry:
 
 SCHEDULES: tuple[Entry, ...] = (
     Entry("prune_job_log", lambda c: c.schedules.prune_job_log, prune_job_log.run),
+    Entry("compact_segments", lambda c: c.schedules.compact_segments, compact_segments.run),
 )

@@ -1,0 +1,420 @@
+"""Compaction: a finished UTC day of flush segments becomes one history object.
+
+`compact_day(res, day)` rewrites every flush row of `day` into `store.history_key(day)`, one
+block per conversation (split when a conversation's day passes `MAX_HISTORY_BLOCK_RAW` raw
+bytes, so a reader's ranged GET stays bounded), one history row per block, then drops the day's
+flush partition whole. It streams:
+
+1. Read the day's flush rows; GET each flush object once, in turn, and append each indexed
+   block's bytes (still compressed) to a local spool file (`tempfile`, so `TMPDIR` decides
+   where), keeping only a map conversation -> [(spool offset, length, row)] in memory.
+2. For each conversation in code-point order, read back its spooled blocks in seq order, decode
+   and check each against its row (`decode_block(..., expect=row.entry)`: a damaged object
+   raises `SegmentCorrupt`, the upload is aborted and the day stays as it was), and write the
+   records through `store.StreamedSegment` (multipart parts of `store.PART_BYTES`).
+3. One transaction (the swap), with a short `lock_timeout`: insert the history rows, lock the
+   day's flush rows and check they are exactly those compacted (count, records, object keys;
+   a late flush makes the whole day be redone), drop the day's partition, delete the day's rows
+   of the default partition, record `segment_compactions` and put the flush objects' keys in
+   `segment_garbage`.
+4. After the commit, delete the garbage objects (`Storage.delete_many`), then their rows.
+
+Bounds: memory is about one flush object (the flusher's `[segments] max_bytes`, compressed),
+one multipart part and one history block with its decoded records (`MAX_HISTORY_BLOCK_RAW`
+plus one flush block); local disk is the day's compressed block bytes, freed at the end.
+
+Crash safety: the history key is fixed by the day, so a rerun after a crash at any point redoes
+the work and overwrites the same object, which no row references before the swap commits. A day
+with a `segment_compactions` row is never rewritten (its rows point into that object); its
+leftover garbage is still deleted. One compaction of a day at a time: a session advisory lock
+on a dedicated connection, taken with `pg_try_advisory_lock`; a second caller skips the day.
+
+Test-only fault injection: the environment variable COMPACT_CRASH_AT, set to `after_upload`
+or `after_swap`, kills this process with SIGKILL at that step. Production never sets it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import tempfile
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from datetime import date
+from typing import IO, Any
+
+import psycopg
+import structlog
+from psycopg import sql
+from psycopg.rows import class_row
+
+from appliance import metrics
+from appliance.db.pool import connect
+from appliance.resources import Resources
+from appliance.segments import store
+from appliance.segments.format import BlockEntry, Record, decode_block
+from appliance.segments.index import BlockRow
+from appliance.storage import Storage
+
+log = structlog.get_logger()
+Conn = psycopg.AsyncConnection[Any]
+Counts = dict[str, int]
+BeforeSwap = Callable[[int], Awaitable[None]]
+
+# A history block holds at most this many raw bytes (records with their 20-byte heads); a
+# conversation's busier day is split into several blocks, so one read never fetches more.
+MAX_HISTORY_BLOCK_RAW = 16 * 1024 * 1024
+LOCK_TIMEOUT = "3s"  # the swap waits this long for a lock at most: readers queue behind it
+SWAP_ATTEMPTS = 3  # lock timeouts in a row before the day is left for the next run
+REDO_ATTEMPTS = 3  # late flushes in a row before the day is left for the next run
+LOCK_NAMESPACE = 0x5E6C0  # first key of the advisory lock; the second is the day's ordinal
+CRASH_ENV = "COMPACT_CRASH_AT"  # test-only (see the module docstring)
+
+_COLUMNS = (
+    "tier, period, conversation, first_seq, last_seq, object_key, byte_offset, byte_length,"
+    " records, min_ts, max_ts"
+)
+
+
+class _Changed(Exception):
+    """The day's flush rows differ from those compacted (a late flush): redo the day."""
+
+
+def _crash_point(step: str) -> None:
+    if os.environ.get(CRASH_ENV) == step:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _partition(day: date) -> str:
+    # The name appliance_ensure_flush_partition gives the day's partition (migration 0004).
+    return f"segment_blocks_flush_d{day:%Y%m%d}"
+
+
+def _counts() -> Counts:
+    return dict.fromkeys(
+        (
+            "days",
+            "blocks",
+            "records",
+            "bytes",
+            "flush_objects_deleted",
+            "skipped",
+            "busy",
+            "deferred",
+            "redone",
+        ),
+        0,
+    )
+
+
+async def compact_day(
+    res: Resources,
+    day: date,
+    *,
+    max_block_raw: int = MAX_HISTORY_BLOCK_RAW,
+    before_swap: BeforeSwap | None = None,
+) -> Counts:
+    """Compact `day` (see the module docstring). Counts: days (1 when this call compacted it),
+    blocks, records and bytes of the history object, flush_objects_deleted, skipped (already
+    compacted, or no flush rows), busy (another caller holds the day), deferred (locks or late
+    flushes kept the swap from committing: the next run redoes the day), redone (late flushes
+    met). A damaged flush object raises SegmentCorrupt and leaves the day untouched.
+    `before_swap` is a test seam, awaited with the attempt number before each swap."""
+    counts = _counts()
+    conn = await connect(res.config.postgres, "compact")
+    try:
+        cur = await conn.execute(
+            "SELECT pg_try_advisory_lock(%s, %s)", (LOCK_NAMESPACE, day.toordinal())
+        )
+        row = await cur.fetchone()
+        if row is None or not row[0]:
+            counts["busy"] = 1
+            return counts
+        try:
+            await _compact_locked(res, conn, day, max_block_raw, before_swap, counts)
+        finally:
+            await conn.execute(
+                "SELECT pg_advisory_unlock(%s, %s)", (LOCK_NAMESPACE, day.toordinal())
+            )
+    finally:
+        await conn.close()
+    return counts
+
+
+async def _compact_locked(
+    res: Resources,
+    conn: Conn,
+    day: date,
+    max_block_raw: int,
+    before_swap: BeforeSwap | None,
+    counts: Counts,
+) -> None:
+    started = time.perf_counter()
+    cur = await conn.execute("SELECT 1 FROM segment_compactions WHERE period = %s", (day,))
+    if await cur.fetchone() is not None:
+        counts["skipped"] = 1
+        late = await _flush_rows(conn, day)
+        if late:
+            # Never rewritten: the day's history rows point into its object. Readers still
+            # find these rows; an operator has to look (a flush indexed long past its day).
+            log.warning("compaction_late_rows", day=day.isoformat(), rows=len(late))
+        counts["flush_objects_deleted"] = await collect_garbage(conn, res.storage)
+        return
+    for attempt in range(1, REDO_ATTEMPTS + 1):
+        rows = await _flush_rows(conn, day)
+        if not rows:
+            counts["skipped"] = 1
+            return
+        key = store.history_key(day)
+        with tempfile.TemporaryFile(prefix="compact-") as spool:
+            plan = await _spool(res.storage, rows, spool)
+            entries = await _write_history(res.storage, key, plan, spool, max_block_raw)
+        _crash_point("after_upload")
+        size = entries[-1].offset + entries[-1].length if entries else 0
+        try:
+            flush_keys = await _swap(conn, day, key, rows, entries, before_swap, attempt)
+        except _Changed:
+            counts["redone"] += 1
+            log.info("compaction_redo", day=day.isoformat(), attempt=attempt)
+            continue
+        if flush_keys is None:
+            counts["deferred"] = 1
+            return
+        _crash_point("after_swap")
+        records = sum(e.count for e in entries)
+        counts.update(days=1, blocks=len(entries), records=records, bytes=size)
+        metrics.SEGMENT_BYTES.labels("history").inc(size)
+        metrics.SEGMENT_RECORDS.labels("history").inc(records)
+        metrics.SEGMENTS.labels("history").inc()
+        counts["flush_objects_deleted"] = await collect_garbage(conn, res.storage, flush_keys)
+        log.info(
+            "compaction_done",
+            day=day.isoformat(),
+            object_key=key,
+            flush_objects=len(flush_keys),
+            duration_ms=round((time.perf_counter() - started) * 1000, 2),
+            **{k: v for k, v in counts.items() if v},
+        )
+        return
+    counts["deferred"] = 1
+    log.warning("compaction_deferred", day=day.isoformat(), reason="flush rows kept changing")
+
+
+async def _flush_rows(conn: Conn, day: date) -> list[BlockRow]:
+    async with conn.cursor(row_factory=class_row(BlockRow)) as cur:
+        await cur.execute(
+            f"""SELECT {_COLUMNS} FROM segment_blocks
+                 WHERE tier = 'flush' AND period = %s
+                 ORDER BY object_key, byte_offset""",
+            (day,),
+        )
+        return await cur.fetchall()
+
+
+Plan = dict[str, list[tuple[int, BlockRow]]]  # conversation -> [(spool offset, row)]
+
+
+async def _spool(storage: Storage, rows: Sequence[BlockRow], spool: IO[bytes]) -> Plan:
+    """GET each flush object once (rows come grouped by object) and spool its indexed blocks."""
+    plan: Plan = {}
+    data, data_key = b"", None
+    for row in rows:
+        if row.object_key != data_key:
+            data, data_key = await storage.get(row.object_key), row.object_key
+        at = spool.tell()
+        # A short slice (object truncated) is caught by decode_block when read back.
+        await asyncio.to_thread(
+            spool.write, data[row.byte_offset : row.byte_offset + row.byte_length]
+        )
+        plan.setdefault(row.conversation, []).append((at, row))
+    return plan
+
+
+def _read_block(spool: IO[bytes], at: int, row: BlockRow) -> list[Record]:
+    spool.seek(at)
+    data = spool.read(row.byte_length)
+    return decode_block(data, row.object_key, row.byte_offset, expect=row.entry).records
+
+
+async def _write_history(
+    storage: Storage, key: str, plan: Plan, spool: IO[bytes], max_block_raw: int
+) -> list[BlockEntry]:
+    """One history object from the spooled blocks: per conversation (code-point order) its
+    records in seq order, cut into blocks of at most `max_block_raw` raw bytes."""
+    async with store.StreamedSegment(storage, key) as segment:
+        for conversation in sorted(plan):
+            pending: list[Record] = []
+            raw = 0
+            for at, row in sorted(plan[conversation], key=lambda p: p[1].first_seq):
+                for record in await asyncio.to_thread(_read_block, spool, at, row):
+                    size = 20 + len(record.payload)  # the record's head and payload
+                    if pending and raw + size > max_block_raw:
+                        await segment.add_block(conversation, pending)
+                        pending, raw = [], 0
+                    pending.append(record)
+                    raw += size
+            if pending:
+                await segment.add_block(conversation, pending)
+        return await segment.finish()
+
+
+async def _swap(
+    conn: Conn,
+    day: date,
+    key: str,
+    rows: Sequence[BlockRow],
+    entries: Sequence[BlockEntry],
+    before_swap: BeforeSwap | None,
+    attempt: int,
+) -> list[str] | None:
+    """The swap transaction, retried on lock timeouts; the flush keys let go of, or None when
+    locks kept it from committing SWAP_ATTEMPTS times. Raises _Changed on a late flush."""
+    flush_keys = sorted({r.object_key for r in rows})
+    expected = (len(rows), sum(r.records for r in rows), flush_keys)
+    for tries in range(1, SWAP_ATTEMPTS + 1):
+        if before_swap is not None:
+            await before_swap(attempt)
+        try:
+            async with conn.transaction():
+                await _swap_once(conn, day, key, entries, expected, len(flush_keys))
+            return flush_keys
+        except psycopg.errors.LockNotAvailable:
+            log.info("compaction_swap_lock_timeout", day=day.isoformat(), attempt=tries)
+            await asyncio.sleep(tries)
+    log.warning("compaction_deferred", day=day.isoformat(), reason="lock timeouts")
+    return None
+
+
+async def _swap_once(
+    conn: Conn,
+    day: date,
+    key: str,
+    entries: Sequence[BlockEntry],
+    expected: tuple[int, int, list[str]],
+    flush_objects: int,
+) -> None:
+    await conn.execute(f"SET LOCAL lock_timeout = '{LOCK_TIMEOUT}'")
+    # Writers of the day's rows are held off (EXCLUSIVE lets readers through) until the
+    # commit, so what is checked is what is dropped. The default partition takes a day's rows
+    # only while its own partition is missing.
+    part = sql.Identifier(_partition(day))
+    cur = await conn.execute("SELECT to_regclass(%s) IS NOT NULL", (_partition(day),))
+    row = await cur.fetchone()
+    exists = bool(row and row[0])
+    if exists:
+        await conn.execute(sql.SQL("LOCK TABLE {} IN EXCLUSIVE MODE").format(part))
+    await conn.execute("LOCK TABLE segment_blocks_flush_default IN EXCLUSIVE MODE")
+    cur = await conn.execute(
+        """SELECT count(*), coalesce(sum(records), 0),
+                  coalesce(array_agg(DISTINCT object_key ORDER BY object_key), '{}')
+             FROM segment_blocks WHERE tier = 'flush' AND period = %s""",
+        (day,),
+    )
+    found = await cur.fetchone()
+    if found is None or (int(found[0]), int(found[1]), list(found[2])) != expected:
+        raise _Changed
+    # Rows left by nothing we know of (the day has no compaction row), but never duplicated.
+    await conn.execute("DELETE FROM segment_blocks WHERE tier = 'history' AND period = %s", (day,))
+    await conn.execute(
+        f"""INSERT INTO segment_blocks ({_COLUMNS})
+            SELECT 'history', %s, c, f, l, %s, o, n, r,
+                   'epoch'::timestamptz + lo * interval '1 millisecond',
+                   'epoch'::timestamptz + hi * interval '1 millisecond'
+              FROM unnest(%s::text[], %s::bigint[], %s::bigint[], %s::bigint[],
+                          %s::int[], %s::int[], %s::bigint[], %s::bigint[])
+                   AS t(c, f, l, o, n, r, lo, hi)""",
+        (
+            day,
+            key,
+            [e.conversation for e in entries],
+            [e.first_seq for e in entries],
+            [e.last_seq for e in entries],
+            [e.offset for e in entries],
+            [e.length for e in entries],
+            [e.count for e in entries],
+            [e.min_ts for e in entries],
+            [e.max_ts for e in entries],
+        ),
+    )
+    if exists:
+        await conn.execute(sql.SQL("DROP TABLE {}").format(part))
+    await conn.execute("DELETE FROM segment_blocks_flush_default WHERE period = %s", (day,))
+    size = entries[-1].offset + entries[-1].length if entries else 0
+    await conn.execute(
+        """INSERT INTO segment_compactions
+               (period, object_key, blocks, records, bytes, flush_objects)
+           VALUES (%s, %s, %s, %s, %s, %s)""",
+        (day, key, len(entries), sum(e.count for e in entries), size, flush_objects),
+    )
+    await conn.execute(
+        "INSERT INTO segment_garbage (object_key) SELECT unnest(%s::text[])"
+        " ON CONFLICT (object_key) DO NOTHING",
+        (expected[2],),
+    )
+
+
+async def collect_garbage(conn: Conn, storage: Storage, keys: Sequence[str] | None = None) -> int:
+    """Delete the objects `segment_garbage` lists (only `keys` among them, when given), then
+    their rows; the number of objects deleted. Deleting twice is harmless (a missing object
+    counts as deleted), so a crash between the two steps only repeats the first."""
+    if keys is None:
+        cur = await conn.execute("SELECT object_key FROM segment_garbage ORDER BY object_key")
+    else:
+        cur = await conn.execute(
+            "SELECT object_key FROM segment_garbage WHERE object_key = ANY(%s)", (list(keys),)
+        )
+    found = [str(r[0]) for r in await cur.fetchall()]
+    if not found:
+        return 0
+    deleted = await storage.delete_many(found)
+    await conn.execute("DELETE FROM segment_garbage WHERE object_key = ANY(%s)", (found,))
+    return deleted
+
+
+async def days_due(conn: Conn, grace_minutes: int) -> list[date]:
+    """Days with flush rows whose end (UTC, PostgreSQL's clock) is `grace_minutes` past, so
+    today is never among them; oldest first."""
+    cur = await conn.execute(
+        """SELECT DISTINCT period FROM segment_blocks
+            WHERE tier = 'flush'
+              AND (period + 1)::timestamp + make_interval(mins => %s) <= now() AT TIME ZONE 'UTC'
+            ORDER BY period""",
+        (grace_minutes,),
+    )
+    return [r[0] for r in await cur.fetchall()]
+
+
+ORPHAN_DAYS = 7  # a flush object this many days old that no row references is an orphan
+
+
+async def sweep_orphans(conn: Conn, storage: Storage, min_age_days: int = ORPHAN_DAYS) -> int:
+    """Delete flush objects under `segments/flush/<day>/` with `day` at least `min_age_days`
+    before today (PostgreSQL's clock) that no index row references: a flusher crashed between
+    its PUT and its index transaction (or its cut was refused). The number deleted."""
+    cur = await conn.execute("SELECT (now() AT TIME ZONE 'UTC')::date - %s", (min_age_days,))
+    row = await cur.fetchone()
+    assert row is not None
+    cutoff: date = row[0]
+    old = []
+    for key, _size in await storage.list_keys(store.FLUSH_PREFIX):
+        hint = key[len(store.FLUSH_PREFIX) :].split("/", 1)[0]
+        try:
+            made = date.fromisoformat(hint)
+        except ValueError:
+            continue  # not a name the flusher gives: not ours to delete
+        if made <= cutoff:
+            old.append(key)
+    if not old:
+        return 0
+    cur = await conn.execute(
+        "SELECT DISTINCT object_key FROM segment_blocks"
+        " WHERE tier = 'flush' AND object_key = ANY(%s)",
+        (old,),
+    )
+    referenced = {str(r[0]) for r in await cur.fetchall()}
+    orphans = [k for k in old if k not in referenced]
+    if orphans:
+        await storage.delete_many(orphans)
+        log.info("compaction_orphans_deleted", objects=len(orphans))
+    return len(orphans)
