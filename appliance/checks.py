@@ -27,6 +27,7 @@ from appliance.db.migrate import expected_version, schema_version
 from appliance.errors import ApplianceError
 from appliance.redis_keys import Keys
 from appliance.resources import ConnFactory, Resources
+from appliance.segments import backlog
 from appliance.storage import Storage
 
 Check = Callable[[], Awaitable[str]]
@@ -215,9 +216,21 @@ async def run_checks(checks: dict[str, Check], timeout: float) -> list[CheckResu
     return list(await asyncio.gather(*(run_check(n, c, timeout) for n, c in checks.items())))
 
 
+def backlog_check(redis: aioredis.Redis, keys: Keys) -> Check:
+    """Reports what waits to be flushed; never fails for it. Redis absorbs a backlog while S3 or
+    PostgreSQL is away and publishing goes on, so a backlog is a metric to alert on
+    (appliance_oldest_unflushed_seconds), not a reason to take the api out of service."""
+
+    async def check() -> str:
+        return backlog.summary(await backlog.backlog(redis, keys))
+
+    return check
+
+
 async def readiness(res: Resources) -> list[CheckResult]:
     """All readiness checks, concurrently, each under `[api] check_timeout`."""
     checks = dependency_checks(res.config, res.connection, res.redis, res.storage)
     checks["schema"] = schema_check(res.connection)
     checks["heartbeats"] = heartbeat_check(res.redis, res.keys, res.config)
+    checks["flush_backlog"] = backlog_check(res.redis, res.keys)
     return await run_checks(checks, res.config.api.check_timeout)

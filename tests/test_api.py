@@ -49,7 +49,7 @@ async def test_readyz_fails_without_program_heartbeats(
     body = response.json()
     assert body["status"] == "fail"
     checks = {c["name"]: c for c in body["checks"]}
-    assert set(checks) == {"postgres", "redis", "s3", "schema", "heartbeats"}
+    assert set(checks) == {"postgres", "redis", "s3", "schema", "heartbeats", "flush_backlog"}
     assert all(checks[n]["ok"] for n in ("postgres", "redis", "s3", "schema"))
     assert checks["heartbeats"]["ok"] is False
     assert "worker" in checks["heartbeats"]["detail"]
@@ -61,6 +61,21 @@ async def test_readyz_ok_with_all_heartbeats(client: Client, resources: Resource
     response = await client.get("/readyz")
     assert response.status_code == 200, response.text
     assert response.json()["status"] == "ok"
+
+
+async def test_a_flush_backlog_is_reported_by_readyz_but_never_fails_it(
+    client: Client, resources: Resources
+) -> None:
+    """Redis absorbs a backlog while S3 or PostgreSQL is away: /readyz says so and stays 200."""
+    await beat_others(resources, list(PROGRAMS))
+    ingest = resources.keys.ingest(0)
+    added = await resources.redis.xadd(ingest, {"c": "x", "s": 1, "m": "{}"})
+    response = await client.get("/readyz")
+    assert response.status_code == 200, response.text
+    detail = {c["name"]: c for c in response.json()["checks"]}["flush_backlog"]
+    assert detail["ok"] is True
+    assert "waiting to be flushed, oldest" in detail["detail"], detail
+    await resources.redis.xdel(ingest, added)
 
 
 async def test_readyz_only_requires_enabled_roles(

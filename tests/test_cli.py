@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import subprocess
@@ -11,6 +12,12 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+import psycopg
+import redis as sync_redis
+
+from appliance.db.migrate import migrate
+from appliance.redis_keys import Keys
+from appliance.segments import index
 from tests.support import free_port, write_toml
 
 
@@ -99,6 +106,49 @@ def test_status_json_reports_dependencies_schema_and_queue(
     assert isinstance(data["schedules"], list)
 
 
+def test_status_shows_each_shard_with_owner_backlog_and_lag(
+    settings: dict[str, Any], fresh_database: Any, tmp_path: Path
+) -> None:
+    """A database and key prefix of its own: shard rows and ingest streams are global to them."""
+    dsn = fresh_database()
+    prefix = f"st{uuid.uuid4().hex[:8]}"
+    settings["postgres"]["dsn"] = dsn
+    settings["redis"]["key_prefix"] = prefix
+    settings["segments"] = {"shards": 2}
+
+    async def prepare() -> None:
+        conn = await psycopg.AsyncConnection.connect(dsn, autocommit=True)
+        try:
+            await migrate(conn)
+            await index.ensure_shards(conn, 2)
+            assert await index.claim_shards(conn, "flusher-a", 60, 2) == [0, 1]
+        finally:
+            await conn.close()
+
+    asyncio.run(prepare())
+    client = sync_redis.Redis.from_url(settings["redis"]["url"])
+    ingest = Keys(prefix, 2).ingest(1)
+    client.xadd(ingest, {"c": "x", "s": 1, "m": "{}"})
+    try:
+        config = write_toml(tmp_path / "c.toml", settings)
+        done = cli(config, "status", "--json")
+        assert done.returncode == 0, done.stderr
+        shards = json.loads(done.stdout)["shards"]
+        assert [(r["shard"], r["owner"], r["backlog"]) for r in shards] == [
+            (0, "flusher-a", 0),
+            (1, "flusher-a", 1),
+        ]
+        assert 0 < shards[0]["lease_left_s"] <= 60
+        assert shards[1]["last_flush_s_ago"] is None and shards[1]["lag_s"] >= 0
+        text = cli(config, "status").stdout
+        assert "shards (owner, backlog, lag" in text
+        assert "s1    flusher-a" in text and "last flush never" in text
+        assert "segment index: 0 flush rows, 0 history rows" in text
+    finally:
+        client.delete(ingest)
+        client.close()
+
+
 def test_status_exits_1_when_a_dependency_is_down(settings: dict[str, Any], tmp_path: Path) -> None:
     settings["postgres"]["dsn"] = f"postgresql://postgres@127.0.0.1:{free_port()}/x"
     settings["postgres"]["connect_timeout"] = 1.0
@@ -125,6 +175,7 @@ def test_status_names_the_cause_and_what_it_skipped(
         "schema": "needs postgres, which failed",
         "queue": "needs postgres, which failed",
         "schedules": "needs postgres, which failed",
+        "shards": "needs postgres, which failed",
     }
     assert isinstance(data["programs"], list)  # Redis answered: heartbeats are still shown
     assert "pg-secret" not in done.stdout + done.stderr

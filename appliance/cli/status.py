@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import sys
 import time
+from datetime import UTC, datetime
 from typing import Any
 
 import click
@@ -25,6 +26,7 @@ from appliance.diagnostics.roundtrip import ping_worker
 from appliance.errors import ConfigError
 from appliance.redis_keys import client
 from appliance.resources import ConnFactory, direct_connection, keys_for, open_resources
+from appliance.segments import backlog, index
 from appliance.storage import Storage
 
 # The config keys to look at, by dependency: (where it is, who we are); the cause (the start of
@@ -56,6 +58,7 @@ NEEDS = {
     "schema": ("postgres",),
     "queue": ("postgres",),
     "schedules": ("postgres",),
+    "shards": ("postgres", "redis"),
     "jobs": ("postgres", "redis"),
 }
 
@@ -97,13 +100,15 @@ async def _status(config: Config) -> dict[str, Any]:
     out: dict[str, Any] = {
         "dependencies": [d.as_dict() for d in deps],
         "expected_schema": expected_version(),
-        "skipped": skipped(["programs", "schema", "queue", "schedules"], deps),
+        "skipped": skipped(["programs", "schema", "queue", "schedules", "shards"], deps),
     }
     now = time.time()
+    waiting: list[backlog.ShardBacklog] = []
     if "programs" not in out["skipped"]:
         redis = client(config.redis, "status")
         try:
             beats = await heartbeat.read_all(redis, keys_for(config))
+            waiting = await backlog.backlog(redis, keys_for(config))
         finally:
             await redis.aclose()
         out["programs"] = [
@@ -143,7 +148,40 @@ async def _status(config: Config) -> dict[str, Any]:
             }
             for name, tick, status, counts, started, finished in await cur.fetchall()
         ]
+        if "shards" not in out["skipped"]:
+            out["shards"] = _shards(await index.shard_states(conn), waiting)
+            cur = await conn.execute(
+                "SELECT tier, count(*) FROM segment_blocks GROUP BY tier ORDER BY tier"
+            )
+            out["index_rows"] = {tier: n for tier, n in await cur.fetchall()}
     return out
+
+
+def _shards(
+    states: list[index.ShardState], waiting: list[backlog.ShardBacklog]
+) -> list[dict[str, Any]]:
+    """Each shard's owner and lease, with its backlog (entries, age of the oldest: the lag)."""
+    by_shard = {w.shard: w for w in waiting}
+    now = datetime.now(UTC)
+    rows = []
+    for s in states:
+        w = by_shard.get(s.shard, backlog.ShardBacklog(s.shard, 0, 0.0))
+        rows.append(
+            {
+                "shard": s.shard,
+                "owner": s.owner,
+                "lease_left_s": round((s.lease_until - now).total_seconds(), 1)
+                if s.lease_until
+                else None,
+                "backlog": w.entries,
+                "lag_s": w.oldest_s,
+                "last_flush_s_ago": round((now - s.flushed_at).total_seconds(), 1)
+                if s.flushed_at
+                else None,
+                "cuts": s.cuts,
+            }
+        )
+    return rows
 
 
 def _print_status(data: dict[str, Any]) -> None:
@@ -180,6 +218,20 @@ def _print_status(data: dict[str, Any]) -> None:
         ],
         "skipped: " + skip["schedules"] if "schedules" in skip else "none yet",
     )
+    _section(
+        "shards (owner, backlog, lag = age of the oldest unflushed message)",
+        [
+            f"s{r['shard']:<4} {r['owner'] or '(no owner)':<28} backlog {r['backlog']:<7} "
+            f"lag {r['lag_s']}s  last flush "
+            + (f"{r['last_flush_s_ago']}s ago" if r["last_flush_s_ago"] is not None else "never")
+            for r in data.get("shards", [])
+        ],
+        "skipped: " + skip["shards"] if "shards" in skip else "none (no flusher has started)",
+    )
+    if "index_rows" in data:
+        rows = data["index_rows"]
+        flush, history = rows.get("flush", 0), rows.get("history", 0)
+        click.echo(f"segment index: {flush} flush rows, {history} history rows")
 
 
 def _section(title: str, rows: list[str], empty: str) -> None:
