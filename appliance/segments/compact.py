@@ -67,6 +67,7 @@ BeforeSwap = Callable[[int], Awaitable[None]]
 MAX_HISTORY_BLOCK_RAW = 16 * 1024 * 1024
 LOCK_TIMEOUT = "3s"  # the swap waits this long for a lock at most: readers queue behind it
 SWAP_ATTEMPTS = 3  # lock timeouts in a row before the day is left for the next run
+SWAP_PAUSE = 1.0  # seconds before the second swap attempt (then twice that, and so on)
 REDO_ATTEMPTS = 3  # late flushes in a row before the day is left for the next run
 LOCK_NAMESPACE = 0x5E6C0  # first key of the advisory lock; the second is the day's ordinal
 CRASH_ENV = "COMPACT_CRASH_AT"  # test-only (see the module docstring)
@@ -131,13 +132,10 @@ async def compact_day(
         if row is None or not row[0]:
             counts["busy"] = 1
             return counts
-        try:
-            await _compact_locked(res, conn, day, max_block_raw, before_swap, counts)
-        finally:
-            await conn.execute(
-                "SELECT pg_advisory_unlock(%s, %s)", (LOCK_NAMESPACE, day.toordinal())
-            )
+        await _compact_locked(res, conn, day, max_block_raw, before_swap, counts)
     finally:
+        # The lock belongs to this session: closing it releases the lock whatever happened
+        # (an explicit unlock on a broken connection would only hide the first error).
         await conn.close()
     return counts
 
@@ -169,11 +167,10 @@ async def _compact_locked(
         key = store.history_key(day)
         with tempfile.TemporaryFile(prefix="compact-") as spool:
             plan = await _spool(res.storage, rows, spool)
-            entries = await _write_history(res.storage, key, plan, spool, max_block_raw)
+            entries, size = await _write_history(res.storage, key, plan, spool, max_block_raw)
         _crash_point("after_upload")
-        size = entries[-1].offset + entries[-1].length if entries else 0
         try:
-            flush_keys = await _swap(conn, day, key, rows, entries, before_swap, attempt)
+            flush_keys = await _swap(conn, day, key, rows, entries, size, before_swap, attempt)
         except _Changed:
             counts["redone"] += 1
             log.info("compaction_redo", day=day.isoformat(), attempt=attempt)
@@ -239,9 +236,10 @@ def _read_block(spool: IO[bytes], at: int, row: BlockRow) -> list[Record]:
 
 async def _write_history(
     storage: Storage, key: str, plan: Plan, spool: IO[bytes], max_block_raw: int
-) -> list[BlockEntry]:
+) -> tuple[list[BlockEntry], int]:
     """One history object from the spooled blocks: per conversation (code-point order) its
-    records in seq order, cut into blocks of at most `max_block_raw` raw bytes."""
+    records in seq order, cut into blocks of at most `max_block_raw` raw bytes. Its directory
+    and size."""
     async with store.StreamedSegment(storage, key) as segment:
         for conversation in sorted(plan):
             pending: list[Record] = []
@@ -256,7 +254,8 @@ async def _write_history(
                     raw += size
             if pending:
                 await segment.add_block(conversation, pending)
-        return await segment.finish()
+        entries = await segment.finish()
+        return entries, segment.size
 
 
 async def _swap(
@@ -265,6 +264,7 @@ async def _swap(
     key: str,
     rows: Sequence[BlockRow],
     entries: Sequence[BlockEntry],
+    size: int,
     before_swap: BeforeSwap | None,
     attempt: int,
 ) -> list[str] | None:
@@ -277,11 +277,12 @@ async def _swap(
             await before_swap(attempt)
         try:
             async with conn.transaction():
-                await _swap_once(conn, day, key, entries, expected, len(flush_keys))
+                await _swap_once(conn, day, key, entries, size, expected)
             return flush_keys
         except psycopg.errors.LockNotAvailable:
             log.info("compaction_swap_lock_timeout", day=day.isoformat(), attempt=tries)
-            await asyncio.sleep(tries)
+            if tries < SWAP_ATTEMPTS:
+                await asyncio.sleep(SWAP_PAUSE * tries)
     log.warning("compaction_deferred", day=day.isoformat(), reason="lock timeouts")
     return None
 
@@ -291,8 +292,8 @@ async def _swap_once(
     day: date,
     key: str,
     entries: Sequence[BlockEntry],
+    size: int,
     expected: tuple[int, int, list[str]],
-    flush_objects: int,
 ) -> None:
     await conn.execute(f"SET LOCAL lock_timeout = '{LOCK_TIMEOUT}'")
     # Writers of the day's rows are held off (EXCLUSIVE lets readers through) until the
@@ -340,12 +341,11 @@ async def _swap_once(
     if exists:
         await conn.execute(sql.SQL("DROP TABLE {}").format(part))
     await conn.execute("DELETE FROM segment_blocks_flush_default WHERE period = %s", (day,))
-    size = entries[-1].offset + entries[-1].length if entries else 0
     await conn.execute(
         """INSERT INTO segment_compactions
                (period, object_key, blocks, records, bytes, flush_objects)
            VALUES (%s, %s, %s, %s, %s, %s)""",
-        (day, key, len(entries), sum(e.count for e in entries), size, flush_objects),
+        (day, key, len(entries), sum(e.count for e in entries), size, len(expected[2])),
     )
     await conn.execute(
         "INSERT INTO segment_garbage (object_key) SELECT unnest(%s::text[])"
