@@ -12,6 +12,8 @@ from litestar.testing import AsyncTestClient
 from appliance.api.app import create_app
 from appliance.config import Config
 from appliance.messages import history
+from appliance.messages.blocks import BlockCache
+from appliance.messages.history import History
 from appliance.redis_keys import shard_of
 from appliance.resources import Resources
 from tests.messaging import bearer, body, issue_key, unique
@@ -111,7 +113,8 @@ async def test_reseeding_survives_a_trimmed_tail(api: Client, resources: Resourc
     await redis.delete(keys.seq(conversation))
     path = f"/v1/conversations/{conversation}/messages"
     # What a subscribe reports as the head, from the empty tail's last generated id.
-    assert await history.head(redis, keys, conversation) == 3
+    reader = History(redis, keys, resources.connection, BlockCache(resources.storage, 0))
+    assert await reader.head(conversation) == 3
     assert (await publish(api, conversation, key))["seq"] == 4
     assert [entry_id for entry_id, _ in await redis.xrange(keys.tail(conversation))] == [b"4-0"]
     # A refused publish (reply_to beyond the head) re-seeds nothing half-way either.

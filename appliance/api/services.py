@@ -18,6 +18,8 @@ from appliance.auth.authenticate import Authenticator
 from appliance.config import Config
 from appliance.conversations.access import Access
 from appliance.invalidation import Invalidation, announce
+from appliance.messages.blocks import BlockCache
+from appliance.messages.history import History
 from appliance.messages.publish import Publisher
 from appliance.realtime.hub import Hub
 from appliance.realtime.presence import Presence
@@ -34,6 +36,7 @@ class Services:
     auth: Authenticator
     access: Access
     publisher: Publisher
+    history: History
     presence: Presence
     activity: ActivityLog
     hub: Hub = field(init=False)
@@ -94,6 +97,12 @@ async def open_services(res: Resources) -> AsyncIterator[Services]:
         auth=Authenticator(config, res.connection),
         access=Access(res.connection, config.auth.membership_cache_ttl, config.auth.stale_window),
         publisher=Publisher(res.redis, res.keys, config.messages, res.connection),
+        history=History(
+            res.redis,
+            res.keys,
+            res.connection,
+            BlockCache(res.storage, config.segments.cache_bytes),
+        ),
         presence=Presence(
             res.redis, res.keys, config.realtime.presence_ttl, config.realtime.receipt_ttl
         ),

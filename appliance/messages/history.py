@@ -1,23 +1,39 @@
-"""Reading history: pages and single messages, from the Redis tail.
+"""Reading history: pages, single messages and catch-up, across the Redis tail and S3.
 
-The tail stream's ids are `<seq>-0`, so a seq range is a stream range. One page shape,
-`{messages, next_cursor, prev_cursor}`, which the segment reader extends without changing it.
-Newest first by default (`before`); `after` pages forward, oldest first. A cursor is an opaque
-token for "continue before/after seq N".
+The tail stream's ids are `<seq>-0`, so a seq range is a stream range; older messages are in
+segment blocks the index locates (appliance/segments/index.py). One page shape,
+`{messages, next_cursor, prev_cursor}`, whatever tier answers. Newest first by default
+(`before`); `after` pages forward, oldest first. A cursor is an opaque token for "continue
+before/after seq N".
 """
 
 from __future__ import annotations
 
 import base64
 import re
+from bisect import bisect_left
+from collections.abc import Callable
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
-from typing import Literal, cast
+from typing import Any, Literal, cast
 
+import psycopg
 import redis.asyncio as aioredis
+import structlog
 from redis.exceptions import ResponseError
 
-from appliance.errors import Invalid, NotFound
+from appliance import metrics
+from appliance.errors import ApplianceError, Invalid, NotFound, Unavailable
+from appliance.logthrottle import Throttle
+from appliance.messages.blocks import BlockCache
 from appliance.redis_keys import Keys
+from appliance.segments import index
+from appliance.segments.format import Block, Record, SegmentCorrupt
+from appliance.segments.index import BlockRow
+from appliance.storage import StorageError
+
+log = structlog.get_logger()
+_STORAGE_LOG = Throttle()
 
 MAX_LIMIT = 200
 DEFAULT_LIMIT = 50
@@ -76,49 +92,44 @@ def position(before: int | None, after: int | None, cursor: str | None) -> Posit
 
 
 Entries = list[tuple[bytes, dict[bytes, bytes]]]
+Message = tuple[int, bytes]  # (seq, the message JSON as published)
+Connect = Callable[[], AbstractAsyncContextManager[psycopg.AsyncConnection[Any]]]
+ROWS = 8  # index rows asked for at once: a page rarely spans more blocks
+# S3's answer for an object that is not there: a flush object compacted away and deleted after
+# the index was read. The index, read again, names the block's new home.
+_GONE = frozenset({"NoSuchKey", "404", "NotFound"})
+_RETRIES = 3
+_PAGE_HEAD = b'{"messages":['
 
 
 def _seq(entry_id: bytes) -> int:
     return int(entry_id.split(b"-", 1)[0])
 
 
-async def _range(
-    redis: aioredis.Redis, key: str, low: str, high: str, count: int, reverse: bool = False
-) -> Entries:
-    """XRANGE/XREVRANGE from `low` to `high` (typed: this client never decodes responses)."""
-    if reverse:
-        return cast(Entries, await redis.xrevrange(key, high, low, count=count))
-    return cast(Entries, await redis.xrange(key, low, high, count=count))
+def _record_seq(record: Record) -> int:
+    return record.seq
 
 
-async def page(
-    redis: aioredis.Redis, keys: Keys, conversation: str, at: Position, limit: int
-) -> bytes:
-    """The page as JSON bytes (message bodies are passed through, never re-encoded)."""
-    if not 1 <= limit <= MAX_LIMIT:
-        raise Invalid(f"must be between 1 and {MAX_LIMIT}", field="limit")
-    tail = keys.tail(conversation)
-    if at.direction == "before" and at.seq == 0:
-        entries = []  # nothing comes before the first seq (1)
-    elif at.direction == "before":
-        top = f"({at.seq}-0" if at.seq is not None else "+"
-        entries = await _range(redis, tail, "-", top, limit, reverse=True)
-    else:
-        entries = await _range(redis, tail, f"({at.seq}-0", "+", limit)
-    messages = [fields[b"m"] for _, fields in entries]
-    seqs = [_seq(entry_id) for entry_id, _ in entries]
+def _json_str(value: str | None) -> bytes:
+    return b"null" if value is None else f'"{value}"'.encode()
+
+
+def page_json(messages: list[Message], at: Position, limit: int) -> bytes:
+    """The page for `messages` (in page order) read at `at`: bodies passed through as bytes."""
     next_cursor = prev_cursor = None
-    if seqs:
+    if messages:
+        first, last = messages[0][0], messages[-1][0]
+        full = len(messages) == limit
         if at.direction == "before":
-            next_cursor = encode_cursor("before", seqs[-1]) if len(seqs) == limit else None
-            prev_cursor = encode_cursor("after", seqs[0])
+            next_cursor = encode_cursor("before", last) if full else None
+            prev_cursor = encode_cursor("after", first)
         else:
-            next_cursor = encode_cursor("after", seqs[-1]) if len(seqs) == limit else None
-            prev_cursor = encode_cursor("before", seqs[0])
+            next_cursor = encode_cursor("after", last) if full else None
+            prev_cursor = encode_cursor("before", first)
     return b"".join(
         (
-            b'{"messages":[',
-            b",".join(messages),
+            _PAGE_HEAD,
+            b",".join(message for _, message in messages),
             b'],"next_cursor":',
             _json_str(next_cursor),
             b',"prev_cursor":',
@@ -128,35 +139,221 @@ async def page(
     )
 
 
-def _json_str(value: str | None) -> bytes:
-    return b"null" if value is None else f'"{value}"'.encode()
+class History:
+    """The one reader of every tier: the Redis tail (newest), flush segments and compacted
+    history objects (S3, located by the PostgreSQL index). Pages, single messages and the
+    WebSocket catch-up all read through it, with one shape whatever tier answers.
 
+    Order of reads: the tail FIRST, then the index. The flusher indexes a record before it
+    trims it from the tail, so a record trimmed after the tail read is in the index by the time
+    the index is read: nothing falls between the two. Newest first (`before`): the tail from
+    the top down; if that is short of the limit and the lowest seq seen is above 1, the index
+    goes on strictly below it. Oldest first (`after`): the tail from after+1; when its first seq
+    is not after+1 (or it is empty), the index supplies after+1 up to (not including) the tail's
+    first seq, then the tail follows. Each seq comes once, in order; a seq neither tier holds
+    (lost with Redis, or past retention) is skipped, never made up. A page the tail answers
+    alone touches neither PostgreSQL nor S3, so it is served while they are down.
+    """
 
-async def one(redis: aioredis.Redis, keys: Keys, conversation: str, seq: int) -> bytes:
-    if not 1 <= seq <= MAX_SEQ:
-        raise Invalid(f"must be a seq between 1 and {MAX_SEQ}", field="seq")
-    entries = await _range(redis, keys.tail(conversation), f"{seq}-0", f"{seq}-0", 1)
-    if not entries:
+    def __init__(self, redis: aioredis.Redis, keys: Keys, connect: Connect, blocks: BlockCache):
+        self._redis = redis
+        self._keys = keys
+        self._connect = connect
+        self._blocks = blocks
+
+    async def page(self, conversation: str, at: Position, limit: int) -> bytes:
+        """The page as JSON bytes (message bodies are passed through, never re-encoded)."""
+        if not 1 <= limit <= MAX_LIMIT:
+            raise Invalid(f"must be between 1 and {MAX_LIMIT}", field="limit")
+        if at.direction == "before":
+            messages = await self._newest_first(conversation, at.seq, limit)
+        else:
+            messages = await self.replay(conversation, at.seq or 0, limit)
+        return page_json(messages, at, limit)
+
+    async def one(self, conversation: str, seq: int) -> bytes:
+        if not 1 <= seq <= MAX_SEQ:
+            raise Invalid(f"must be a seq between 1 and {MAX_SEQ}", field="seq")
+        entries = await _range(
+            self._redis, self._keys.tail(conversation), f"{seq}-0", f"{seq}-0", 1
+        )
+        if entries:
+            metrics.HISTORY_READS.labels("tail").inc()
+            return entries[0][1][b"m"]
+        for attempt in range(_RETRIES + 1):
+            async with self._connect() as conn:
+                row = await index.block_at(conn, conversation, seq)
+            if row is None:
+                break
+            block = await self._block(row, retry=attempt < _RETRIES)
+            if block is None:
+                continue
+            found = _from(block.records, seq)
+            if found < len(block.records) and block.records[found].seq == seq:
+                metrics.HISTORY_READS.labels("segment").inc()
+                return block.records[found].payload
+            break
         raise NotFound(f"no message {seq} in {conversation!r}", field="seq")
-    return entries[0][1][b"m"]
+
+    async def replay(self, conversation: str, after: int, limit: int) -> list[Message]:
+        """Up to `limit` messages with seq > after, oldest first, from whichever tiers hold
+        them (see the class docstring for the order of reads)."""
+        tail = self._keys.tail(conversation)
+        async with self._redis.pipeline(transaction=False) as pipe:
+            pipe.xrange(tail, f"({after}-0", "+", count=limit)
+            pipe.get(self._keys.seq(conversation))
+            entries, counter = cast(tuple[Entries, bytes | None], await pipe.execute())
+        recent = [(_seq(entry_id), fields[b"m"]) for entry_id, fields in entries]
+        if recent and recent[0][0] == after + 1:
+            return self._counted(recent, [])
+        if not recent and counter is not None and int(counter) <= after:
+            return []  # nothing was published after `after`, in any tier
+        upper = recent[0][0] if recent else MAX_SEQ + 1
+        older = await self._indexed_after(conversation, after, upper, limit)
+        return self._counted(recent, older, limit)
+
+    async def head(self, conversation: str) -> int:
+        """The newest seq (0 when none): the Redis counter; without it, the tail's last
+        generated id (which outlives trimming), as the publish script re-seeds it; without the
+        tail too (Redis lost its data), the highest indexed seq, where seqs go on from."""
+        value = await self._redis.get(self._keys.seq(conversation))
+        if value is not None:
+            return int(value)
+        try:
+            info = await self._redis.xinfo_stream(self._keys.tail(conversation))
+        except ResponseError:  # no such key
+            async with self._connect() as conn:
+                return await index.durable_head(conn, conversation)
+        return _seq(info["last-generated-id"])
+
+    # -- reading ----------------------------------------------------------------------------
+
+    async def _newest_first(
+        self, conversation: str, below: int | None, limit: int
+    ) -> list[Message]:
+        if below is not None and below <= 1:
+            return []  # nothing comes before the first seq (1)
+        top = f"({below}-0" if below is not None else "+"
+        entries = await _range(
+            self._redis, self._keys.tail(conversation), "-", top, limit, reverse=True
+        )
+        recent = [(_seq(entry_id), fields[b"m"]) for entry_id, fields in entries]
+        low = recent[-1][0] if recent else (MAX_SEQ + 1 if below is None else below)
+        if len(recent) == limit or low <= 1:
+            return self._counted(recent, [])
+        older = await self._indexed_before(conversation, low, limit - len(recent))
+        return self._counted(recent, older)
+
+    def _counted(
+        self, tail: list[Message], segments: list[Message], limit: int | None = None
+    ) -> list[Message]:
+        """`tail` and `segments` joined in page order (segments after the tail newest first,
+        before it oldest first, as `limit` says) and counted by tier."""
+        if limit is None:
+            out = tail + segments
+        else:
+            tail = tail[: limit - len(segments)]
+            out = segments + tail
+        metrics.HISTORY_READS.labels("tail").inc(len(tail))
+        if segments:
+            metrics.HISTORY_READS.labels("segment").inc(len(segments))
+        return out
+
+    async def _indexed_before(self, conversation: str, below: int, limit: int) -> list[Message]:
+        """Up to `limit` indexed messages with seq < below, newest first."""
+        out: list[Message] = []
+        retries = 0
+        while len(out) < limit and below > 1:
+            async with self._connect() as conn:
+                rows = await index.blocks_before(conn, conversation, below, ROWS)
+            for row in rows:
+                block = await self._block(row, retry=retries < _RETRIES)
+                if block is None:
+                    retries += 1
+                    break  # compacted away meanwhile: ask the index again from `below`
+                records = block.records
+                for record in reversed(records[: _from(records, below)]):
+                    out.append((record.seq, record.payload))
+                    if len(out) == limit:
+                        return out
+                below = min(below, row.first_seq)
+            else:
+                if len(rows) < ROWS:
+                    return out
+        return out
+
+    async def _indexed_after(
+        self, conversation: str, after: int, upper: int, limit: int
+    ) -> list[Message]:
+        """Up to `limit` indexed messages with after < seq < upper, oldest first."""
+        out: list[Message] = []
+        retries = 0
+        while len(out) < limit and after + 1 < upper:
+            async with self._connect() as conn:
+                rows = await index.blocks_after(conn, conversation, after, ROWS)
+            for row in rows:
+                if row.first_seq >= upper:
+                    return out
+                block = await self._block(row, retry=retries < _RETRIES)
+                if block is None:
+                    retries += 1
+                    break  # compacted away meanwhile: ask the index again from `after`
+                records = block.records
+                for record in records[_from(records, after + 1) :]:
+                    if record.seq >= upper:
+                        return out
+                    out.append((record.seq, record.payload))
+                    if len(out) == limit:
+                        return out
+                after = max(after, row.last_seq)
+            else:
+                if len(rows) < ROWS:
+                    return out
+        return out
+
+    async def _block(self, row: BlockRow, retry: bool = False) -> Block | None:
+        """The decoded block of `row`; None when its object is gone and `retry` allows asking
+        the index again. A corrupt block is a logged 500 whose response names nothing."""
+        try:
+            return await self._blocks.get(row.object_key, row.entry)
+        except StorageError as exc:
+            if exc.s3_code in _GONE:
+                if retry:
+                    return None
+                log.error("history_block_missing", object=row.object_key, offset=row.byte_offset)
+                raise ApplianceError("a stored history block could not be read") from None
+            # S3's detail (endpoint, object) is for the log; once per window in an outage.
+            _STORAGE_LOG(
+                log.warning,
+                "history_storage_unavailable",
+                exc.operation,
+                operation=exc.operation,
+                error=exc.message,
+            )
+            raise Unavailable(
+                "s3 is unavailable, retry later", code="storage", headers={"Retry-After": "1"}
+            ) from None
+        except SegmentCorrupt as exc:
+            log.error(
+                "history_block_corrupt",
+                conversation=row.conversation,
+                object=row.object_key,
+                offset=row.byte_offset,
+                at=exc.offset,
+                reason=exc.reason,
+            )
+            raise ApplianceError("a stored history block could not be read") from None
 
 
-async def replay(
-    redis: aioredis.Redis, keys: Keys, conversation: str, after: int, limit: int
-) -> list[tuple[int, bytes]]:
-    """Up to `limit` messages with seq > after, oldest first, as (seq, message JSON)."""
-    entries = await _range(redis, keys.tail(conversation), f"({after}-0", "+", limit)
-    return [(_seq(entry_id), fields[b"m"]) for entry_id, fields in entries]
+def _from(records: list[Record], seq: int) -> int:
+    """The index of the first record with a seq at or above `seq` (records ascend by seq)."""
+    return bisect_left(records, seq, key=_record_seq)
 
 
-async def head(redis: aioredis.Redis, keys: Keys, conversation: str) -> int:
-    """The newest seq (0 when none). Without the counter, the tail's last generated id, which
-    outlives trimming (the newest entry may be gone), as the publish script re-seeds it."""
-    value = await redis.get(keys.seq(conversation))
-    if value is not None:
-        return int(value)
-    try:
-        info = await redis.xinfo_stream(keys.tail(conversation))
-    except ResponseError:  # no such key
-        return 0
-    return _seq(info["last-generated-id"])
+async def _range(
+    redis: aioredis.Redis, key: str, low: str, high: str, count: int, reverse: bool = False
+) -> Entries:
+    """XRANGE/XREVRANGE from `low` to `high` (typed: this client never decodes responses)."""
+    if reverse:
+        return cast(Entries, await redis.xrevrange(key, high, low, count=count))
+    return cast(Entries, await redis.xrange(key, low, high, count=count))

@@ -52,7 +52,7 @@ class AckList(msgspec.Struct):
 
 
 class Page(msgspec.Struct):
-    """The page history.page() writes as bytes."""
+    """The page History.page() writes as bytes."""
 
     messages: list[Message]
     next_cursor: str | None
@@ -134,7 +134,7 @@ async def list_messages(
     await svc.access.require(principal, conversation, "read")
     at = history.position(_number(before, "before"), _number(after, "after"), cursor)
     size = history.DEFAULT_LIMIT if limit is None else history.number(limit, "limit")
-    return json_response(await history.page(svc.redis, svc.keys, conversation, at, size))
+    return json_response(await svc.history.page(conversation, at, size))
 
 
 def _number(text: str | None, field: str) -> int | None:
@@ -153,7 +153,7 @@ async def get_message(
     svc = services(request)
     await svc.access.require(principal, conversation, "read")
     number = history.number(seq, "seq")
-    return json_response(await history.one(svc.redis, svc.keys, conversation, number))
+    return json_response(await svc.history.one(conversation, number))
 
 
 ROUTER = router(

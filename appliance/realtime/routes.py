@@ -22,7 +22,6 @@ from appliance.api.routing import router
 from appliance.api.services import Services
 from appliance.auth.authenticate import bearer
 from appliance.errors import Invalid, known
-from appliance.messages import history
 from appliance.realtime import transport
 from appliance.realtime.presence import Receipt, ReceiptIn, ReceiptKind
 from appliance.realtime.slots import TooManySockets
@@ -70,7 +69,7 @@ async def post_receipt(
     svc = services(request)
     await svc.access.require(principal, conversation, "receipt")
     spec = decode(await request.body(), ReceiptIn)
-    head = await history.head(svc.redis, svc.keys, conversation)
+    head = await svc.history.head(conversation)
     if not 1 <= spec.seq <= head:
         raise Invalid(f"must be between 1 and the head seq {head}", field="seq")
     mark = await svc.presence.receipt(conversation, principal.id, spec.type, spec.seq)

@@ -1,9 +1,10 @@
 """The WebSocket `/v1/stream`: subscriptions with resume, replay-then-live, pings, slow consumers.
 
 No gap and no duplicate at the seam: a subscription joins the channel first (frames arriving
-from then on are held), then reads the tail after its resume point, then releases the held frames
+from then on are held), then reads what was published after its resume point (History.replay:
+segments in S3 for what the tail no longer holds, then the tail), then releases the held frames
 with a seq above what it sent. A frame whose seq skips ahead (a frame lost while the hub's
-connection was down) sends the subscription back to the tail for the missing range.
+connection was down) sends the subscription back to history for the missing range.
 """
 
 from __future__ import annotations
@@ -22,7 +23,6 @@ from appliance.api.body import parse
 from appliance.auth.principal import Principal
 from appliance.errors import OUTAGES, ApplianceError, Unavailable, known
 from appliance.logthrottle import Throttle
-from appliance.messages import history
 
 if TYPE_CHECKING:
     from litestar import WebSocket
@@ -52,6 +52,8 @@ CLOSE_TRY_AGAIN = 1013  # a dependency is away: reconnect later
 CLOSE_GOING_AWAY = 1001  # the api is stopping: reconnect (to another instance)
 CLOSE_TOO_BIG = 1009  # a frame over [realtime] max_frame_bytes, or one granian refused
 REPLAY_PAGE = 500
+# What a catch-up in the background waits out: Redis, PostgreSQL or S3 away (StorageError).
+_RECOVERABLE: tuple[type[Exception], ...] = (*OUTAGES, Unavailable)
 REPLAY_AHEAD = 200  # replayed frames queued ahead of the socket at most
 
 
@@ -139,34 +141,34 @@ class Subscription:
             self.stale = True
 
     async def recover(self) -> None:
-        """`catch_up` after a gap or a hub reconnect, retried while Redis is still away (the
-        pool's connections may be stale just after a restart): the socket lives on."""
+        """`catch_up` after a gap or a hub reconnect, retried while Redis (or PostgreSQL and S3,
+        for a range the tail no longer holds) is still away (the pool's connections may be stale
+        just after a restart): the socket lives on."""
         delay = 0.1
         while self.current:
             try:
                 return await self.catch_up(resynced=True)
-            except OUTAGES as exc:
+            except _RECOVERABLE as exc:
                 log.warning("stream_catch_up_failed", error=str(exc), retry_in=delay)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 5.0)
 
     async def catch_up(self, resynced: bool = False) -> None:
-        """Send what the tail has after `last`, then the held frames, then go live. Messages the
-        tail no longer has end the subscription with `resume_too_old`, and a head gone below
-        `last` after a resync with `seq_reset`: never a silent gap."""
+        """Send what history has after `last` (segments, then the tail), then the held frames,
+        then go live. Messages no tier holds any more (past retention, or lost with Redis) end
+        the subscription with `resume_too_old`, and a head gone below `last` after a resync
+        with `seq_reset`: never a silent gap."""
         svc = self.session.svc
         gap = False
         while self.current:
             resynced = resynced or self.stale
             self.stale = False
             while True:
-                entries = await history.replay(
-                    svc.redis, svc.keys, self.conversation, self.last, REPLAY_PAGE
-                )
+                entries = await svc.history.replay(self.conversation, self.last, REPLAY_PAGE)
                 if (entries and entries[0][0] > self.last + 1) or (gap and not entries):
                     return await self.lost()
                 if resynced and not entries and not gap:
-                    head = await history.head(svc.redis, svc.keys, self.conversation)
+                    head = await svc.history.head(self.conversation)
                     if head < self.last:
                         return await self.reset(head)
                 for seq, message in entries:
@@ -193,8 +195,8 @@ class Subscription:
     async def lost(self) -> None:
         await self._end(
             "resume_too_old",
-            f"messages after seq {self.last} are no longer in the recent tail: page the "
-            "history over HTTP, then resubscribe with a newer since",
+            f"messages after seq {self.last} are no longer kept (past retention, or lost): "
+            "page the history over HTTP, then resubscribe with a newer since",
             self.last,
         )
 
@@ -389,7 +391,7 @@ class Session:
         svc, conversation = self.svc, sub.conversation
         # Read before joining: every seq the channel brings from the join on is above it. (A
         # client knows of a seq only once it was published, so `since` is never above it.)
-        head = sub.floor = await history.head(svc.redis, svc.keys, conversation)
+        head = sub.floor = await svc.history.head(conversation)
         await svc.hub.join(svc.keys.channel(conversation), sub)
         if svc.access.generation != generation:
             # Access changed while it was checked: from here on a change rechecks this
