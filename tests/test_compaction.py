@@ -150,7 +150,10 @@ async def spread(res: Resources, day: date, conversations: list[str], cuts: int)
     return sent
 
 
-async def test_a_day_becomes_one_history_object(res: Resources) -> None:
+async def test_a_day_becomes_one_history_object(
+    res: Resources, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(compact, "OBJECTS_PER_QUERY", 4)  # rows read in two batches
     day = await today(res) - timedelta(days=3)
     conversations = [f"c-{uuid.uuid4().hex[:6]}-{i}" for i in range(5)] + ["zé", "z€", "Z"]
     sent = await spread(res, day, conversations, cuts=6)
@@ -482,8 +485,27 @@ async def test_rows_indexed_into_a_compacted_day_are_left_and_reported(res: Reso
         counts = await compact.compact_day(res, day)
 
     assert counts["skipped"] == 1 and counts["days"] == 0
-    assert [e["rows"] for e in logs if e["event"] == "compaction_late_rows"] == [1]
+    assert [e["objects"] for e in logs if e["event"] == "compaction_late_rows"] == [1]
     assert await flush_row_count(res, day) == 1
     assert await res.storage.size(store.history_key(day)) == size
     rows, records = await history(res, conversation, ("history", "flush"))
     assert [r.tier for r in rows] == ["history", "flush"] and [r.seq for r in records] == [1, 2]
+
+
+async def test_an_object_shared_with_another_day_is_kept_until_that_day(res: Resources) -> None:
+    day = await today(res) - timedelta(days=3)
+    first, second = f"a-{uuid.uuid4().hex[:6]}", f"b-{uuid.uuid4().hex[:6]}"
+    key = await flush(res, day, [(first, [message(first, 1)]), (second, [message(second, 1)])])
+    async with res.connection() as conn:
+        await conn.execute("SELECT appliance_ensure_flush_partition(%s)", (day + timedelta(1),))
+        await conn.execute(
+            "UPDATE segment_blocks SET period = period + 1 WHERE conversation = %s", (second,)
+        )
+
+    assert (await compact.compact_day(res, day))["flush_objects_deleted"] == 0
+    assert await flush_objects(res) == [key]
+    assert await scalar(res, "SELECT count(*) FROM segment_garbage") == 0
+    assert (await compact.compact_day(res, day + timedelta(1)))["flush_objects_deleted"] == 1
+    assert await flush_objects(res) == []
+    assert [r.seq for r in (await history(res, first))[1]] == [1]
+    assert [r.seq for r in (await history(res, second))[1]] == [1]

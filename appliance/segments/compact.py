@@ -5,23 +5,27 @@ block per conversation (split when a conversation's day passes `MAX_HISTORY_BLOC
 bytes, so a reader's ranged GET stays bounded), one history row per block, then drops the day's
 flush partition whole. It streams:
 
-1. Read the day's flush rows; GET each flush object once, in turn, and append each indexed
-   block's bytes (still compressed) to a local spool file (`tempfile`, so `TMPDIR` decides
-   where), keeping only a map conversation -> [(spool offset, length, row)] in memory.
+1. List the day's flush objects; read their rows a few objects at a time (short queries),
+   GET each object once, in turn, and append each indexed block's bytes (still compressed,
+   after its row's fields) to a local spool file (`tempfile`, so `TMPDIR` decides where),
+   keeping in memory only, per conversation, two arrays (first seqs, places in the file).
 2. For each conversation in code-point order, read back its spooled blocks in seq order, decode
    and check each against its row (`decode_block(..., expect=row.entry)`: a damaged object
    raises `SegmentCorrupt`, the upload is aborted and the day stays as it was), and write the
    records through `store.StreamedSegment` (multipart parts of `store.PART_BYTES`).
-3. One transaction (the swap), with a short `lock_timeout`: insert the history rows, lock the
-   day's flush rows and check they are exactly those compacted (count, records, object keys;
-   a late flush makes the whole day be redone), drop the day's partition, delete the day's rows
-   of the default partition, record `segment_compactions` and put the flush objects' keys in
-   `segment_garbage`.
+3. One transaction (the swap), with a short `lock_timeout`: lock the day's flush rows against
+   writers (readers go on) and check they are exactly those compacted (count, records, object
+   keys; a late flush makes the whole day be redone), insert the history rows, drop the day's
+   partition (this takes an ACCESS EXCLUSIVE lock, so readers wait for the commit, a few
+   milliseconds), delete the day's rows of the default partition, record
+   `segment_compactions` and put the flush objects' keys in `segment_garbage`.
 4. After the commit, delete the garbage objects (`Storage.delete_many`), then their rows.
 
 Bounds: memory is about one flush object (the flusher's `[segments] max_bytes`, compressed),
-one multipart part and one history block with its decoded records (`MAX_HISTORY_BLOCK_RAW`
-plus one flush block); local disk is the day's compressed block bytes, freed at the end.
+one multipart part (PART_BYTES plus the block that filled it), one history block with its
+decoded records (`MAX_HISTORY_BLOCK_RAW` plus one flush block), the rows of OBJECTS_PER_QUERY
+flush objects and 16 bytes per flush row; local disk is the day's compressed block bytes
+(plus 52 bytes a block), freed at the end.
 
 Crash safety: the history key is fixed by the day, so a rerun after a crash at any point redoes
 the work and overwrites the same object, which no row references before the swap commits. A day
@@ -38,8 +42,10 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import struct
 import tempfile
 import time
+from array import array
 from collections.abc import Awaitable, Callable, Sequence
 from datetime import date
 from typing import IO, Any
@@ -152,25 +158,27 @@ async def _compact_locked(
     cur = await conn.execute("SELECT 1 FROM segment_compactions WHERE period = %s", (day,))
     if await cur.fetchone() is not None:
         counts["skipped"] = 1
-        late = await _flush_rows(conn, day)
+        late = await _flush_keys(conn, day)
         if late:
             # Never rewritten: the day's history rows point into its object. Readers still
             # find these rows; an operator has to look (a flush indexed long past its day).
-            log.warning("compaction_late_rows", day=day.isoformat(), rows=len(late))
+            log.warning("compaction_late_rows", day=day.isoformat(), objects=len(late))
         counts["flush_objects_deleted"] = await collect_garbage(conn, res.storage)
         return
     for attempt in range(1, REDO_ATTEMPTS + 1):
-        rows = await _flush_rows(conn, day)
-        if not rows:
+        keys = await _flush_keys(conn, day)
+        if not keys:
             counts["skipped"] = 1
             return
         key = store.history_key(day)
-        with tempfile.TemporaryFile(prefix="compact-") as spool:
-            plan = await _spool(res.storage, rows, spool)
-            entries, size = await _write_history(res.storage, key, plan, spool, max_block_raw)
+        with tempfile.TemporaryFile(prefix="compact-") as file:
+            spool = Spool(file, keys)
+            await _spool(conn, res.storage, day, spool)
+            entries, size = await _write_history(res.storage, key, spool, max_block_raw)
         _crash_point("after_upload")
+        expected = (spool.rows, spool.records, keys)
         try:
-            flush_keys = await _swap(conn, day, key, rows, entries, size, before_swap, attempt)
+            flush_keys = await _swap(conn, day, key, expected, entries, size, before_swap, attempt)
         except _Changed:
             counts["redone"] += 1
             log.info("compaction_redo", day=day.isoformat(), attempt=attempt)
@@ -198,54 +206,93 @@ async def _compact_locked(
     log.warning("compaction_deferred", day=day.isoformat(), reason="flush rows kept changing")
 
 
-async def _flush_rows(conn: Conn, day: date) -> list[BlockRow]:
-    async with conn.cursor(row_factory=class_row(BlockRow)) as cur:
-        await cur.execute(
-            f"""SELECT {_COLUMNS} FROM segment_blocks
-                 WHERE tier = 'flush' AND period = %s
-                 ORDER BY object_key, byte_offset""",
-            (day,),
-        )
-        return await cur.fetchall()
+async def _flush_keys(conn: Conn, day: date) -> list[str]:
+    """The flush objects the day's rows point into."""
+    cur = await conn.execute(
+        "SELECT DISTINCT object_key FROM segment_blocks"
+        " WHERE tier = 'flush' AND period = %s ORDER BY object_key",
+        (day,),
+    )
+    return [str(r[0]) for r in await cur.fetchall()]
 
 
-Plan = dict[str, list[tuple[int, BlockRow]]]  # conversation -> [(spool offset, row)]
+class Spool:
+    """The day's indexed blocks, still compressed, in a local temporary file, each after a
+    SPOOL_HEAD giving its object (an index into `keys`) and its index row's fields. In memory
+    per block: two array slots (its first seq, its place in the file), so a day of a million
+    flush rows needs about 16 MB besides the conversations' names."""
+
+    def __init__(self, file: IO[bytes], keys: list[str]) -> None:
+        self.file = file
+        self.keys = keys
+        self.plan: dict[str, tuple[array[int], array[int]]] = {}  # conversation -> firsts, at
+        self.rows = 0
+        self.records = 0
+
+    def add(self, key_index: int, row: BlockRow, block: bytes) -> None:
+        e = row.entry
+        at = self.file.tell()
+        fields = (e.offset, e.length, e.count, e.first_seq, e.last_seq, e.min_ts, e.max_ts)
+        self.file.write(SPOOL_HEAD.pack(key_index, *fields) + block)
+        firsts, places = self.plan.setdefault(e.conversation, (array("q"), array("q")))
+        firsts.append(e.first_seq)
+        places.append(at)
+        self.rows += 1
+        self.records += e.count
+
+    def blocks(self, conversation: str) -> list[int]:
+        """Where the conversation's blocks are in the file, in seq order."""
+        firsts, places = self.plan[conversation]
+        return [places[i] for i in sorted(range(len(firsts)), key=firsts.__getitem__)]
+
+    def records_at(self, conversation: str, at: int) -> list[Record]:
+        """The block spooled at `at`, decoded and checked against its index row (a damaged
+        flush object raises SegmentCorrupt naming it)."""
+        self.file.seek(at)
+        key_index, *fields = SPOOL_HEAD.unpack(self.file.read(SPOOL_HEAD.size))
+        entry = BlockEntry(conversation, *fields)
+        data = self.file.read(entry.length)
+        return decode_block(data, self.keys[key_index], entry.offset, expect=entry).records
 
 
-async def _spool(storage: Storage, rows: Sequence[BlockRow], spool: IO[bytes]) -> Plan:
-    """GET each flush object once (rows come grouped by object) and spool its indexed blocks."""
-    plan: Plan = {}
-    data, data_key = b"", None
-    for row in rows:
-        if row.object_key != data_key:
-            data, data_key = await storage.get(row.object_key), row.object_key
-        at = spool.tell()
-        # A short slice (object truncated) is caught by decode_block when read back.
-        await asyncio.to_thread(
-            spool.write, data[row.byte_offset : row.byte_offset + row.byte_length]
-        )
-        plan.setdefault(row.conversation, []).append((at, row))
-    return plan
+SPOOL_HEAD = struct.Struct("<IQIIQQQQ")  # object, then offset, length, count, seqs, tss
+OBJECTS_PER_QUERY = 64  # flush objects whose rows one query reads (the rows are held at once)
 
 
-def _read_block(spool: IO[bytes], at: int, row: BlockRow) -> list[Record]:
-    spool.seek(at)
-    data = spool.read(row.byte_length)
-    return decode_block(data, row.object_key, row.byte_offset, expect=row.entry).records
+async def _spool(conn: Conn, storage: Storage, day: date, spool: Spool) -> None:
+    """GET each flush object once and spool its indexed blocks. Rows are read a few objects at
+    a time (short queries, a bounded batch in memory), never the whole day at once."""
+    for start in range(0, len(spool.keys), OBJECTS_PER_QUERY):
+        group = spool.keys[start : start + OBJECTS_PER_QUERY]
+        async with conn.cursor(row_factory=class_row(BlockRow)) as cur:
+            await cur.execute(
+                f"""SELECT {_COLUMNS} FROM segment_blocks
+                     WHERE tier = 'flush' AND period = %s AND object_key = ANY(%s)
+                     ORDER BY object_key, byte_offset""",
+                (day, group),
+            )
+            rows = await cur.fetchall()
+        data, data_key = b"", ""
+        for row in rows:
+            if row.object_key != data_key:
+                data, data_key = await storage.get(row.object_key), row.object_key
+            # A short slice (object truncated) is caught when the block is decoded.
+            block = data[row.byte_offset : row.byte_offset + row.byte_length]
+            await asyncio.to_thread(spool.add, start + group.index(row.object_key), row, block)
 
 
 async def _write_history(
-    storage: Storage, key: str, plan: Plan, spool: IO[bytes], max_block_raw: int
+    storage: Storage, key: str, spool: Spool, max_block_raw: int
 ) -> tuple[list[BlockEntry], int]:
     """One history object from the spooled blocks: per conversation (code-point order) its
     records in seq order, cut into blocks of at most `max_block_raw` raw bytes. Its directory
     and size."""
     async with store.StreamedSegment(storage, key) as segment:
-        for conversation in sorted(plan):
+        for conversation in sorted(spool.plan):
             pending: list[Record] = []
             raw = 0
-            for at, row in sorted(plan[conversation], key=lambda p: p[1].first_seq):
-                for record in await asyncio.to_thread(_read_block, spool, at, row):
+            for at in spool.blocks(conversation):
+                for record in await asyncio.to_thread(spool.records_at, conversation, at):
                     size = 20 + len(record.payload)  # the record's head and payload
                     if pending and raw + size > max_block_raw:
                         await segment.add_block(conversation, pending)
@@ -262,7 +309,7 @@ async def _swap(
     conn: Conn,
     day: date,
     key: str,
-    rows: Sequence[BlockRow],
+    expected: tuple[int, int, list[str]],
     entries: Sequence[BlockEntry],
     size: int,
     before_swap: BeforeSwap | None,
@@ -270,8 +317,7 @@ async def _swap(
 ) -> list[str] | None:
     """The swap transaction, retried on lock timeouts; the flush keys let go of, or None when
     locks kept it from committing SWAP_ATTEMPTS times. Raises _Changed on a late flush."""
-    flush_keys = sorted({r.object_key for r in rows})
-    expected = (len(rows), sum(r.records for r in rows), flush_keys)
+    flush_keys = expected[2]
     for tries in range(1, SWAP_ATTEMPTS + 1):
         if before_swap is not None:
             await before_swap(attempt)
@@ -313,8 +359,21 @@ async def _swap_once(
         (day,),
     )
     found = await cur.fetchone()
-    if found is None or (int(found[0]), int(found[1]), list(found[2])) != expected:
+    # Keys compared as sets: their order is the database collation's.
+    if found is None or (int(found[0]), int(found[1]), set(found[2])) != (
+        expected[0],
+        expected[1],
+        set(expected[2]),
+    ):
         raise _Changed
+    # A flush object is indexed once, on one day; should rows of another day still point into
+    # one of these objects, it is not garbage yet (it goes with that day).
+    cur = await conn.execute(
+        "SELECT DISTINCT object_key FROM segment_blocks"
+        " WHERE tier = 'flush' AND period <> %s AND object_key = ANY(%s)",
+        (day, expected[2]),
+    )
+    shared = {str(r[0]) for r in await cur.fetchall()}
     # Rows left by nothing we know of (the day has no compaction row), but never duplicated.
     await conn.execute("DELETE FROM segment_blocks WHERE tier = 'history' AND period = %s", (day,))
     await conn.execute(
@@ -350,7 +409,7 @@ async def _swap_once(
     await conn.execute(
         "INSERT INTO segment_garbage (object_key) SELECT unnest(%s::text[])"
         " ON CONFLICT (object_key) DO NOTHING",
-        (expected[2],),
+        ([k for k in expected[2] if k not in shared],),
     )
 
 
