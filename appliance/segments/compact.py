@@ -40,13 +40,14 @@ or `after_swap`, kills this process with SIGKILL at that step. Production never 
 from __future__ import annotations
 
 import asyncio
+import itertools
 import os
 import signal
 import struct
 import tempfile
 import time
 from array import array
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from datetime import date
 from typing import IO, Any
 
@@ -59,7 +60,7 @@ from appliance import metrics
 from appliance.db.pool import connect
 from appliance.resources import Resources
 from appliance.segments import store
-from appliance.segments.format import BlockEntry, Record, decode_block
+from appliance.segments.format import RECORD_HEAD, BlockEntry, Record, decode_block
 from appliance.segments.index import BlockRow
 from appliance.storage import Storage
 
@@ -229,30 +230,43 @@ class Spool:
         self.rows = 0
         self.records = 0
 
-    def add(self, key_index: int, row: BlockRow, block: bytes) -> None:
-        e = row.entry
-        at = self.file.tell()
-        fields = (e.offset, e.length, e.count, e.first_seq, e.last_seq, e.min_ts, e.max_ts)
-        self.file.write(SPOOL_HEAD.pack(key_index, *fields) + block)
-        firsts, places = self.plan.setdefault(e.conversation, (array("q"), array("q")))
-        firsts.append(e.first_seq)
-        places.append(at)
-        self.rows += 1
-        self.records += e.count
+    def add(self, key_index: int, rows: Sequence[BlockRow], data: bytes) -> None:
+        """Spool the blocks of one flush object (`data`) that `rows` index."""
+        for row in rows:
+            e = row.entry
+            at = self.file.tell()
+            fields = (e.offset, e.length, e.count, e.first_seq, e.last_seq, e.min_ts, e.max_ts)
+            self.file.write(SPOOL_HEAD.pack(key_index, *fields))
+            # A short slice (object truncated) is caught when the block is decoded.
+            self.file.write(data[e.offset : e.offset + e.length])
+            firsts, places = self.plan.setdefault(e.conversation, (array("q"), array("q")))
+            firsts.append(e.first_seq)
+            places.append(at)
+            self.rows += 1
+            self.records += e.count
 
-    def blocks(self, conversation: str) -> list[int]:
-        """Where the conversation's blocks are in the file, in seq order."""
+    def blocks(self, conversation: str, max_raw: int) -> Iterator[list[Record]]:
+        """The conversation's records in seq order, in runs of at most `max_raw` raw bytes
+        (a record larger than that alone), each spooled block decoded and checked against
+        its index row (a damaged flush object raises SegmentCorrupt naming it)."""
         firsts, places = self.plan[conversation]
-        return [places[i] for i in sorted(range(len(firsts)), key=firsts.__getitem__)]
-
-    def records_at(self, conversation: str, at: int) -> list[Record]:
-        """The block spooled at `at`, decoded and checked against its index row (a damaged
-        flush object raises SegmentCorrupt naming it)."""
-        self.file.seek(at)
-        key_index, *fields = SPOOL_HEAD.unpack(self.file.read(SPOOL_HEAD.size))
-        entry = BlockEntry(conversation, *fields)
-        data = self.file.read(entry.length)
-        return decode_block(data, self.keys[key_index], entry.offset, expect=entry).records
+        pending: list[Record] = []
+        raw = 0
+        for i in sorted(range(len(firsts)), key=firsts.__getitem__):
+            self.file.seek(places[i])
+            key_index, *fields = SPOOL_HEAD.unpack(self.file.read(SPOOL_HEAD.size))
+            entry = BlockEntry(conversation, *fields)
+            data = self.file.read(entry.length)
+            block = decode_block(data, self.keys[key_index], entry.offset, expect=entry)
+            for record in block.records:
+                size = RECORD_HEAD.size + len(record.payload)
+                if pending and raw + size > max_raw:
+                    yield pending
+                    pending, raw = [], 0
+                pending.append(record)
+                raw += size
+        if pending:
+            yield pending
 
 
 SPOOL_HEAD = struct.Struct("<IQIIQQQQ")  # object, then offset, length, count, seqs, tss
@@ -272,13 +286,9 @@ async def _spool(conn: Conn, storage: Storage, day: date, spool: Spool) -> None:
                 (day, group),
             )
             rows = await cur.fetchall()
-        data, data_key = b"", ""
-        for row in rows:
-            if row.object_key != data_key:
-                data, data_key = await storage.get(row.object_key), row.object_key
-            # A short slice (object truncated) is caught when the block is decoded.
-            block = data[row.byte_offset : row.byte_offset + row.byte_length]
-            await asyncio.to_thread(spool.add, start + group.index(row.object_key), row, block)
+        for key, mine in itertools.groupby(rows, key=lambda r: r.object_key):
+            data = await storage.get(key)
+            await asyncio.to_thread(spool.add, start + group.index(key), list(mine), data)
 
 
 async def _write_history(
@@ -289,18 +299,11 @@ async def _write_history(
     and size."""
     async with store.StreamedSegment(storage, key) as segment:
         for conversation in sorted(spool.plan):
-            pending: list[Record] = []
-            raw = 0
-            for at in spool.blocks(conversation):
-                for record in await asyncio.to_thread(spool.records_at, conversation, at):
-                    size = 20 + len(record.payload)  # the record's head and payload
-                    if pending and raw + size > max_block_raw:
-                        await segment.add_block(conversation, pending)
-                        pending, raw = [], 0
-                    pending.append(record)
-                    raw += size
-            if pending:
-                await segment.add_block(conversation, pending)
+            runs = spool.blocks(conversation, max_block_raw)
+            # One thread hop per history block: decoding many small flush blocks one hop each
+            # spent more time in hops than in zstd.
+            while (records := await asyncio.to_thread(next, runs, None)) is not None:
+                await segment.add_block(conversation, records)
         entries = await segment.finish()
         return entries, segment.size
 
