@@ -24,7 +24,8 @@ flush partition whole. It streams:
 Bounds: memory is about one flush object (the flusher's `[segments] max_bytes`, compressed),
 one multipart part (PART_BYTES plus the block that filled it), one history block with its
 decoded records (`MAX_HISTORY_BLOCK_RAW` plus one flush block), the rows of OBJECTS_PER_QUERY
-flush objects and 16 bytes per flush row; local disk is the day's compressed block bytes
+flush objects, 16 bytes per flush row and a directory entry per history block (the footer
+needs them); local disk is the day's compressed block bytes
 (plus 52 bytes a block), freed at the end.
 
 Crash safety: the history key is fixed by the day, so a rerun after a crash at any point redoes
