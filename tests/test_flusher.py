@@ -287,6 +287,7 @@ async def test_tail_keeps_tail_max_and_everything_not_indexed(
         # Its entries stay pending for the next owner, which flushes them.
         async with res.connection() as conn:
             await conn.execute("UPDATE segment_shards SET owner = NULL, lease_until = now()")
+        await fenced.release()
         await flush_pending(res)
         assert await durable_and_tail(res, c) == list(range(1, 41))
         assert await tail_seqs(res, c) == [36, 37, 38, 39, 40]
@@ -462,3 +463,21 @@ async def test_flush_pending_refuses_shards_held_elsewhere(
         await conn.execute("UPDATE segment_shards SET owner = 'x', lease_until = 'infinity'")
     with pytest.raises(RuntimeError, match="held by another flusher"):
         await flush_pending(res)
+
+
+async def test_a_newcomer_gets_a_fair_share(env: tuple[dict[str, Any], Resources]) -> None:
+    _, res = env
+    first, second = Flusher(res), Flusher(res)
+    await first.start()
+    await first.claim()
+    assert first.owned == {0, 1, 2, 3}
+    await second.claim()  # seen alive, but every lease is held
+    assert second.owned == set()
+    await first.claim()  # hands the shards above its share over
+    await second.claim()
+    assert len(first.owned) == len(second.owned) == 2
+    assert not first.owned & second.owned
+    await first.release()  # a clean stop: the other takes them at its next claim
+    await second.claim()
+    assert second.owned == {0, 1, 2, 3}
+    await second.release()

@@ -159,6 +159,7 @@ class Flusher:
         self._ready: set[int] = set()  # owned shards whose consumer group is known to exist
         self._cursor: dict[int, str] = {}  # "0-0"-style while re-reading pending, then ">"
         self._buffers: dict[int, _Buffer] = {}
+        self._entry_bytes = 256.0  # moving average of an entry's payload size
         self._valid_until = 0.0  # monotonic time the leases last to, as far as we know
         self._partitions: date | None = None
         self._trim_tail = res.redis.register_script(_TRIM_TAIL)
@@ -221,13 +222,14 @@ class Flusher:
         and the leases then last what they last (the next claim tries again)."""
         started = time.monotonic()
         today = datetime.now(UTC).date()
+        peers = await self._peers()
         try:
             async with self.res.connection() as conn:
                 if today != self._partitions:
                     await index.ensure_flush_partitions(conn, today)
                     self._partitions = today
                 mine = await index.claim_shards(
-                    conn, self.owner, self.ttl, self.config.segments.shards
+                    conn, self.owner, self.ttl, self.config.segments.shards, peers
                 )
         except _FAILURES as exc:
             self._failed("claim", exc)
@@ -244,6 +246,27 @@ class Flusher:
         if gained:
             log.info("shards_claimed", owner=self.owner, shards=sorted(gained), owned=len(held))
         await self._ensure_groups()
+
+    @property
+    def _presence(self) -> str:
+        # TODO(lead): belongs in redis_keys.Keys (one place for key names) as `flushers()`.
+        return f"{self.res.keys.prefix}:flushers"
+
+    async def _peers(self) -> int:
+        """Other flushers alive, from a sorted set of owners scored by when they stop counting
+        (each renews its own at every claim); 0 when Redis does not answer (the leases table
+        still counts those that own shards)."""
+        now = time.time()
+        pipe = self.res.redis.pipeline(transaction=True)
+        pipe.zremrangebyscore(self._presence, "-inf", now)
+        pipe.zadd(self._presence, {self.owner: now + self.ttl})
+        pipe.zcard(self._presence)
+        try:
+            replies = await pipe.execute()
+        except _FAILURES as exc:
+            self._failed("presence", exc)
+            return 0
+        return max(0, int(replies[-1]) - 1)
 
     def _drop(self, shard: int) -> None:
         """Forget a shard another flusher owns now: its buffer is never cut, acknowledged or
@@ -304,7 +327,7 @@ class Flusher:
                 GROUP,
                 CONSUMER,
                 streams,
-                count=READ_COUNT,
+                count=self._count(len(shards)),
                 block=max(1, int(block * 1000)) if waits and block is not None else None,
             )
         except ResponseError as exc:
@@ -338,9 +361,13 @@ class Flusher:
             if shard not in self.owned:
                 continue  # lost while the read was out
             buffer = self._buffers.setdefault(shard, _Buffer())
+            before = buffer.size
             for entry_id, fields in entries:
                 buffer.add(entry_id, fields)
             count += len(entries)
+            if entries:  # a moving average of entry sizes: what the next reads ask for
+                size = (buffer.size - before) / len(entries)
+                self._entry_bytes = max(64.0, 0.7 * self._entry_bytes + 0.3 * size)
         return count
 
     async def read_available(self) -> int:
@@ -354,6 +381,13 @@ class Flusher:
             if got == 0 and new_only:
                 break
         return total
+
+    def _count(self, streams: int) -> int:
+        """Entries to ask of each stream: what fits in the room left below max_bytes at the
+        average entry size seen so far, so a read overshoots max_bytes by little (memory stays
+        near max_bytes however large the messages)."""
+        room = max(0, self.config.segments.max_bytes - self.buffered)
+        return max(1, min(READ_COUNT, int(room / (self._entry_bytes * streams))))
 
     @property
     def buffered(self) -> int:
@@ -559,6 +593,7 @@ class Flusher:
             async with asyncio.timeout(2.0):
                 async with self.res.connection() as conn:
                     await index.release_shards(conn, self.owner)
+            await self.res.redis.zrem(self._presence, self.owner)
         except _RELEASE_FAILURES as exc:
             log.warning("flush_release_failed", error=type(exc).__name__)
             return

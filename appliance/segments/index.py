@@ -103,9 +103,15 @@ async def ensure_shards(conn: Conn, shards: int) -> None:
             )
 
 
-async def claim_shards(conn: Conn, owner: str, ttl: float, shards: int) -> list[int]:
+async def claim_shards(
+    conn: Conn, owner: str, ttl: float, shards: int, peers: int = 0
+) -> list[int]:
     """Renew `owner`'s leases and take expired shards up to a fair share (the shards divided
-    by the live owners), releasing any above it; the shards `owner` holds afterwards."""
+    by the live owners), releasing any above it; the shards `owner` holds afterwards.
+
+    `peers` is how many other flushers are alive by another account (the flusher keeps one in
+    Redis): a flusher that holds no shard yet is invisible here, so without it an owner of
+    every shard would never hand any over to a newcomer."""
     async with conn.transaction():
         await conn.execute(
             "UPDATE segment_shards SET lease_until = now() + make_interval(secs => %s)"
@@ -118,7 +124,7 @@ async def claim_shards(conn: Conn, owner: str, ttl: float, shards: int) -> list[
             (owner,),
         )
         row = await cur.fetchone()
-        others = int(row[0]) if row else 0
+        others = max(int(row[0]) if row else 0, peers)
         share = math.ceil(shards / (others + 1))
         cur = await conn.execute(
             "SELECT shard FROM segment_shards WHERE owner = %s ORDER BY shard", (owner,)
