@@ -355,11 +355,11 @@ class Flusher:
         count = 0
         for shard in shards:
             entries = got.get(shard, [])
+            if shard not in self.owned or shard not in self._cursor:
+                continue  # lost while the read was out (the lease task dropped it)
             if self._cursor[shard] != ">":
                 # Re-reading pending entries: page on, or switch to new ones when done.
                 self._cursor[shard] = entries[-1][0].decode() if entries else ">"
-            if shard not in self.owned:
-                continue  # lost while the read was out
             buffer = self._buffers.setdefault(shard, _Buffer())
             before = buffer.size
             for entry_id, fields in entries:
