@@ -351,6 +351,36 @@ async def test_redis_flushall_recreates_the_group(
         assert await durable_and_tail(res, c) == list(range(1, 11))
 
 
+async def test_redis_outage_is_retried_and_flushing_resumes(
+    settings: dict[str, Any],
+    fresh_database: Callable[[], str],
+    private_redis: tuple[int, Callable[[], None], Callable[[], None]],
+) -> None:
+    port, start, kill = private_redis
+    dsn = fresh_database()
+    await migrated_db(dsn)
+    flush_settings(settings, dsn)
+    settings["redis"]["url"] = f"redis://127.0.0.1:{port}/0"
+    settings["redis"]["connect_timeout"] = 1.0
+    async with opened(settings) as res:
+        c = unique("c")
+        async with running(res):
+            await publish(res, c, 3)
+            await eventually(lambda: flushed(res, c, 3), "the first flush")
+            errors = sample("appliance_flush_errors_total", {"dependency": "redis"})
+            await asyncio.to_thread(kill)
+            await eventually(
+                lambda: asyncio.sleep(
+                    0, sample("appliance_flush_errors_total", {"dependency": "redis"}) > errors
+                ),
+                "a Redis failure counted",
+            )
+            await asyncio.to_thread(start)  # empty: the group is made again
+            assert await publish(res, c, 3) == [4, 5, 6]
+            await eventually(lambda: flushed(res, c, 6), "flushing after the outage")
+        assert await durable_and_tail(res, c) == list(range(1, 7))
+
+
 @pytest.fixture
 def private_s3(tmp_path: Path) -> Iterator[tuple[str, Callable[[], None], Callable[[], None]]]:
     """A moto server of this test's own: (endpoint, start, stop). A restart loses its data."""

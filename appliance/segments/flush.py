@@ -459,6 +459,10 @@ class Flusher:
         for shard, buffer in taken.items():
             if self._buffers.get(shard) is buffer:
                 del self._buffers[shard]
+            if shard in self._cursor:
+                # Look at the pending entries again: normally none are left, but a previous
+                # owner that had not yet noticed losing the shard may have read some.
+                self._cursor[shard] = "0-0"
         self.stats.cuts += 1
         self.stats.records += records
         duration = time.monotonic() - started
