@@ -142,6 +142,10 @@ class Keys:
     def ingest_of(self, conversation: str) -> str:
         return self.ingest(shard_of(conversation, self.shards))
 
+    def flushers(self) -> str:
+        """Live flushers, scored by when each stops counting (shard fair shares)."""
+        return f"{self.prefix}:flushers"
+
     def heartbeat_prefix(self) -> str:
         return f"{self.prefix}:hb:"
 

@@ -249,8 +249,7 @@ class Flusher:
 
     @property
     def _presence(self) -> str:
-        # TODO(lead): belongs in redis_keys.Keys (one place for key names) as `flushers()`.
-        return f"{self.res.keys.prefix}:flushers"
+        return self.res.keys.flushers()
 
     async def _peers(self) -> int:
         """Other flushers alive, from a sorted set of owners scored by when they stop counting
