@@ -41,7 +41,7 @@ from appliance.messages.publish import Publisher
 from appliance.realtime.stream import Session
 from appliance.resources import Resources, open_resources
 from appliance.segments import index
-from appliance.segments.format import HEADER
+from appliance.segments.format import HEADER, Record, decode_segment, encode_segment
 from tests import tiers
 from tests.messaging import bearer, issue_key, unique
 from tests.support import free_port, port_open, wait_for
@@ -342,6 +342,17 @@ async def test_the_block_cache_keeps_its_budget_and_single_flights_misses(
     tiny = BlockCache(tiered.storage, sizes[3] - 1)
     big = await tiny.get(rows[3].object_key, rows[3].entry)
     assert len(big.records) == 12 and len(tiny) == 0 and tiny.size == 0
+    # An object written again under its key: the kept block is not the indexed one, read anew.
+    first = min(rows, key=lambda r: r.byte_offset)
+    again = BlockCache(tiered.storage, 10**9)
+    await again.get(first.object_key, first.entry)
+    rewritten, _ = encode_segment([("other", [Record(1, 0, b'{"seq":1}')])])
+    await tiered.storage.put(first.object_key, rewritten)
+    (block,) = decode_segment(rewritten, first.object_key)
+    assert block.entry.offset == first.byte_offset  # the same (key, offset)
+    gets.clear()
+    assert (await again.get(first.object_key, block.entry)).records == block.records
+    assert len(gets) == 1 and len(again) == 1 and again.size == block_size(block)
     # A failed read reaches every waiter, and the next read tries again.
     fresh = BlockCache(tiered.storage, 10**9)
     gone = msgspec.structs.replace(rows[0], object_key="segments/flush/nowhere.seg")

@@ -2,9 +2,11 @@
 
 An LRU keyed by (object key, byte offset), bounded by decoded bytes: the payloads plus a small
 overhead per record. A block bigger than the whole budget is handed out but not kept. Misses
-are single-flight: concurrent readers of one block share one GET and one decode. A block's
-bytes never change once indexed (objects are written whole and never rewritten in place), so
-an entry needs no invalidation; one whose object was deleted is only never asked for again.
+are single-flight: concurrent readers of one block share one GET and one decode. A kept block
+is handed out only for the index row it was read for (same conversation, offset, length and
+seqs): an object written again under its key (a compaction run twice for one day) is read
+again, never served from the old copy. A block whose object was deleted is only never asked
+for again, and ages out.
 """
 
 from __future__ import annotations
@@ -42,6 +44,9 @@ class BlockCache:
         the read raises (StorageError, SegmentCorrupt) to every reader waiting on it."""
         block_id = (key, entry.offset)
         kept = self._kept.get(block_id)
+        if kept is not None and kept[0].entry != entry:
+            self._drop(block_id)
+            kept = None
         if kept is not None:
             self._kept.move_to_end(block_id)
             metrics.BLOCK_CACHE.labels("hit").inc()
@@ -68,10 +73,16 @@ class BlockCache:
 
     def _keep(self, block_id: BlockId, block: Block) -> None:
         size = block_size(block)
-        if size > self.budget or block_id in self._kept:
+        if size > self.budget:
             return
+        self._drop(block_id)
         self._kept[block_id] = (block, size)
         self.size += size
         while self.size > self.budget:
             _, (_, dropped) = self._kept.popitem(last=False)
             self.size -= dropped
+
+    def _drop(self, block_id: BlockId) -> None:
+        kept = self._kept.pop(block_id, None)
+        if kept is not None:
+            self.size -= kept[1]
