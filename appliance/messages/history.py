@@ -155,7 +155,9 @@ class History:
     alone touches neither PostgreSQL nor S3, so it is served while they are down.
     """
 
-    def __init__(self, redis: aioredis.Redis, keys: Keys, connect: Connect, blocks: BlockCache):
+    def __init__(
+        self, redis: aioredis.Redis, keys: Keys, connect: Connect, blocks: BlockCache
+    ) -> None:
         self._redis = redis
         self._keys = keys
         self._connect = connect
