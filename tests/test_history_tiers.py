@@ -662,3 +662,41 @@ async def test_a_replay_beyond_max_replay_is_resume_too_old_and_head_may_come_fr
             ]
         finally:
             await session.unsubscribe(conversation, notify=False)
+
+
+async def test_s3_away_during_a_catch_up_is_waited_out_or_refused_said(
+    svc: Services, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A subscribe whose replay needs S3 while it is away is refused with `storage` (the op may
+    be retried); a catch-up in the background (after a gap) waits S3 out and goes on."""
+    res = svc.resources
+    conversation = await conversation_for(svc)
+    await layered(res, conversation)
+    real = svc.history.replay
+    failures = [1]
+
+    async def s3_away(c: str, after: int, limit: int) -> list[Message]:
+        if failures:
+            failures.pop()
+            raise Unavailable("s3 is unavailable, retry later", code="storage")
+        return await real(c, after, limit)
+
+    monkeypatch.setattr(svc.history, "replay", s3_away)
+    session = session_for(svc)
+    with pytest.raises(Unavailable) as refused:
+        await session.subscribe(conversation, 10)
+    assert refused.value.code == "storage" and conversation not in session.subs
+    await session.subscribe(conversation, None)  # at the head: nothing to replay
+    sub = session.subs[conversation]
+    try:
+        frames(session)
+        sub.last = 40  # as if frames 41-55 were lost: the recovery reads them from history
+        failures.append(1)  # S3 away at its first attempt
+        sub.resync()
+        await until(lambda: sub.live and sub.last == 55, "the recovery to go live")
+        assert [f["message"]["seq"] for f in frames(session) if f["event"] == "message"] == list(
+            range(41, 56)
+        )
+        assert session.closing is None and not failures
+    finally:
+        await session.unsubscribe(conversation, notify=False)
