@@ -17,7 +17,10 @@ configuration's flush rows are moved to a past day and compacted by the real `co
 from the measured compressed bytes per message.
 
 Each `--configs` entry (`max_age:tail_max`, seconds and messages; default the shipped
-thresholds and one alternative of each) is run in turn on its own conversations. Then `--live`
+thresholds and one alternative of each) is run in turn on its own conversations. Then the
+design load runs in real time for `--realtime-seconds` (single publishes, default thresholds)
+to check the flusher CPU the accelerated run extrapolates (at a real 167 msgs/s each of its
+reads returns fewer entries, so its CPU per message is higher). Then `--live`
 runs the appliance at `--live-load` x the design load (default 10x) for `--live-seconds` real
 seconds through the HTTP api (granian, one worker, batches of `--live-batch` messages a
 request) with the real flusher (default thresholds), worker and scheduler programs, and reports
@@ -403,6 +406,31 @@ async def one_config(
     return outcome
 
 
+async def realtime_check(api: BenchApi, args: argparse.Namespace, rng: random.Random) -> None:
+    """The flusher's CPU at the design load in real time (default thresholds), to check the
+    accelerated extrapolation: at a real 167 msgs/s its reads return fewer entries each."""
+    design = args.users * args.per_minute / 60 * args.load
+    names = [f"{api.prefix}-rt-{i:04d}" for i in range(args.conversations)]
+    async with resources() as res:
+        flusher = Program(api, "flusher")
+        await asyncio.sleep(3)
+        cpu0 = flusher.cpu()
+        done, took, _ = await paced_publish(res, names, design, args.realtime_seconds, rng)
+        cores = (flusher.cpu() - cpu0) / took
+        await wait_drained(res, 120)
+        flusher.stop()
+        for start in range(0, len(names), 500):
+            part = names[start : start + 500]
+            await res.redis.unlink(*[res.keys.tail(c) for c in part])
+            await res.redis.unlink(*[res.keys.seq(c) for c in part])
+    print(
+        f"-- real-time check: {done} single publishes at {done / took:.1f} msgs/s for"
+        f" {took:.0f} s real, default thresholds: flusher {cores * 100:.2f} % of one core ="
+        f" {cores * 86400:,.0f} CPU s a day (measured in real time, x{86400 / took:.0f})",
+        flush=True,
+    )
+
+
 # ---- live: N x the design load through the HTTP api --------------------------------------------
 
 
@@ -549,6 +577,12 @@ async def live(api: BenchApi, args: argparse.Namespace, rng: random.Random) -> N
         f" {max(s[2] for s in steady):.1f} s (max_age 60 s); at the end {left} entries,"
         f" oldest {oldest_end:.1f} s, drained {drain:.1f} s later"
     )
+    start = samples[0][0]
+    shown = [s for i, s in enumerate(samples) if i % 5 == 0]
+    print(
+        "   timeline (s: backlog entries / oldest unflushed s): "
+        + ", ".join(f"{s[0] - start:.0f}: {s[1]}/{s[2]:.0f}" for s in shown)
+    )
     print(
         f"   total RSS (api + {', '.join(p.name for p in programs)}): max"
         f" {max(s[3] for s in samples) / MIB:.0f} MiB; CPU (cores): api {api_cores:.2f}, "
@@ -595,6 +629,9 @@ def main() -> int:
         default="60:200,120:200,30:200,60:500",
         help="max_age:tail_max pairs (seconds, messages) run in turn",
     )
+    parser.add_argument(
+        "--realtime-seconds", type=float, default=120, help="design load in real time (0: skip)"
+    )
     parser.add_argument("--live", action=argparse.BooleanOptionalAction, default=True)
     parser.add_argument("--live-load", type=float, default=10)
     parser.add_argument("--live-seconds", type=float, default=180)
@@ -635,6 +672,8 @@ def main() -> int:
                 )
 
         asyncio.run(accelerated())
+        if args.realtime_seconds:
+            asyncio.run(realtime_check(api, args, rng))
         if args.live:
             asyncio.run(live(api, args, rng))
         print(f"load average at the end: {load_average()}")
