@@ -61,6 +61,8 @@ def handle_appliance_error(_: Request[Any, Any, Any], exc: ApplianceError) -> Re
         log.error("request_failed", code=exc.code, error=exc.message)
     metrics.count_refused(exc)
     response = error_response(exc.status, exc.code, exc.message, exc.field)
+    if isinstance(exc, Unavailable):
+        response.headers["Retry-After"] = "1"  # every 503: a dependency that may come back
     response.headers.update(exc.headers)
     return response
 

@@ -67,9 +67,16 @@ _RELEASE_FAILURES: tuple[type[Exception], ...] = (*_FAILURES, TimeoutError)
 # Keeps the newest tail_max messages of a conversation, and everything above its indexed
 # high-water mark. KEYS: tail, seq counter. ARGV: flushed seq, tail_max. A missing counter
 # (Redis lost it) leaves the tail alone: the publish script re-seeds from the tail.
+# A counter below the indexed head means Redis came back from an older snapshot (RDB, a restored
+# backup): seqs above it were handed out and flushed already. Raise it, so that no more of them
+# are handed out again, and say so (-1).
 _TRIM_TAIL = """
 local counter = redis.call("GET", KEYS[2])
 if not counter then return 0 end
+if tonumber(counter) < tonumber(ARGV[1]) then
+  redis.call("SET", KEYS[2], ARGV[1])
+  return -1
+end
 local keep = math.min(tonumber(ARGV[1]) + 1, tonumber(counter) - tonumber(ARGV[2]) + 1)
 if keep <= 1 then return 0 end
 return redis.call("XTRIM", KEYS[1], "MINID", keep .. "-0")
@@ -521,14 +528,24 @@ class Flusher:
                 floor = min(floor, pending["min"].decode(), key=lambda i: _key_order(i.encode()))
             pipe.xtrim(keys.ingest(shard), minid=floor, approximate=False)
         tail_max = self.config.messages.tail_max
-        for conversation, seq in flushed.items():
-            if seq > 0:
-                await self._trim_tail(
-                    keys=[keys.tail(conversation), keys.seq(conversation)],
-                    args=[seq, tail_max],
-                    client=pipe,
+        trimmed = [(c, seq) for c, seq in flushed.items() if seq > 0]
+        for conversation, seq in trimmed:
+            await self._trim_tail(
+                keys=[keys.tail(conversation), keys.seq(conversation)],
+                args=[seq, tail_max],
+                client=pipe,
+            )
+        replies = await pipe.execute()
+        for (conversation, seq), reply in zip(
+            trimmed, replies[len(replies) - len(trimmed) :], strict=True
+        ):
+            if reply == -1:
+                log.error(
+                    "seq_counter_behind_index",
+                    conversation=conversation,
+                    raised_to=seq,
+                    hint="Redis restored an older snapshot: use AOF persistence",
                 )
-        await pipe.execute()
 
     # -- metrics ---------------------------------------------------------------------------
 
