@@ -147,10 +147,10 @@ def cache_lookups(outcome: str) -> float:
 async def layered(res: Resources, conversation: str) -> list[Message]:
     """1-30 in a history object, 31-45 in a flush segment, 46-55 in the tail only."""
     messages = await publish(res, conversation, 30)
-    await tiers.flush(res, [conversation])
+    await tiers.flush(res)
     await tiers.compact(res)
     messages += await publish(res, conversation, 15)
-    await tiers.flush(res, [conversation])
+    await tiers.flush(res)
     messages += await publish(res, conversation, 10)
     await tiers.trim(res, conversation, 5)
     assert await tail_seqs(res, conversation) == list(range(46, 56))
@@ -197,7 +197,7 @@ async def test_any_interleaving_pages_exactly_the_acknowledged_sequence(
         if op == "publish":
             messages += await publish(res, conversation, n)
         elif op == "flush":
-            await tiers.flush(res, [conversation])
+            await tiers.flush(res)
         elif op == "compact":
             await tiers.compact(res)
         else:
@@ -270,7 +270,7 @@ async def test_a_block_compacted_away_meanwhile_is_read_from_its_new_home(
     the index again instead of failing."""
     conversation = unique("c")
     messages = await publish(tiered, conversation, 10)
-    await tiers.flush(tiered, [conversation])
+    await tiers.flush(tiered)
     await tiers.trim(tiered, conversation, 0)
     async with tiered.connection() as conn:
         stale = await index.blocks_before(conn, conversation, 11, 8)
@@ -305,7 +305,7 @@ async def test_the_block_cache_keeps_its_budget_and_single_flights_misses(
     conversations = [unique("c") for _ in range(4)]
     for i, conversation in enumerate(conversations):
         await publish(tiered, conversation, 3 + 3 * i)  # blocks of different sizes
-    await tiers.flush(tiered, conversations)
+    await tiers.flush(tiered)
     async with tiered.connection() as conn:
         rows = [(await index.blocks_after(conn, c, 0, 1))[0] for c in conversations]
     gets: list[tuple[str, int | None]] = []
@@ -413,7 +413,7 @@ async def test_s3_down_is_503_for_pages_that_need_it_and_the_tail_still_answers(
         async with AsyncTestClient(app=create_app(Config.model_validate(settings))) as client:
             conversation = await created(client, key)
             await publish(res, conversation, 20)
-            await tiers.flush(res, [conversation])
+            await tiers.flush(res)
             await tiers.trim(res, conversation, 5)
             path = f"/v1/conversations/{conversation}/messages"
             stop()
@@ -460,7 +460,7 @@ async def test_postgres_down_is_503_for_pages_that_need_the_index(
         async with AsyncTestClient(app=create_app(Config.model_validate(settings))) as client:
             conversation = await created(client, key)
             await publish(res, conversation, 20)
-            await tiers.flush(res, [conversation])
+            await tiers.flush(res)
             await tiers.trim(res, conversation, 5)
             path = f"/v1/conversations/{conversation}/messages"
             warm = await client.get(f"{path}?limit=5", headers=bearer(key))  # caches the access
@@ -477,7 +477,7 @@ async def test_postgres_down_is_503_for_pages_that_need_the_index(
 async def test_a_corrupt_block_is_a_logged_500_that_names_nothing(tiered: Resources) -> None:
     conversation = unique("c")
     await publish(tiered, conversation, 10)
-    key = await tiers.flush(tiered, [conversation])
+    key = await tiers.flush(tiered)
     assert key is not None
     await tiers.trim(tiered, conversation, 2)
     data = bytearray(await tiered.storage.get(key))
@@ -501,7 +501,7 @@ async def test_head_comes_from_the_index_when_redis_lost_the_conversation(
 ) -> None:
     conversation = unique("c")
     await publish(tiered, conversation, 7)
-    await tiers.flush(tiered, [conversation])
+    await tiers.flush(tiered)
     history = reader(tiered)
     assert await history.head(conversation) == 7
     await tiered.redis.delete(tiered.keys.seq(conversation), tiered.keys.tail(conversation))
