@@ -20,6 +20,7 @@ import msgspec
 import psycopg
 import pytest
 from prometheus_client import REGISTRY
+from structlog.testing import capture_logs
 
 from appliance.auth.principal import Principal
 from appliance.config import Config
@@ -31,7 +32,7 @@ from appliance.resources import Resources, open_resources
 from appliance.segments import index, store
 from appliance.segments.flush import Flusher, flush_pending
 from tests.messaging import unique
-from tests.segment_check import block_rows, durable_and_tail, tail_seqs
+from tests.segment_check import block_rows, durable_and_tail, indexed_records, tail_seqs
 from tests.support import free_port, port_open, wait_for
 
 SENDER = Principal("key:flusher-test", frozenset({"admin"}))
@@ -185,12 +186,17 @@ async def test_cut_at_max_age(env: tuple[dict[str, Any], Resources]) -> None:
     async with running(res) as flusher:
         await publish(res, c, 3)
         await eventually(lambda: flushed(res, c, 3), "a cut by age")
-        assert flusher.stats.cuts >= 1
+        # Indexed comes before the cut is counted (acknowledging and trimming are after it).
+        await eventually(lambda: _true(flusher.stats.cuts >= 1), "the cut counted")
         assert flusher.stats.bytes < res.config.segments.max_bytes
         await publish(res, c, 2)
         await eventually(lambda: flushed(res, c, 5), "a second cut by age")
         await eventually(lambda: backlog_is(res, 0), "the ingest stream trimmed")
     assert await durable_and_tail(res, c) == [1, 2, 3, 4, 5]
+
+
+async def _true(value: bool) -> bool:
+    return value
 
 
 async def backlog_is(res: Resources, n: int) -> bool:
@@ -208,8 +214,8 @@ async def test_cut_at_max_bytes(
         async with running(res) as flusher:
             await publish(res, c, 100, size=2000)  # about 200 KB: at least three cuts by size
             await eventually(lambda: flushed(res, c, 60), "cuts by size")
-            assert flusher.stats.cuts >= 2
-            assert len(flusher.stats.keys) == flusher.stats.cuts
+            await eventually(lambda: _true(flusher.stats.cuts >= 2), "the cuts counted")
+        assert len(flusher.stats.keys) == flusher.stats.cuts  # one PUT each, once stopped
         # The clean stop cut what was buffered and released the leases; the next owner
         # flushes what was still unread.
         await flush_pending(res)
@@ -529,3 +535,39 @@ async def test_a_counter_restored_below_the_indexed_head_is_raised(
     await flush_pending(res)
     assert await res.redis.get(res.keys.seq(c)) == b"5"
     assert await publish(res, c, 1) == [6]
+
+
+async def test_records_buffered_when_redis_lost_its_data_never_share_a_seq(
+    settings: dict[str, Any], fresh_database: Callable[[], str]
+) -> None:
+    """The flusher has read seqs 6-10 but not cut them when Redis loses the conversation's data
+    (only this test's keys are deleted, as a data loss would): the publish script goes on from
+    the indexed head (5), so 6-8 go to new messages. The cut indexes those new ones, never the
+    lost copies: one message per seq, the acknowledged ones after the loss all kept."""
+    dsn = fresh_database()
+    await migrated_db(dsn)
+    flush_settings(settings, dsn, shards=1)
+    async with opened(settings) as res:
+        c = unique("c")
+        await publish(res, c, 5)
+        await flush_pending(res)
+        await publish(res, c, 5, size=20)  # seqs 6-10: read below, never flushed
+        flusher = Flusher(res)
+        await flusher.start()
+        await flusher.claim()
+        await flusher.read_available()
+        assert flusher.buffered > 0
+        await res.redis.delete(res.keys.tail(c), res.keys.seq(c), res.keys.ingest(0))
+        assert await publish(res, c, 3, size=30) == [6, 7, 8]
+        with capture_logs() as logs:
+            await flusher.read(None)
+            await flusher.read_available()
+            await flusher.cut()
+        await flusher.release()
+        # 6-8 were read again as the new messages (the later read wins); 9 and 10 were lost.
+        assert [e["records"] for e in logs if e["event"] == "flush_dropped_lost_records"] == [2]
+        await flush_pending(res)
+        records = await indexed_records(res, c)
+        assert [r.seq for r in records] == list(range(1, 9))
+        texts = [msgspec.json.decode(r.payload)["body"]["text"] for r in records]
+        assert texts[5:] == ["x" * 30] * 3  # the messages acknowledged after the loss

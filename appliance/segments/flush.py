@@ -114,8 +114,13 @@ class _Buffer:
         ms = int(entry_id.split(b"-", 1)[0])
         conversation, seq = fields[b"c"].decode(), int(fields[b"s"])
         records = self.items.setdefault(conversation, {})
-        if seq in records:
-            return
+        known = records.get(seq)
+        if known is not None:
+            if known.payload == fields[b"m"]:
+                return  # read again (pending entries re-read): the same record
+            # Another message under a seq already read: Redis lost its data in between and
+            # the seq was handed out again. The later one is what the stream and tail hold.
+            self.size -= len(known.payload)
         records[seq] = _Item(seq, ms, fields[b"m"])
         self.size += len(fields[b"m"])
         self.oldest_ms = ms if self.oldest_ms is None else min(self.oldest_ms, ms)
@@ -341,8 +346,9 @@ class Flusher:
             if not str(exc).startswith(("NOGROUP", "UNBLOCKED")):
                 raise
             # Redis lost the stream or the group (a restart without data, FLUSHALL): make it
-            # again from the start. What is buffered still gets cut (that saves it), but its
-            # ids belong to the lost stream and are never acknowledged or trimmed.
+            # again from the start. The ids buffered belong to the lost stream and are never
+            # acknowledged or trimmed; the records are cut only where their tail still holds
+            # them (`_keep_what_tails_hold`).
             log.warning("flush_group_recreated", shards=shards)
             for shard in shards:
                 buffer = self._buffers.get(shard)
@@ -430,6 +436,7 @@ class Flusher:
         heads = await self._sql("heads", lambda conn: index.flushed_heads(conn, conversations))
         for conversation, head in heads.items():
             _drop_upto(items, conversation, head)
+        await self._retry("verify", lambda: self._keep_what_tails_hold(items))
         shards = sorted(taken)
         written: dict[str, int] = {}
         while True:
@@ -483,6 +490,34 @@ class Flusher:
             key=key or None,
             duration_ms=round(duration * 1000, 1),
         )
+
+    async def _keep_what_tails_hold(self, items: dict[str, dict[int, _Item]]) -> None:
+        """Drop the buffered records that their conversation's tail no longer holds as read.
+
+        A tail keeps every record above the indexed head, so a buffered record missing from it,
+        or held there with other bytes, means Redis lost its data after the record was read
+        (a restart without persistence, FLUSHALL, a failover to a lagging replica): the publish
+        script has since gone on from the indexed head and may have handed the same seq to a
+        new message. Indexing the old copy would give that seq two messages; the records lost
+        with Redis are the documented loss window instead (docs/operations.md)."""
+        pipe = self.res.redis.pipeline(transaction=False)
+        names = [c for c in sorted(items) if items[c]]
+        for c in names:
+            seqs = items[c]
+            pipe.xrange(self.res.keys.tail(c), f"{min(seqs)}-0", f"{max(seqs)}-0")
+        dropped = 0
+        for c, entries in zip(names, await pipe.execute(), strict=True):
+            held = {int(i.split(b"-", 1)[0]): f.get(b"m") for i, f in entries}
+            records = items[c]
+            for seq in [q for q, item in records.items() if held.get(q) != item.payload]:
+                del records[seq]
+                dropped += 1
+        if dropped:
+            log.error(
+                "flush_dropped_lost_records",
+                records=dropped,
+                hint="Redis lost data these were read from; seqs went on from the indexed head",
+            )
 
     async def _put(
         self, blocks: list[tuple[str, list[Record]]]
