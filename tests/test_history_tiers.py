@@ -700,3 +700,47 @@ async def test_s3_away_during_a_catch_up_is_waited_out_or_refused_said(
         assert session.closing is None and not failures
     finally:
         await session.unsubscribe(conversation, notify=False)
+
+
+async def test_a_quiet_conversations_day_of_one_message_blocks_pages_in_both_directions(
+    tiered: Resources,
+) -> None:
+    """Before compaction, a quiet conversation holds one block per message: pages span more
+    blocks than one index query returns, fetched concurrently, in order either way."""
+    conversation = unique("q")
+    messages: list[Message] = []
+    for _ in range(40):
+        messages += await publish(tiered, conversation, 1)
+        await tiers.flush(tiered)
+    await tiers.trim(tiered, conversation, 0)
+    assert await tail_seqs(tiered, conversation) == []
+    history = reader(tiered)
+    seqs = [seq for seq, _ in messages]
+    for limit in (1, 7, 16, 17, 30, 200):
+        assert await chain(history, conversation, Position("before", None), limit) == seqs[::-1]
+        assert await chain(history, conversation, Position("after", 0), limit) == seqs
+    assert seqs_of(await history.page(conversation, Position("after", 10), 20)) == seqs[10:30]
+    assert (
+        seqs_of(await history.page(conversation, Position("before", 31), 20)) == seqs[10:30][::-1]
+    )
+
+
+async def test_pages_from_inside_blocks_read_on_past_rows_that_fall_short(
+    tiered: Resources,
+) -> None:
+    """Blocks of three: a page starting inside a block gets fewer from it than its row counts,
+    so the blocks fetched at first do not fill the page and the reader must go on."""
+    conversation = unique("b")
+    messages: list[Message] = []
+    for _ in range(15):
+        messages += await publish(tiered, conversation, 3)
+        await tiers.flush(tiered)
+    await tiers.trim(tiered, conversation, 0)
+    history = reader(tiered)
+    seqs = [seq for seq, _ in messages]
+    for at in range(0, 46, 4):
+        for limit in (5, 20):
+            after = seqs_of(await history.page(conversation, Position("after", at), limit))
+            assert after == [s for s in seqs if s > at][:limit]
+            before = seqs_of(await history.page(conversation, Position("before", at + 1), limit))
+            assert before == [s for s in seqs if s <= at][::-1][:limit]

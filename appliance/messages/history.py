@@ -9,6 +9,7 @@ before/after seq N".
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import re
 from bisect import bisect_left
@@ -94,7 +95,9 @@ def position(before: int | None, after: int | None, cursor: str | None) -> Posit
 Entries = list[tuple[bytes, dict[bytes, bytes]]]
 Message = tuple[int, bytes]  # (seq, the message JSON as published)
 Connect = Callable[[], AbstractAsyncContextManager[psycopg.AsyncConnection[Any]]]
-ROWS = 8  # index rows asked for at once: a page rarely spans more blocks
+# Index rows asked for at once. The blocks a page needs among them are fetched concurrently: a
+# quiet conversation's uncompacted day is a block per message, one ranged GET each.
+ROWS = 16
 # S3's answer for an object that is not there: a flush object compacted away and deleted after
 # the index was read. The index, read again, names the block's new home.
 _GONE = frozenset({"NoSuchKey", "404", "NotFound"})
@@ -267,9 +270,10 @@ class History:
         retries = 0
         while len(out) < limit and below > 1:
             async with self._connect() as conn:
-                rows = await index.blocks_before(conn, conversation, below, ROWS)
-            for row in rows:
-                block = await self._block(row, retry=retries < _RETRIES)
+                found = await index.blocks_before(conn, conversation, below, ROWS)
+            rows = _needed(found, limit - len(out))
+            fetched = await self._fetch(rows, retry=retries < _RETRIES)
+            for row, block in zip(rows, fetched, strict=True):
                 if block is None:
                     retries += 1
                     break  # compacted away meanwhile: ask the index again from `below`
@@ -280,9 +284,15 @@ class History:
                         return out
                 below = min(below, row.first_seq)
             else:
-                if len(rows) < ROWS:
+                if len(rows) == len(found) < ROWS:  # every row there is was read
                     return out
         return out
+
+    async def _fetch(self, rows: list[BlockRow], retry: bool) -> list[Block | None]:
+        """The blocks of `rows`, fetched concurrently (each through the cache)."""
+        if len(rows) == 1:
+            return [await self._block(rows[0], retry)]
+        return list(await asyncio.gather(*(self._block(row, retry) for row in rows)))
 
     async def _indexed_after(
         self, conversation: str, after: int, upper: int, limit: int
@@ -292,11 +302,11 @@ class History:
         retries = 0
         while len(out) < limit and after + 1 < upper:
             async with self._connect() as conn:
-                rows = await index.blocks_after(conn, conversation, after, ROWS)
-            for row in rows:
-                if row.first_seq >= upper:
-                    return out
-                block = await self._block(row, retry=retries < _RETRIES)
+                found = await index.blocks_after(conn, conversation, after, ROWS)
+            below_upper = [r for r in found if r.first_seq < upper]
+            rows = _needed(below_upper, limit - len(out))
+            fetched = await self._fetch(rows, retry=retries < _RETRIES)
+            for row, block in zip(rows, fetched, strict=True):
                 if block is None:
                     retries += 1
                     break  # compacted away meanwhile: ask the index again from `after`
@@ -309,7 +319,10 @@ class History:
                         return out
                 after = max(after, row.last_seq)
             else:
-                if len(rows) < ROWS:
+                # Every row below `upper` was read, and there are no more (or the rest is not).
+                if len(rows) == len(below_upper) and (
+                    len(below_upper) < len(found) or len(found) < ROWS
+                ):
                     return out
         return out
 
@@ -345,6 +358,17 @@ class History:
                 reason=exc.reason,
             )
             raise ApplianceError("a stored history block could not be read") from None
+
+
+def _needed(rows: list[BlockRow], wanted: int) -> list[BlockRow]:
+    """The first rows (in reading order) whose records can fill `wanted` messages: the blocks
+    worth fetching at once. The first row may hold fewer in range, so the caller asks again."""
+    total = 0
+    for n, row in enumerate(rows, 1):
+        total += row.records
+        if total >= wanted:
+            return rows[:n]
+    return rows
 
 
 def _from(records: list[Record], seq: int) -> int:
