@@ -408,7 +408,8 @@ async def test_multipart_history_object_round_trips(res: Resources) -> None:
 
     counts = await compact.compact_day(res, day)
 
-    assert counts["bytes"] > store.PART_BYTES and counts["blocks"] == 2
+    # `big` (10 MiB raw) is split into blocks of at most MAX_HISTORY_BLOCK_RAW (4 MiB): 3.
+    assert counts["bytes"] > store.PART_BYTES and counts["blocks"] == 3 + 1
     assert counts["bytes"] == await res.storage.size(store.history_key(day))
     for conversation, records in sent.items():
         assert (await history(res, conversation))[1] == records
@@ -511,3 +512,31 @@ async def test_an_object_shared_with_another_day_is_kept_until_that_day(res: Res
     assert await flush_objects(res) == []
     assert [r.seq for r in (await history(res, first))[1]] == [1]
     assert [r.seq for r in (await history(res, second))[1]] == [1]
+
+
+async def test_days_due_come_from_partition_names_and_the_default_partition(
+    res: Resources,
+) -> None:
+    """A finished day's partition that never got a row is listed once, then dropped; a day
+    whose rows went to the default partition is listed too."""
+    now = await today(res)
+    empty, stray = now - timedelta(days=5), now - timedelta(days=6)
+    async with res.connection() as conn:
+        await conn.execute("SELECT appliance_ensure_flush_partition(%s)", (empty,))
+        await conn.execute(
+            """INSERT INTO segment_blocks_flush_default (tier, period, conversation, first_seq,
+                      last_seq, object_key, byte_offset, byte_length, records, min_ts, max_ts)
+               VALUES ('flush', %s, 'x', 1, 1, 'segments/flush/none.seg', 8, 60, 1, now(),
+                       now())""",
+            (stray,),
+        )
+        due = await compact.days_due(conn, 10)
+        assert stray in due and empty in due and now not in due
+        await conn.execute("DELETE FROM segment_blocks_flush_default WHERE period = %s", (stray,))
+    assert (await compact.compact_day(res, empty))["skipped"] == 1
+    async with res.connection() as conn:
+        assert empty not in await compact.days_due(conn, 10)
+        cur = await conn.execute(
+            "SELECT to_regclass(%s)", (f"segment_blocks_flush_d{empty:%Y%m%d}",)
+        )
+        assert (await cur.fetchone()) == (None,)

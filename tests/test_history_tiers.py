@@ -496,6 +496,21 @@ async def test_a_corrupt_block_is_a_logged_500_that_names_nothing(tiered: Resour
     )
 
 
+async def test_a_truncated_object_is_a_logged_500_not_an_outage(tiered: Resources) -> None:
+    """S3 answers InvalidRange for a block past the object's end: damage, never a 503."""
+    conversation = unique("c")
+    await publish(tiered, conversation, 10)
+    key = await tiers.flush(tiered)
+    assert key is not None
+    await tiers.trim(tiered, conversation, 2)
+    await tiered.storage.put(key, (await tiered.storage.get(key))[:4])  # before the block
+    with structlog.testing.capture_logs() as logs, pytest.raises(ApplianceError) as failed:
+        await reader(tiered).page(conversation, Position("before", None), 10)
+    assert (failed.value.status, failed.value.code) == (500, "internal")
+    (logged,) = [e for e in logs if e["event"] == "history_block_corrupt"]
+    assert logged["object"] == key and "truncated" in logged["reason"]
+
+
 async def test_head_comes_from_the_index_when_redis_lost_the_conversation(
     tiered: Resources,
 ) -> None:

@@ -332,6 +332,16 @@ class History:
         try:
             return await self._blocks.get(row.object_key, row.entry)
         except StorageError as exc:
+            if exc.s3_code == "InvalidRange":  # the object ends before the block the row names
+                log.error(
+                    "history_block_corrupt",
+                    conversation=row.conversation,
+                    object=row.object_key,
+                    offset=row.byte_offset,
+                    at=row.byte_offset,
+                    reason="object truncated: it ends before this block",
+                )
+                raise ApplianceError("a stored history block could not be read") from None
             if exc.s3_code in _GONE:
                 if retry:
                     return None

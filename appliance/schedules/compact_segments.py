@@ -9,6 +9,7 @@ flush object, S3 refusing) stays as it was and the others go on; the run then fa
 from __future__ import annotations
 
 import structlog
+from psycopg import Error as PgError
 
 from appliance.errors import ApplianceError
 from appliance.resources import Resources
@@ -33,7 +34,9 @@ async def run(res: Resources) -> dict[str, int]:
     for day in days:
         try:
             counts = await compact.compact_day(res, day)
-        except ApplianceError as exc:
+        except (ApplianceError, PgError, OSError) as exc:
+            # One day failing (a damaged object, S3 or PostgreSQL away) leaves that day as it
+            # was; the others, the garbage and the sweep still run.
             log.error("compaction_failed", day=day.isoformat(), error=str(exc))
             failures.append(f"{day.isoformat()}: {exc}")
             totals["failed"] += 1

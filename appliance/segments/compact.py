@@ -63,7 +63,7 @@ from appliance.resources import Resources
 from appliance.segments import store
 from appliance.segments.format import RECORD_HEAD, BlockEntry, Record, decode_block
 from appliance.segments.index import BlockRow
-from appliance.storage import Storage
+from appliance.storage import Storage, StorageError
 
 log = structlog.get_logger()
 Conn = psycopg.AsyncConnection[Any]
@@ -72,9 +72,11 @@ BeforeSwap = Callable[[int], Awaitable[None]]
 
 # A history block holds at most this many raw bytes (records with their 20-byte heads); a
 # conversation's busier day is split into several blocks, so one read never fetches more.
-MAX_HISTORY_BLOCK_RAW = 16 * 1024 * 1024
-LOCK_TIMEOUT = "3s"  # the swap waits this long for a lock at most: readers queue behind it
-SWAP_ATTEMPTS = 3  # lock timeouts in a row before the day is left for the next run
+MAX_HISTORY_BLOCK_RAW = 4 * 1024 * 1024
+# The swap waits this long for its locks at most: while DROP TABLE waits, every reader and the
+# flushers' inserts queue behind it, so it gives up soon and tries again a little later.
+LOCK_TIMEOUT = "200ms"
+SWAP_ATTEMPTS = 8  # lock timeouts in a row before the day is left for the next run
 SWAP_PAUSE = 1.0  # seconds before the second swap attempt (then twice that, and so on)
 REDO_ATTEMPTS = 3  # late flushes in a row before the day is left for the next run
 LOCK_NAMESPACE = 0x5E6C0  # first key of the advisory lock; the second is the day's ordinal
@@ -171,6 +173,7 @@ async def _compact_locked(
         keys = await _flush_keys(conn, day)
         if not keys:
             counts["skipped"] = 1
+            await _drop_empty(conn, day)
             return
         key = store.history_key(day)
         with tempfile.TemporaryFile(prefix="compact-") as file:
@@ -194,7 +197,11 @@ async def _compact_locked(
         metrics.SEGMENT_BYTES.labels("history").inc(size)
         metrics.SEGMENT_RECORDS.labels("history").inc(records)
         metrics.SEGMENTS.labels("history").inc()
-        counts["flush_objects_deleted"] = await collect_garbage(conn, res.storage, flush_keys)
+        try:
+            counts["flush_objects_deleted"] = await collect_garbage(conn, res.storage, flush_keys)
+        except StorageError as exc:
+            # The day is compacted; its old objects stay listed as garbage for the next run.
+            log.warning("compaction_garbage_left", day=day.isoformat(), error=exc.message)
         log.info(
             "compaction_done",
             day=day.isoformat(),
@@ -206,6 +213,19 @@ async def _compact_locked(
         return
     counts["deferred"] = 1
     log.warning("compaction_deferred", day=day.isoformat(), reason="flush rows kept changing")
+
+
+async def _drop_empty(conn: Conn, day: date) -> None:
+    """Drop the partition of a finished `day` that never got a row (made ahead, the appliance
+    idle that day), so `days_due` stops listing it; a lock held by a reader defers it."""
+    try:
+        async with conn.transaction():
+            await conn.execute(f"SET LOCAL lock_timeout = '{LOCK_TIMEOUT}'")
+            await conn.execute(
+                sql.SQL("DROP TABLE IF EXISTS {}").format(sql.Identifier(_partition(day)))
+            )
+    except psycopg.errors.LockNotAvailable:
+        log.info("compaction_empty_partition_kept", day=day.isoformat())
 
 
 async def _flush_keys(conn: Conn, day: date) -> list[str]:
@@ -438,11 +458,18 @@ async def collect_garbage(conn: Conn, storage: Storage, keys: Sequence[str] | No
 async def days_due(conn: Conn, grace_minutes: int) -> list[date]:
     """Days with flush rows whose end (UTC, PostgreSQL's clock) is `grace_minutes` past, so
     today is never among them; oldest first."""
+    # The days are the flush partitions' own (by name: no scan of their rows) and the days
+    # of rows in the default partition (rows of a day whose partition was missing).
     cur = await conn.execute(
-        """SELECT DISTINCT period FROM segment_blocks
-            WHERE tier = 'flush'
-              AND (period + 1)::timestamp + make_interval(mins => %s) <= now() AT TIME ZONE 'UTC'
-            ORDER BY period""",
+        r"""SELECT day FROM (
+                SELECT to_date(substring(c.relname FROM '_d(\d{8})$'), 'YYYYMMDD') AS day
+                  FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid
+                 WHERE i.inhparent = 'segment_blocks_flush'::regclass
+                   AND c.relname ~ '_d\d{8}$'
+                UNION
+                SELECT DISTINCT period FROM segment_blocks_flush_default) days
+             WHERE (day + 1)::timestamp + make_interval(mins => %s) <= now() AT TIME ZONE 'UTC'
+             ORDER BY day""",
         (grace_minutes,),
     )
     return [r[0] for r in await cur.fetchall()]

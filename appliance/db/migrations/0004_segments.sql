@@ -45,6 +45,8 @@ CREATE TABLE segment_blocks_flush_default PARTITION OF segment_blocks_flush DEFA
 
 -- Readers: the blocks of a conversation around a seq.
 CREATE INDEX segment_blocks_conversation ON segment_blocks (conversation, first_seq);
+-- Compaction and its orphan sweep: the rows of given flush objects.
+CREATE INDEX segment_blocks_flush_object ON segment_blocks_flush (object_key);
 
 -- Creates the flush partition of `day` (segment_blocks_flush_dYYYYMMDD) if missing.
 CREATE FUNCTION appliance_ensure_flush_partition(day date) RETURNS text
