@@ -16,8 +16,9 @@ flush partition whole. It streams:
 3. One transaction (the swap), with a short `lock_timeout`: lock the day's flush rows against
    writers (readers go on) and check they are exactly those compacted (count, records, object
    keys; a late flush makes the whole day be redone), insert the history rows, drop the day's
-   partition (this takes an ACCESS EXCLUSIVE lock, so readers wait for the commit, a few
-   milliseconds), delete the day's rows of the default partition, record
+   partition (this takes an ACCESS EXCLUSIVE lock: readers wait for the commit, a few
+   milliseconds, or for at most LOCK_TIMEOUT while the swap waits on a long reader before it
+   gives up and tries again), delete the day's rows of the default partition, record
    `segment_compactions` and put the flush objects' keys in `segment_garbage`.
 4. After the commit, delete the garbage objects (`Storage.delete_many`), then their rows.
 
