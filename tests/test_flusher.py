@@ -571,3 +571,32 @@ async def test_records_buffered_when_redis_lost_its_data_never_share_a_seq(
         assert [r.seq for r in records] == list(range(1, 9))
         texts = [msgspec.json.decode(r.payload)["body"]["text"] for r in records]
         assert texts[5:] == ["x" * 30] * 3  # the messages acknowledged after the loss
+
+
+async def test_a_trickle_is_read_about_once_a_second_not_once_a_message(
+    settings: dict[str, Any], fresh_database: Callable[[], str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A blocking read returns at the first entry: unpaced, a message every 50 ms would be a
+    read every 50 ms (Redis and CPU time at low rates). Paced, the reads stay near one a
+    second, and what they leave waiting is as safe in Redis; the clean stop flushes it all."""
+    dsn = fresh_database()
+    await migrated_db(dsn)
+    flush_settings(settings, dsn, max_age=5.0)
+    reads = 0
+    real = Flusher.read
+
+    async def counted(self: Flusher, block: float | None) -> int:
+        nonlocal reads
+        got = await real(self, block)
+        reads += bool(got)
+        return got
+
+    monkeypatch.setattr(Flusher, "read", counted)
+    async with opened(settings) as res:
+        c = unique("c")
+        async with running(res):
+            for _ in range(50):
+                await publish(res, c, 1)
+                await asyncio.sleep(0.05)
+        assert 1 <= reads <= 12, reads  # about one a second over ~3 s; unpaced it was ~50
+        assert await head(res, c) == 50
