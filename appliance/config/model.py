@@ -261,7 +261,7 @@ class MessagesSection(Section):
     max_batch: int = Field(default=500, ge=1, le=5000)
     max_attachments: int = Field(default=20, ge=0, le=100)
     # Seconds an Idempotency-Key is remembered (Redis keeps it with a millisecond PX).
-    idempotency_window: Annotated[float, Field(ge=1, le=366 * 86400)] = 86400.0
+    idempotency_window: Annotated[float, Field(ge=1, le=366 * 86400)] = 900.0
     # Per principal, across all api processes: sustained messages/s and burst.
     rate_per_second: float = Field(default=100.0, gt=0, le=1_000_000)
     rate_burst: int = Field(default=1000, ge=1, le=10_000_000)
