@@ -629,7 +629,7 @@ def main() -> int:
     parser.add_argument(
         "--configs",
         default="60:200,120:200,30:200,60:500",
-        help="max_age:tail_max pairs (seconds, messages) run in turn",
+        help="max_age:tail_max pairs (seconds, messages) run in turn; empty: none",
     )
     parser.add_argument(
         "--realtime-seconds", type=float, default=120, help="design load in real time (0: skip)"
@@ -649,6 +649,8 @@ def main() -> int:
         print(f"key prefix {api.prefix}, database appliance_bench_{tag}, bucket bench-{tag}")
 
         async def accelerated() -> None:
+            if not args.configs:
+                return
             async with resources() as res:
                 idem = await idempotency_bytes(res, rng)
             for i, (age, tail) in enumerate(parse_configs(args.configs)):
