@@ -37,6 +37,7 @@ run: install
 # They use the database, Redis and bucket of $(CONFIG) (the database created if missing, migrated
 # first); publish.py and fanout.py start their own api (granian, one worker) and moto S3 server.
 # Both drive HTTP load with wrk when it is installed (apt-get install wrk), else with Python.
+# bench/history.py (~5 min) and bench/cost.py (~30 min: the history tier) run by hand, not here.
 bench: install
 	APPLIANCE_CONFIG=$(CONFIG) $(BIN)/python bench/common.py ensure-database
 	APPLIANCE_CONFIG=$(CONFIG) $(BIN)/appliance migrate
