@@ -668,7 +668,7 @@ def main() -> int:
                     f" {f['raw_msg']:.0f} -> history {f['hist_per_msg']:.1f}"
                     f" ({f['raw_msg'] / f['hist_per_msg']:.1f}x); Redis peak"
                     f" {f['redis_peak'] / MIB:.1f} MiB (target <= 256:"
-                    f" {'met' if f['redis_peak'] <= 256 * MIB else 'MISSED'}), with an"
+                    f" {'met' if f['redis_peak'] <= 256 * MIB else 'MISSED'}), in all with an"
                     f" Idempotency-Key on every publish {idem_total / MIB:,.0f} MiB"
                     f" ({idem:.0f} B x {design * window / 1e6:.1f} M keys in {window:g} s:"
                     " extrapolated); flusher CPU"
