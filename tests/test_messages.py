@@ -438,3 +438,21 @@ async def test_an_impersonated_request_is_logged_as_the_user_via_the_key(
             assert asyncio.get_running_loop().time() < deadline
             await asyncio.sleep(0.05)
     assert rows == [(f"key:{name}", "/v1/conversations/{conversation}/messages", 201)]
+
+
+async def test_a_query_parameter_a_route_does_not_take_is_400_naming_it(
+    api: Client, resources: Resources
+) -> None:
+    """litestar ignores undeclared query parameters: `?befor=9` would be a silent 200 of the
+    newest page. Every route refuses them, naming the parameter (and what the route takes)."""
+    conversation, key = await conversation_with_key(api, resources)
+    path = f"/v1/conversations/{conversation}/messages"
+    for query, field in (("befor=9", "befor"), ("limit=5&x=1", "x"), ("=", "query")):
+        refused = await api.get(f"{path}?{query}", headers=bearer(key))
+        assert refused.status_code == 400, refused.text
+        error = refused.json()["error"]
+        assert (error["code"], error["field"]) == ("invalid", field)
+        assert "(it takes after, before, cursor, limit)" in error["message"]
+    other = await api.get(f"/v1/conversations/{conversation}?page=2", headers=bearer(key))
+    assert other.status_code == 400 and other.json()["error"]["field"] == "page", other.text
+    assert (await api.get(f"{path}?limit=5", headers=bearer(key))).status_code == 200
