@@ -61,7 +61,7 @@ from psycopg.rows import class_row
 from appliance import metrics
 from appliance.db.pool import connect
 from appliance.resources import Resources
-from appliance.segments import store
+from appliance.segments import index, store
 from appliance.segments.format import RECORD_HEAD, BlockEntry, Record, decode_block
 from appliance.segments.index import BlockRow
 from appliance.storage import Storage, StorageError
@@ -82,11 +82,6 @@ SWAP_PAUSE = 1.0  # seconds before the second swap attempt (then twice that, and
 REDO_ATTEMPTS = 3  # late flushes in a row before the day is left for the next run
 LOCK_NAMESPACE = 0x5E6C0  # first key of the advisory lock; the second is the day's ordinal
 CRASH_ENV = "COMPACT_CRASH_AT"  # test-only (see the module docstring)
-
-_COLUMNS = (
-    "tier, period, conversation, first_seq, last_seq, object_key, byte_offset, byte_length,"
-    " records, min_ts, max_ts"
-)
 
 
 class _Changed(Exception):
@@ -302,7 +297,7 @@ async def _spool(conn: Conn, storage: Storage, day: date, spool: Spool) -> None:
         group = spool.keys[start : start + OBJECTS_PER_QUERY]
         async with conn.cursor(row_factory=class_row(BlockRow)) as cur:
             await cur.execute(
-                f"""SELECT {_COLUMNS} FROM segment_blocks
+                f"""SELECT {index.COLUMNS} FROM segment_blocks
                      WHERE tier = 'flush' AND period = %s AND object_key = ANY(%s)
                      ORDER BY object_key, byte_offset""",
                 (day, group),
@@ -401,27 +396,7 @@ async def _swap_once(
     shared = {str(r[0]) for r in await cur.fetchall()}
     # Rows left by nothing we know of (the day has no compaction row), but never duplicated.
     await conn.execute("DELETE FROM segment_blocks WHERE tier = 'history' AND period = %s", (day,))
-    await conn.execute(
-        f"""INSERT INTO segment_blocks ({_COLUMNS})
-            SELECT 'history', %s, c, f, l, %s, o, n, r,
-                   'epoch'::timestamptz + lo * interval '1 millisecond',
-                   'epoch'::timestamptz + hi * interval '1 millisecond'
-              FROM unnest(%s::text[], %s::bigint[], %s::bigint[], %s::bigint[],
-                          %s::int[], %s::int[], %s::bigint[], %s::bigint[])
-                   AS t(c, f, l, o, n, r, lo, hi)""",
-        (
-            day,
-            key,
-            [e.conversation for e in entries],
-            [e.first_seq for e in entries],
-            [e.last_seq for e in entries],
-            [e.offset for e in entries],
-            [e.length for e in entries],
-            [e.count for e in entries],
-            [e.min_ts for e in entries],
-            [e.max_ts for e in entries],
-        ),
-    )
+    await index.insert_blocks(conn, "history", day, key, entries)
     if exists:
         await conn.execute(sql.SQL("DROP TABLE {}").format(part))
     await conn.execute("DELETE FROM segment_blocks_flush_default WHERE period = %s", (day,))

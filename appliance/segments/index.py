@@ -28,7 +28,7 @@ from appliance.segments.format import BlockEntry
 Conn = psycopg.AsyncConnection[Any]
 Tier = Literal["flush", "history"]
 
-_COLUMNS = (
+COLUMNS = (
     "tier, period, conversation, first_seq, last_seq, object_key, byte_offset, byte_length,"
     " records, min_ts, max_ts"
 )
@@ -241,26 +241,7 @@ async def index_cut(
         if lost or stale:
             return Refused(lost, stale)
         if entries:
-            await conn.execute(
-                f"""INSERT INTO segment_blocks ({_COLUMNS})
-                    SELECT 'flush', (now() AT TIME ZONE 'UTC')::date, c, f, l, %s, o, n, r,
-                           'epoch'::timestamptz + lo * interval '1 millisecond',
-                           'epoch'::timestamptz + hi * interval '1 millisecond'
-                      FROM unnest(%s::text[], %s::bigint[], %s::bigint[], %s::bigint[],
-                                  %s::int[], %s::int[], %s::bigint[], %s::bigint[])
-                           AS t(c, f, l, o, n, r, lo, hi)""",
-                (
-                    object_key,
-                    [e.conversation for e in entries],
-                    [e.first_seq for e in entries],
-                    [e.last_seq for e in entries],
-                    [e.offset for e in entries],
-                    [e.length for e in entries],
-                    [e.count for e in entries],
-                    [e.min_ts for e in entries],
-                    [e.max_ts for e in entries],
-                ),
-            )
+            await insert_blocks(conn, "flush", None, object_key, entries)
             await conn.execute(
                 """INSERT INTO segment_heads (conversation, flushed_seq)
                    SELECT * FROM unnest(%s::text[], %s::bigint[])
@@ -277,6 +258,35 @@ async def index_cut(
     return None
 
 
+async def insert_blocks(
+    conn: Conn, tier: Tier, period: date | None, object_key: str, entries: Sequence[BlockEntry]
+) -> None:
+    """One row per block of object `object_key` (one statement). `period` None: today by
+    PostgreSQL's clock, which is what places a flush row in its day's partition."""
+    await conn.execute(
+        f"""INSERT INTO segment_blocks ({COLUMNS})
+            SELECT %s, coalesce(%s::date, (now() AT TIME ZONE 'UTC')::date), c, f, l, %s, o, n, r,
+                   'epoch'::timestamptz + lo * interval '1 millisecond',
+                   'epoch'::timestamptz + hi * interval '1 millisecond'
+              FROM unnest(%s::text[], %s::bigint[], %s::bigint[], %s::bigint[],
+                          %s::int[], %s::int[], %s::bigint[], %s::bigint[])
+                   AS t(c, f, l, o, n, r, lo, hi)""",
+        (
+            tier,
+            period,
+            object_key,
+            [e.conversation for e in entries],
+            [e.first_seq for e in entries],
+            [e.last_seq for e in entries],
+            [e.offset for e in entries],
+            [e.length for e in entries],
+            [e.count for e in entries],
+            [e.min_ts for e in entries],
+            [e.max_ts for e in entries],
+        ),
+    )
+
+
 # -- reading ----------------------------------------------------------------------------------
 
 
@@ -284,7 +294,7 @@ async def blocks_before(conn: Conn, conversation: str, seq: int, limit: int) -> 
     """Up to `limit` blocks holding seqs below `seq`, newest first."""
     async with conn.cursor(row_factory=class_row(BlockRow)) as cur:
         await cur.execute(
-            f"""SELECT {_COLUMNS} FROM segment_blocks
+            f"""SELECT {COLUMNS} FROM segment_blocks
                  WHERE conversation = %s AND first_seq < %s
                  ORDER BY first_seq DESC LIMIT %s""",
             (conversation, seq, limit),
@@ -298,11 +308,11 @@ async def blocks_after(conn: Conn, conversation: str, seq: int, limit: int) -> l
     range scans; rows never overlap, so no other row can hold seqs above `seq`."""
     async with conn.cursor(row_factory=class_row(BlockRow)) as cur:
         await cur.execute(
-            f"""(SELECT {_COLUMNS} FROM segment_blocks
+            f"""(SELECT {COLUMNS} FROM segment_blocks
                   WHERE conversation = %(c)s AND first_seq <= %(s)s
                   ORDER BY first_seq DESC LIMIT 1)
                 UNION ALL
-                (SELECT {_COLUMNS} FROM segment_blocks
+                (SELECT {COLUMNS} FROM segment_blocks
                   WHERE conversation = %(c)s AND first_seq > %(s)s
                   ORDER BY first_seq LIMIT %(n)s)""",
             {"c": conversation, "s": seq, "n": limit},
