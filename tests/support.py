@@ -9,6 +9,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import psycopg
+
 
 def _value(value: Any) -> str:
     if isinstance(value, bool):
@@ -63,3 +65,14 @@ def port_open(port: int, host: str = "127.0.0.1") -> bool:
     with socket.socket() as s:
         s.settimeout(0.2)
         return s.connect_ex((host, port)) == 0
+
+
+async def migrated_db(dsn: str) -> None:
+    """Apply every migration to the (fresh) database at `dsn`."""
+    from appliance.db.migrate import migrate
+
+    conn = await psycopg.AsyncConnection.connect(dsn, autocommit=True)
+    try:
+        await migrate(conn)
+    finally:
+        await conn.close()

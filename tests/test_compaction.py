@@ -22,13 +22,11 @@ from datetime import date, timedelta
 from pathlib import Path
 from typing import Any
 
-import psycopg
 import pytest
 from prometheus_client import REGISTRY
 from structlog.testing import capture_logs
 
 from appliance.config import Config
-from appliance.db.migrate import migrate
 from appliance.resources import Resources, open_resources
 from appliance.schedules import SCHEDULES, compact_segments
 from appliance.segments import compact, index, store
@@ -41,7 +39,7 @@ from appliance.segments.format import (
     encode_segment,
 )
 from appliance.storage import StorageError
-from tests.support import write_toml
+from tests.support import migrated_db, write_toml
 
 Blocks = Sequence[tuple[str, Sequence[Record]]]
 
@@ -49,11 +47,7 @@ Blocks = Sequence[tuple[str, Sequence[Record]]]
 @pytest.fixture
 async def res(settings: dict[str, Any], fresh_database: Any) -> AsyncIterator[Resources]:
     dsn = fresh_database()
-    conn = await psycopg.AsyncConnection.connect(dsn, autocommit=True)
-    try:
-        await migrate(conn)
-    finally:
-        await conn.close()
+    await migrated_db(dsn)
     settings["postgres"]["dsn"] = dsn
     settings["s3"]["bucket"] = f"compact-{uuid.uuid4().hex[:12]}"
     async with open_resources(Config.model_validate(settings), "test") as resources:

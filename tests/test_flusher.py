@@ -24,7 +24,6 @@ from structlog.testing import capture_logs
 
 from appliance.auth.principal import Principal
 from appliance.config import Config
-from appliance.db.migrate import migrate
 from appliance.errors import ConfigError
 from appliance.messages.publish import MessageIn, Publisher
 from appliance.redis_keys import shard_of
@@ -33,7 +32,7 @@ from appliance.segments import index, store
 from appliance.segments.flush import Flusher, flush_pending
 from tests.messaging import unique
 from tests.segment_check import block_rows, durable_and_tail, indexed_records, tail_seqs
-from tests.support import free_port, port_open, wait_for
+from tests.support import free_port, migrated_db, port_open, wait_for
 
 SENDER = Principal("key:flusher-test", frozenset({"admin"}))
 WAIT = 30.0
@@ -61,14 +60,6 @@ def flush_settings(settings: dict[str, Any], dsn: str, **segments: Any) -> dict[
     settings["s3"]["bucket"] = f"fl-{uuid.uuid4().hex[:12]}"
     settings["segments"] = {"shards": 4, "max_age": 0.3, "lease_ttl": 2.0, **segments}
     return settings
-
-
-async def migrated_db(dsn: str) -> None:
-    conn = await psycopg.AsyncConnection.connect(dsn, autocommit=True)
-    try:
-        await migrate(conn)
-    finally:
-        await conn.close()
 
 
 @asynccontextmanager

@@ -20,7 +20,6 @@ from typing import Any, cast
 
 import hypothesis
 import msgspec
-import psycopg
 import pytest
 import structlog
 from hypothesis import HealthCheck
@@ -32,7 +31,6 @@ from appliance.api.app import create_app
 from appliance.api.services import Services, open_services
 from appliance.auth.principal import Principal
 from appliance.config import Config
-from appliance.db.migrate import migrate
 from appliance.errors import ApplianceError, Unavailable
 from appliance.messages import history as history_module
 from appliance.messages.blocks import RECORD_OVERHEAD, BlockCache, block_size
@@ -44,7 +42,7 @@ from appliance.segments import index
 from appliance.segments.format import HEADER, Record, decode_segment, encode_segment
 from tests import tiers
 from tests.messaging import bearer, issue_key, unique
-from tests.support import free_port, port_open, wait_for
+from tests.support import free_port, migrated_db, port_open, wait_for
 
 PUBLISHER = Principal("key:tiers", frozenset({"publish"}))
 Message = tuple[int, bytes]
@@ -55,11 +53,7 @@ Message = tuple[int, bytes]
 
 async def migrated_database(make: Callable[[], str]) -> str:
     dsn = make()
-    conn = await psycopg.AsyncConnection.connect(dsn, autocommit=True)
-    try:
-        await migrate(conn)
-    finally:
-        await conn.close()
+    await migrated_db(dsn)
     return dsn
 
 
@@ -447,11 +441,7 @@ async def test_postgres_down_is_503_for_pages_that_need_the_index(
     private_postgres: tuple[str, Callable[[], None], Callable[[], None]],
 ) -> None:
     dsn, _, kill = private_postgres
-    conn = await psycopg.AsyncConnection.connect(dsn, autocommit=True)
-    try:
-        await migrate(conn)
-    finally:
-        await conn.close()
+    await migrated_db(dsn)
     isolate(settings, dsn)
     settings["postgres"]["connect_timeout"] = 1.0
     settings["appliance"]["roles"] = ["api"]
