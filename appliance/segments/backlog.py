@@ -23,12 +23,12 @@ class ShardBacklog(msgspec.Struct, frozen=True):
 
 async def backlog(redis: aioredis.Redis, keys: Keys) -> list[ShardBacklog]:
     """Every shard's backlog, in one pipelined round trip."""
-    pipe = redis.pipeline(transaction=False)
-    pipe.time()
-    for shard in range(keys.shards):
-        pipe.xlen(keys.ingest(shard))
-        pipe.xrange(keys.ingest(shard), count=1)
-    replies: list[Any] = await pipe.execute()
+    async with redis.pipeline(transaction=False) as pipe:
+        pipe.time()
+        for shard in range(keys.shards):
+            pipe.xlen(keys.ingest(shard))
+            pipe.xrange(keys.ingest(shard), count=1)
+        replies: list[Any] = await pipe.execute()
     seconds, micros = replies[0]
     now_ms = int(seconds) * 1000 + int(micros) // 1000
     out = []

@@ -275,12 +275,12 @@ class Flusher:
         (each renews its own at every claim); 0 when Redis does not answer (the leases table
         still counts those that own shards)."""
         now = time.time()
-        pipe = self.res.redis.pipeline(transaction=True)
-        pipe.zremrangebyscore(self._presence, "-inf", now)
-        pipe.zadd(self._presence, {self.owner: now + self.ttl})
-        pipe.zcard(self._presence)
         try:
-            replies = await pipe.execute()
+            async with self.res.redis.pipeline(transaction=True) as pipe:
+                pipe.zremrangebyscore(self._presence, "-inf", now)
+                pipe.zadd(self._presence, {self.owner: now + self.ttl})
+                pipe.zcard(self._presence)
+                replies = await pipe.execute()
         except _FAILURES as exc:
             self._failed("presence", exc)
             return 0
@@ -509,13 +509,14 @@ class Flusher:
         script has since gone on from the indexed head and may have handed the same seq to a
         new message. Indexing the old copy would give that seq two messages; the records lost
         with Redis are the documented loss window instead (docs/operations.md)."""
-        pipe = self.res.redis.pipeline(transaction=False)
         names = [c for c in sorted(items) if items[c]]
-        for c in names:
-            seqs = items[c]
-            pipe.xrange(self.res.keys.tail(c), f"{min(seqs)}-0", f"{max(seqs)}-0")
+        async with self.res.redis.pipeline(transaction=False) as pipe:
+            for c in names:
+                seqs = items[c]
+                pipe.xrange(self.res.keys.tail(c), f"{min(seqs)}-0", f"{max(seqs)}-0")
+            tails = await pipe.execute()
         dropped = 0
-        for c, entries in zip(names, await pipe.execute(), strict=True):
+        for c, entries in zip(names, tails, strict=True):
             held = {int(i.split(b"-", 1)[0]): f.get(b"m") for i, f in entries}
             records = items[c]
             for seq in [q for q, item in records.items() if held.get(q) != item.payload]:
@@ -557,29 +558,33 @@ class Flusher:
         Idempotent: a retry after a partial run does no harm."""
         redis, keys = self.res.redis, self.res.keys
         acked = {s: b.ids for s, b in taken.items() if b.ids}
-        pipe = redis.pipeline(transaction=False)
-        for shard, ids in acked.items():
-            pipe.xack(keys.ingest(shard), GROUP, *ids)
-            pipe.xpending(keys.ingest(shard), GROUP)
-        replies = await pipe.execute(raise_on_error=False)
+        # Pipelines as context managers: one whose scripts could not be loaded (Redis away)
+        # would otherwise keep its connection (redis-py resets it only after sending).
+        async with redis.pipeline(transaction=False) as pipe:
+            for shard, ids in acked.items():
+                pipe.xack(keys.ingest(shard), GROUP, *ids)
+                pipe.xpending(keys.ingest(shard), GROUP)
+            replies = await pipe.execute(raise_on_error=False)
         _raise_outage(replies)
-        pipe = redis.pipeline(transaction=False)
-        for (shard, ids), pending in zip(acked.items(), replies[1::2], strict=True):
-            if isinstance(pending, ResponseError):
-                continue  # the group is gone (Redis lost it): nothing of ours left to trim
-            floor = _after(max(ids, key=_key_order))
-            if pending and pending.get("pending"):
-                floor = min(floor, pending["min"].decode(), key=lambda i: _key_order(i.encode()))
-            pipe.xtrim(keys.ingest(shard), minid=floor, approximate=False)
         tail_max = self.config.messages.tail_max
         trimmed = [(c, seq) for c, seq in flushed.items() if seq > 0]
-        for conversation, seq in trimmed:
-            await self._trim_tail(
-                keys=[keys.tail(conversation), keys.seq(conversation)],
-                args=[seq, tail_max],
-                client=pipe,
-            )
-        replies = await pipe.execute()
+        async with redis.pipeline(transaction=False) as pipe:
+            for (shard, ids), pending in zip(acked.items(), replies[1::2], strict=True):
+                if isinstance(pending, ResponseError):
+                    continue  # the group is gone (Redis lost it): nothing of ours to trim
+                floor = _after(max(ids, key=_key_order))
+                if pending and pending.get("pending"):
+                    floor = min(
+                        floor, pending["min"].decode(), key=lambda i: _key_order(i.encode())
+                    )
+                pipe.xtrim(keys.ingest(shard), minid=floor, approximate=False)
+            for conversation, seq in trimmed:
+                await self._trim_tail(
+                    keys=[keys.tail(conversation), keys.seq(conversation)],
+                    args=[seq, tail_max],
+                    client=pipe,
+                )
+            replies = await pipe.execute()
         for (conversation, seq), reply in zip(
             trimmed, replies[len(replies) - len(trimmed) :], strict=True
         ):
@@ -598,12 +603,12 @@ class Flusher:
         shards = sorted(self.owned)
         if not shards:
             return
-        pipe = self.res.redis.pipeline(transaction=False)
-        for shard in shards:
-            pipe.xlen(self.res.keys.ingest(shard))
-            pipe.xrange(self.res.keys.ingest(shard), count=1)
         try:
-            replies = await pipe.execute()
+            async with self.res.redis.pipeline(transaction=False) as pipe:
+                for shard in shards:
+                    pipe.xlen(self.res.keys.ingest(shard))
+                    pipe.xrange(self.res.keys.ingest(shard), count=1)
+                replies = await pipe.execute()
         except _FAILURES:
             return  # the flush steps count and log Redis failures
         now = time.time()
