@@ -12,6 +12,7 @@ The factory can be swapped for `noop_app:create` (the product app plus a no-op r
 from __future__ import annotations
 
 import argparse
+import asyncio
 import contextlib
 import json
 import os
@@ -59,6 +60,17 @@ def listening(port: int) -> bool:
     with socket.socket() as s:
         s.settimeout(0.5)
         return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+async def read_response(reader: asyncio.StreamReader) -> bytes:
+    """One Content-Length framed HTTP/1.1 response off `reader`: its status line."""
+    status = await reader.readline()
+    length = 0
+    while (line := await reader.readline()) not in (b"\r\n", b""):
+        if line[:15].lower() == b"content-length:":
+            length = int(line[15:])
+    await reader.readexactly(length)
+    return status
 
 
 def percentile(values: list[float], p: float) -> float:

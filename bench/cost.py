@@ -47,7 +47,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from common import BenchApi, load_average, machine, percentile
+from common import BenchApi, load_average, machine, percentile, read_response
 from history import (
     PRINCIPAL,
     Program,
@@ -493,12 +493,7 @@ async def http_load(
             turn += connections
             sent = time.perf_counter()
             writer.write(requests[turn % len(requests)])
-            status = await reader.readline()
-            length = 0
-            while (line := await reader.readline()) not in (b"\r\n", b""):
-                if line[:15].lower() == b"content-length:":
-                    length = int(line[15:])
-            await reader.readexactly(length)
+            status = await read_response(reader)
             latencies.append(time.perf_counter() - sent)
             if status.startswith(b"HTTP/1.1 2"):
                 acked += batch

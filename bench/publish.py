@@ -47,6 +47,7 @@ from common import (
     parse_load_options,
     percentile,
     profile_summary,
+    read_response,
     redis_pid,
     start_profile,
     thread_cpu,
@@ -233,12 +234,7 @@ async def _python_load(
             turn += 1
             sent = time.perf_counter()
             writer.write(heads[turn % len(heads)])
-            status_line = await reader.readline()
-            length = 0
-            while (line := await reader.readline()) not in (b"\r\n", b""):
-                if line[:15].lower() == b"content-length:":
-                    length = int(line[15:])
-            await reader.readexactly(length)
+            status_line = await read_response(reader)
             latencies.append(time.perf_counter() - sent)
             if not status_line.startswith(b"HTTP/1.1 2"):
                 errors += 1
