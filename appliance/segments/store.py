@@ -78,7 +78,9 @@ class StreamedSegment:
         if not self.finished and self._upload is not None:
             try:
                 await self.storage.abort_upload(self.key, self._upload)
-            except Exception:  # the abort is a courtesy; stale uploads expire by lifecycle
+            except Exception:
+                # The error in flight says more. An upload whose abort failed stays incomplete
+                # (invisible, but stored): docs/operations.md asks for a lifecycle rule.
                 if kind is None:
                     raise
 
