@@ -43,6 +43,7 @@ from appliance.segments.format import HEADER, Record, decode_segment, encode_seg
 from tests import tiers
 from tests.messaging import bearer, issue_key, unique
 from tests.support import free_port, migrated_db, port_open, wait_for
+from tests.test_subscription import until
 
 PUBLISHER = Principal("key:tiers", frozenset({"publish"}))
 Message = tuple[int, bytes]
@@ -544,14 +545,6 @@ async def conversation_for(svc: Services) -> str:
     async with svc.resources.connection() as conn:
         await service.create(conn, service.ConversationCreate(conversation=name), "key:t")
     return name
-
-
-async def until(condition: Callable[[], bool], what: str, timeout: float = 10.0) -> None:
-    deadline = asyncio.get_running_loop().time() + timeout
-    while not condition():
-        if asyncio.get_running_loop().time() > deadline:
-            pytest.fail(f"timed out after {timeout:g}s waiting for {what}")
-        await asyncio.sleep(0.01)
 
 
 def when_replayed(

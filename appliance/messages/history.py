@@ -333,15 +333,8 @@ class History:
             return await self._blocks.get(row.object_key, row.entry)
         except StorageError as exc:
             if exc.s3_code == "InvalidRange":  # the object ends before the block the row names
-                log.error(
-                    "history_block_corrupt",
-                    conversation=row.conversation,
-                    object=row.object_key,
-                    offset=row.byte_offset,
-                    at=row.byte_offset,
-                    reason="object truncated: it ends before this block",
-                )
-                raise ApplianceError("a stored history block could not be read") from None
+                reason = "object truncated: it ends before this block"
+                raise _corrupt(row, row.byte_offset, reason) from None
             if exc.s3_code in _GONE:
                 if retry:
                     return None
@@ -359,15 +352,20 @@ class History:
                 "s3 is unavailable, retry later", code="storage", headers={"Retry-After": "1"}
             ) from None
         except SegmentCorrupt as exc:
-            log.error(
-                "history_block_corrupt",
-                conversation=row.conversation,
-                object=row.object_key,
-                offset=row.byte_offset,
-                at=exc.offset,
-                reason=exc.reason,
-            )
-            raise ApplianceError("a stored history block could not be read") from None
+            raise _corrupt(row, exc.offset, exc.reason) from None
+
+
+def _corrupt(row: BlockRow, at: int, reason: str) -> ApplianceError:
+    """A damaged block, logged with where and why; the 500 it becomes names nothing."""
+    log.error(
+        "history_block_corrupt",
+        conversation=row.conversation,
+        object=row.object_key,
+        offset=row.byte_offset,
+        at=at,
+        reason=reason,
+    )
+    return ApplianceError("a stored history block could not be read")
 
 
 def _needed(rows: list[BlockRow], wanted: int) -> list[BlockRow]:
