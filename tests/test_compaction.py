@@ -28,7 +28,7 @@ from structlog.testing import capture_logs
 
 from appliance.config import Config
 from appliance.resources import Resources, open_resources
-from appliance.schedules import SCHEDULES, compact_segments
+from appliance.schedules import SCHEDULES, Run, compact_segments
 from appliance.segments import compact, index, store
 from appliance.segments.format import (
     MAX_BLOCK_RAW_BYTES,
@@ -234,14 +234,14 @@ async def test_schedule_skips_today_and_days_inside_the_grace(
     entry = next(e for e in SCHEDULES if e.name == "compact_segments")
     assert entry.settings(res.config) is res.config.schedules.compact_segments
     assert res.config.schedules.compact_segments.grace_minutes == 1440
-    counts = await entry.run(res)
+    counts = await entry.run(res, Run())
 
     assert counts["days"] == 1 and counts["records"] == 1 and counts["failed"] == 0
     assert counts["flush_objects_deleted"] == 1 and counts["orphans_deleted"] == 0
     assert await flush_row_count(res, now) == 1
     assert await flush_row_count(res, now - timedelta(days=1)) == 1
     assert await flush_row_count(res, now - timedelta(days=2)) == 0
-    assert (await compact_segments.run(res))["days"] == 0
+    assert (await compact_segments.run(res, Run()))["days"] == 0
 
 
 CRASH_SCRIPT = """
@@ -291,7 +291,11 @@ async def test_crash_then_rerun_ends_compacted_once(
         assert await scalar(res, "SELECT count(*) FROM segment_garbage") == len(keys)
 
     # After the swap the day is done: the schedule's run only deletes the leftover garbage.
-    rerun = compact.compact_day(res, day) if step == "after_upload" else compact_segments.run(res)
+    rerun = (
+        compact.compact_day(res, day)
+        if step == "after_upload"
+        else compact_segments.run(res, Run())
+    )
     counts = await rerun
 
     assert counts["days"] == (1 if step == "after_upload" else 0)
@@ -430,7 +434,7 @@ async def test_orphan_sweep_deletes_only_old_unreferenced_objects(res: Resources
         assert await index.index_cut(conn, "test", [0], referenced, entries, 60) is None
         assert await compact.sweep_orphans(conn, res.storage) == 1
     assert await flush_objects(res) == sorted([young, foreign, referenced])
-    assert (await compact_segments.run(res))["orphans_deleted"] == 0
+    assert (await compact_segments.run(res, Run()))["orphans_deleted"] == 0
 
 
 async def test_corrupt_or_missing_flush_object_is_reported_and_the_day_kept(
@@ -456,7 +460,7 @@ async def test_corrupt_or_missing_flush_object_is_reported_and_the_day_kept(
     assert await flush_objects(res) == sorted([good, bad])
 
     with capture_logs() as logs, pytest.raises(compact_segments.CompactionFailed) as failed:
-        await compact_segments.run(res)
+        await compact_segments.run(res, Run())
     assert day.isoformat() in failed.value.message
     assert [e["day"] for e in logs if e["event"] == "compaction_failed"] == [day.isoformat()]
     assert await intact() == 2

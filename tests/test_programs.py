@@ -23,7 +23,7 @@ from appliance.diagnostics.roundtrip import ping_worker
 from appliance.programs.scheduler import claim, next_tick, run_entry
 from appliance.programs.worker import run_worker
 from appliance.resources import Resources
-from appliance.schedules import SCHEDULES
+from appliance.schedules import SCHEDULES, Run
 from tests.conftest import REDIS_URL
 from tests.support import wait_for, write_toml
 
@@ -144,6 +144,14 @@ async def test_prune_job_log_deletes_only_old_rows_and_records_the_run(
             " FROM unnest(ARRAY[30, 20, 8, 6, 1, 0]) AS d"
         )
     entry = next(e for e in SCHEDULES if e.name == "prune_job_log")
+    assert entry.retention
+    would = await entry.run(resources, Run(dry_run=True))
+    assert would["deleted"] >= 3
+    async with resources.connection() as conn:
+        cur = await conn.execute(
+            "SELECT count(*) FROM pgqueuer_log WHERE entrypoint = 'test.prune'"
+        )
+        assert await cur.fetchone() == (6,)  # a dry run deletes nothing
     tick = datetime.now(UTC).replace(microsecond=0)
     await run_entry(resources, entry, tick)
     async with resources.connection() as conn:
@@ -167,7 +175,7 @@ async def test_failed_schedule_run_is_recorded(
 ) -> None:
     from appliance.schedules import Entry
 
-    async def broken(res: Resources) -> dict[str, int]:
+    async def broken(res: Resources, run: Run) -> dict[str, int]:
         raise RuntimeError("maintenance exploded")
 
     entry = Entry("test_broken", lambda c: c.schedules.prune_job_log, broken)

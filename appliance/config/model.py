@@ -309,10 +309,47 @@ class RealtimeSection(Section):
 
 class ActivitySection(Section):
     enabled: bool = True
+    # Days the API activity log is kept; whole months past it are dropped by maintain_partitions.
+    keep_days: int = Field(default=90, ge=1, le=3650)
     # Seconds between batched inserts of the API activity log.
     flush_interval: Seconds = 2.0
     # Records held in memory at most; beyond it new records are dropped and counted.
     queue_max: int = Field(default=50_000, ge=100, le=10_000_000)
+
+
+class WebhooksSection(Section):
+    # Seconds one delivery may take in all: connect, send, and read the answer.
+    timeout: Seconds = 10.0
+    # Bytes of a receiver's answer read at most; the rest is not read.
+    max_response_bytes: int = Field(default=65_536, ge=0, le=16 * 1_048_576)
+    # Attempts of one delivery (jittered exponential back-off between them) before it fails.
+    max_attempts: int = Field(default=8, ge=1, le=100)
+    # Consecutive failed deliveries after which an endpoint is disabled (re-enabled by an admin).
+    disable_after: int = Field(default=20, ge=1, le=100_000)
+    # Events per delivery at most: message.created is batched per endpoint.
+    batch_max: int = Field(default=100, ge=1, le=10_000)
+    # Deliver to loopback, private, link-local and other non-public addresses (refused unless
+    # true: a receiver URL must not reach into the appliance's own network).
+    allow_private: bool = False
+
+
+class AttachmentsSection(Section):
+    # Largest upload, in bytes.
+    max_bytes: int = Field(default=25 * 1_048_576, ge=1, le=5 * 1_073_741_824)
+    # Content types an upload may declare; "type/*" matches a whole family.
+    content_types: list[str] = Field(
+        default_factory=lambda: ["image/*", "audio/*", "video/*", "application/pdf", "text/plain"],
+        min_length=1,
+    )
+    # Seconds a presigned upload stays valid.
+    upload_expires: Seconds = 900.0
+    # Seconds a presigned download stays valid.
+    download_expires: Seconds = 300.0
+
+
+class ExportsSection(Section):
+    # Seconds an export's presigned link stays valid (S3 allows at most 7 days).
+    link_expires: float = Field(default=86_400.0, gt=0, le=7 * 86_400)
 
 
 class Schedule(Section):
@@ -338,9 +375,61 @@ class CompactSegmentsSchedule(Schedule):
     grace_minutes: int = Field(default=10, ge=1, le=1440)
 
 
+class ExpireSegmentsSchedule(Schedule):
+    cron: str = "45 * * * *"
+    # Days of history kept: older segment objects and index rows are deleted, and conversations
+    # deleted longer ago than grace_days are purged.
+    days: int = Field(default=30, ge=1, le=3650)
+    grace_days: int = Field(default=1, ge=0, le=3650)
+
+
+class MaintainPartitionsSchedule(Schedule):
+    cron: str = "5 0 * * *"
+    # Monthly partitions created ahead of time, counting the current month.
+    months_ahead: int = Field(default=2, ge=1, le=24)
+
+
+class PruneWebhookDeliveriesSchedule(Schedule):
+    cron: str = "25 * * * *"
+    keep_days: int = Field(default=30, ge=1, le=3650)
+
+
+class ExpireExportsSchedule(Schedule):
+    cron: str = "35 * * * *"
+    # Days an export object is kept (its link expires earlier, at exports.link_expires).
+    keep_days: int = Field(default=7, ge=1, le=3650)
+
+
+class ExpireUploadsSchedule(Schedule):
+    cron: str = "55 * * * *"
+    # Hours after which an upload never verified is deleted.
+    max_age_hours: int = Field(default=24, ge=1, le=8760)
+
+
+class BackupSchedule(Schedule):
+    cron: str = "30 3 * * *"
+    # Backups kept under backups/; older ones are deleted after a new one is complete.
+    keep: int = Field(default=7, ge=1, le=1000)
+
+
+class ReconcileSchedule(Schedule):
+    cron: str = "50 * * * *"
+
+
 class SchedulesSection(Section):
     prune_job_log: PruneJobLogSchedule = Field(default_factory=PruneJobLogSchedule)
     compact_segments: CompactSegmentsSchedule = Field(default_factory=CompactSegmentsSchedule)
+    expire_segments: ExpireSegmentsSchedule = Field(default_factory=ExpireSegmentsSchedule)
+    maintain_partitions: MaintainPartitionsSchedule = Field(
+        default_factory=MaintainPartitionsSchedule
+    )
+    prune_webhook_deliveries: PruneWebhookDeliveriesSchedule = Field(
+        default_factory=PruneWebhookDeliveriesSchedule
+    )
+    expire_exports: ExpireExportsSchedule = Field(default_factory=ExpireExportsSchedule)
+    expire_uploads: ExpireUploadsSchedule = Field(default_factory=ExpireUploadsSchedule)
+    backup: BackupSchedule = Field(default_factory=BackupSchedule)
+    reconcile: ReconcileSchedule = Field(default_factory=ReconcileSchedule)
 
 
 class Config(Section):
@@ -356,4 +445,7 @@ class Config(Section):
     messages: MessagesSection = Field(default_factory=MessagesSection)
     realtime: RealtimeSection = Field(default_factory=RealtimeSection)
     activity: ActivitySection = Field(default_factory=ActivitySection)
+    webhooks: WebhooksSection = Field(default_factory=WebhooksSection)
+    attachments: AttachmentsSection = Field(default_factory=AttachmentsSection)
+    exports: ExportsSection = Field(default_factory=ExportsSection)
     schedules: SchedulesSection = Field(default_factory=SchedulesSection)

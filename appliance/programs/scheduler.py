@@ -17,7 +17,7 @@ from psycopg.types.json import Jsonb
 
 from appliance import metrics
 from appliance.resources import Resources
-from appliance.schedules import SCHEDULES, Entry
+from appliance.schedules import SCHEDULES, Entry, Run
 
 log = structlog.get_logger()
 
@@ -44,7 +44,7 @@ async def run_entry(res: Resources, entry: Entry, tick: datetime) -> None:
     started = time.perf_counter()
     status, counts, error = "ok", {}, None
     try:
-        counts = await entry.run(res)
+        counts = await entry.run(res, Run())
     except Exception as exc:
         # A failed run is recorded and logged; the scheduler itself keeps running.
         status, error = "failed", f"{type(exc).__name__}: {exc}"

@@ -1,26 +1,14 @@
-"""Schedules the scheduler runs: each a name, its config section and an async run function."""
+"""The schedules the scheduler runs (see entry.py for what a schedule is). Schedules marked
+`retention` are also the ones `appliance retention run` runs."""
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
-
-from appliance.config import Config
-from appliance.config.model import Schedule
-from appliance.resources import Resources
 from appliance.schedules import compact_segments, prune_job_log
+from appliance.schedules.entry import Counts, Entry, Progress, Run
 
-Counts = dict[str, int]
-
-
-@dataclass(frozen=True)
-class Entry:
-    name: str
-    settings: Callable[[Config], Schedule]
-    run: Callable[[Resources], Awaitable[Counts]]
-
+__all__ = ["SCHEDULES", "Counts", "Entry", "Progress", "Run"]
 
 SCHEDULES: tuple[Entry, ...] = (
-    Entry("prune_job_log", lambda c: c.schedules.prune_job_log, prune_job_log.run),
+    Entry("prune_job_log", lambda c: c.schedules.prune_job_log, prune_job_log.run, retention=True),
     Entry("compact_segments", lambda c: c.schedules.compact_segments, compact_segments.run),
 )

@@ -13,6 +13,7 @@ from psycopg import Error as PgError
 
 from appliance.errors import ApplianceError
 from appliance.resources import Resources
+from appliance.schedules.entry import Run
 from appliance.segments import compact
 
 log = structlog.get_logger()
@@ -22,7 +23,7 @@ class CompactionFailed(ApplianceError):
     """Some days could not be compacted (each logged as `compaction_failed`)."""
 
 
-async def run(res: Resources) -> dict[str, int]:
+async def run(res: Resources, run: Run) -> dict[str, int]:
     grace = res.config.schedules.compact_segments.grace_minutes
     totals = dict.fromkeys(
         ("days", "blocks", "records", "bytes", "flush_objects_deleted", "orphans_deleted"), 0

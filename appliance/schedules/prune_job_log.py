@@ -7,6 +7,7 @@ from psycopg import sql
 
 from appliance import metrics
 from appliance.resources import Resources
+from appliance.schedules.entry import Run
 
 BATCH = 5000
 
@@ -21,8 +22,20 @@ def _delete_batch() -> sql.Composed:
     ).format(table=table)
 
 
-async def run(res: Resources) -> dict[str, int]:
+def _count() -> sql.Composed:
+    table = sql.Identifier(db_settings().queue_table_log)
+    return sql.SQL(
+        "SELECT count(*) FROM {table} WHERE created < now() - make_interval(days => %s)"
+    ).format(table=table)
+
+
+async def run(res: Resources, run: Run) -> dict[str, int]:
     keep_days = res.config.schedules.prune_job_log.keep_days
+    if run.dry_run:
+        async with res.connection() as conn:
+            cur = await conn.execute(_count(), (keep_days,))
+            row = await cur.fetchone()
+        return {"deleted": int(row[0]) if row else 0}
     deleted = 0
     query = _delete_batch()
     while True:

@@ -1,0 +1,2 @@
+-- Placeholder, replaced by its feature's tables in this change.
+SELECT 1;
