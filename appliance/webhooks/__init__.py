@@ -1,0 +1,1 @@
+"""Webhooks: endpoints an admin registers, emitted events, signed and logged delivery."""
