@@ -1,32 +1,69 @@
 """Job plumbing: the entrypoint registry the worker serves, and enqueueing from anywhere.
 
-Feature modules own their handlers (`appliance/<feature>/jobs.py`) and are listed in `ENTRYPOINTS`;
-the worker wraps each with a timeout, metrics and a log line.
+Feature modules own their handlers (`appliance/<feature>/jobs.py`) and are listed in `ENTRYPOINTS`,
+either as a bare handler (which gets `[worker] max_attempts`) or as an `Entrypoint` carrying its
+own attempt limit; the worker wraps each with a timeout, attempt counting, metrics and log context.
 """
 
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from datetime import timedelta
 
 from pgqueuer.queries import Queries
 
+from appliance.config import Config
 from appliance.diagnostics import jobs as diagnostics
+from appliance.exports import jobs as export_jobs
+from appliance.exports import service as exports
 from appliance.resources import Conn, Resources
 
 Handler = Callable[[Resources, bytes], Awaitable[None]]
 
-ENTRYPOINTS: dict[str, Handler] = {
-    diagnostics.PING: diagnostics.ping,
+
+@dataclass(frozen=True)
+class Entrypoint:
+    """A handler and how many attempts it gets before its job is parked as failed: a number, a
+    function of the config (e.g. `lambda c: c.webhooks.max_attempts`), or None for the
+    `[worker] max_attempts` default."""
+
+    handler: Handler
+    max_attempts: int | Callable[[Config], int] | None = None
+
+    def attempts_allowed(self, config: Config) -> int:
+        limit = self.max_attempts
+        if limit is None:
+            return config.worker.max_attempts
+        return max(1, limit(config) if callable(limit) else limit)
+
+
+ENTRYPOINTS: dict[str, Handler | Entrypoint] = {
+    diagnostics.PING: Entrypoint(diagnostics.ping, max_attempts=1),
+    diagnostics.NOOP: diagnostics.noop,
+    exports.RUN: export_jobs.run,
 }
 
 
+def entrypoint(name: str) -> Entrypoint:
+    """The registry entry for `name` as an `Entrypoint` (a bare handler gets the default limit)."""
+    entry = ENTRYPOINTS[name]
+    return entry if isinstance(entry, Entrypoint) else Entrypoint(entry)
+
+
 async def enqueue(
-    conn: Conn, entrypoint: str, payload: bytes, *, dedupe_key: str | None = None
+    conn: Conn,
+    entrypoint: str,
+    payload: bytes,
+    *,
+    dedupe_key: str | None = None,
+    execute_after: timedelta | None = None,
 ) -> int:
-    """Enqueue on `conn` (inside the caller's transaction if one is open); returns the job id."""
+    """Enqueue on `conn` (inside the caller's transaction if one is open: a rollback leaves no
+    job); returns the job id. `execute_after` delays the first run."""
     if entrypoint not in ENTRYPOINTS:
         raise ValueError(f"unknown job entrypoint {entrypoint!r}")
     ids = await Queries.from_psycopg_connection(conn).enqueue(
-        entrypoint, payload, dedupe_key=dedupe_key
+        entrypoint, payload, dedupe_key=dedupe_key, execute_after=execute_after
     )
     return int(ids[0])

@@ -33,8 +33,8 @@ from appliance.resources import Resources, open_resources
 
 async def measure(res: Resources, driver: Any, jobs: int, idle: float) -> list[float]:
     qm = QueueManager(Queries(driver))
-    for name, handler in ENTRYPOINTS.items():
-        qm.entrypoint(name)(_wrap(res, name, handler))
+    for name in ENTRYPOINTS:
+        qm.entrypoint(name)(_wrap(res, name))
     runner = asyncio.create_task(
         qm.run(dequeue_timeout=timedelta(seconds=30), batch_size=5, max_concurrent_tasks=10)
     )

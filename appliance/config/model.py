@@ -191,9 +191,16 @@ class S3Section(Section):
 class WorkerSection(Section):
     # pgqueuer dequeues in batches of half this and needs room for two batches, hence >= 2.
     concurrency: int = Field(default=10, ge=2, le=1000)
-    poll_interval: Seconds = 5.0
+    # A dead worker's job is picked again once its heartbeat (sent every heartbeat_timeout / 2)
+    # is heartbeat_timeout old, at the next poll: recovery takes about the sum of the two.
+    poll_interval: Seconds = 1.0
     job_timeout: Seconds = 300.0
-    heartbeat_timeout: Seconds = 30.0
+    heartbeat_timeout: Seconds = 5.0
+    # Attempts of a job whose entrypoint names no limit of its own, before it is parked as failed.
+    max_attempts: int = Field(default=5, ge=1, le=100)
+    # Back-off before attempt n+1: retry_delay * 2^(n-1), at most retry_max_delay, times 0.5-1.
+    retry_delay: Seconds = 10.0
+    retry_max_delay: Seconds = 3600.0
 
 
 class SegmentsSection(Section):

@@ -24,7 +24,7 @@ from psycopg import Error as PgError
 
 from appliance import metrics
 from appliance.db.queue_driver import SplitDriver, connect_worker
-from appliance.jobs import ENTRYPOINTS, Handler, enqueue
+from appliance.jobs import ENTRYPOINTS, enqueue, entrypoint
 from appliance.resources import Resources
 
 log = structlog.get_logger()
@@ -34,9 +34,8 @@ LIVENESS_INTERVAL = 2.0  # seconds between checks of the LISTEN connection
 LIVENESS_TIMEOUT = 5.0  # seconds it may take to answer one
 
 
-def _wrap(
-    res: Resources, name: str, handler: Handler
-) -> Callable[[Job], Coroutine[Any, Any, None]]:
+def _wrap(res: Resources, name: str) -> Callable[[Job], Coroutine[Any, Any, None]]:
+    handler = entrypoint(name).handler
     timeout = res.config.worker.job_timeout
 
     async def requeue(payload: bytes) -> None:
@@ -86,8 +85,8 @@ async def _serve(res: Resources, stop: asyncio.Event) -> None:
         try:
             driver = SplitDriver(conn, listen)
             qm = QueueManager(Queries(driver))
-            for name, handler in ENTRYPOINTS.items():
-                qm.entrypoint(name)(_wrap(res, name, handler))
+            for name in ENTRYPOINTS:
+                qm.entrypoint(name)(_wrap(res, name))
             runner = asyncio.create_task(
                 qm.run(
                     dequeue_timeout=timedelta(seconds=section.poll_interval),
