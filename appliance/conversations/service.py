@@ -1,4 +1,9 @@
-"""Conversations and membership in PostgreSQL. Callers announce changes (see routes)."""
+"""Conversations and membership in PostgreSQL. Callers announce changes (see routes).
+
+Each change emits its webhook event (`conversation.*`, `member.*`) in the change's own
+transaction: a change that rolls back queues no delivery, one that commits has its jobs queued
+with it. An event's `data` is the conversation or member as the API returns it.
+"""
 
 from __future__ import annotations
 
@@ -13,6 +18,8 @@ from psycopg.types.json import Jsonb
 
 from appliance.auth.principal import PRINCIPAL
 from appliance.errors import Conflict, Invalid, NotFound
+from appliance.webhooks import service as webhooks
+from appliance.webhooks.events import EventType, event
 
 Conn = psycopg.AsyncConnection[Any]
 Role = Literal["owner", "member", "reader"]
@@ -59,6 +66,17 @@ class Conversation(msgspec.Struct):
     updated_at: datetime
 
 
+async def _emit(conn: Conn, type: EventType, conversation: str, data: dict[str, Any]) -> None:
+    """Queue the event on `conn`, inside the caller's open transaction."""
+    await webhooks.emit(conn, [event(type, data, conversation=conversation)])
+
+
+def _wire(value: msgspec.Struct) -> dict[str, Any]:
+    """`value` as the API encodes it (datetimes as RFC 3339 strings)."""
+    data: dict[str, Any] = msgspec.to_builtins(value)
+    return data
+
+
 def check_id(conversation: str) -> str:
     if not CONVERSATION.match(conversation):
         raise Invalid("must match [A-Za-z0-9._:-]{1,128}", field="conversation")
@@ -96,7 +114,11 @@ async def create(conn: Conn, spec: ConversationCreate, creator: str) -> Conversa
                SELECT %s, p, r FROM unnest(%s::text[], %s::text[]) AS m(p, r)""",
             (spec.conversation, list(members), list(members.values())),
         )
-    return Conversation(**row)
+        created = Conversation(**row)
+        listed = await _members(cur, spec.conversation)
+        data = {**_wire(created), "members": [_wire(m) for m in listed]}
+        await _emit(conn, "conversation.created", spec.conversation, data)
+    return created
 
 
 async def get(conn: Conn, conversation: str) -> Conversation:
@@ -119,7 +141,7 @@ async def exists(conn: Conn, conversation: str) -> bool:
 
 
 async def update(conn: Conn, conversation: str, patch: ConversationPatch) -> Conversation:
-    async with conn.cursor(row_factory=dict_row) as cur:
+    async with conn.transaction(), conn.cursor(row_factory=dict_row) as cur:
         await cur.execute(
             f"""UPDATE conversations
                    SET title = coalesce(%s, title),
@@ -133,23 +155,29 @@ async def update(conn: Conn, conversation: str, patch: ConversationPatch) -> Con
             ),
         )
         row = await cur.fetchone()
-    if row is None:
-        raise NotFound(f"no conversation {conversation!r}", field="conversation")
-    return Conversation(**row)
+        if row is None:
+            raise NotFound(f"no conversation {conversation!r}", field="conversation")
+        updated = Conversation(**row)
+        await _emit(conn, "conversation.updated", conversation, _wire(updated))
+    return updated
 
 
 async def delete(conn: Conn, conversation: str) -> None:
-    """Tombstone: reads fail at once; the history itself is purged by retention."""
-    async with conn.transaction():
-        cur = await conn.execute(
-            "UPDATE conversations SET deleted_at = now() WHERE id = %s AND deleted_at IS NULL",
+    """Tombstone: reads fail at once; the history itself is purged by retention. The event
+    carries the conversation as it was; its members go with it (no `member.removed` each)."""
+    async with conn.transaction(), conn.cursor(row_factory=dict_row) as cur:
+        await cur.execute(
+            f"""UPDATE conversations SET deleted_at = now()
+                 WHERE id = %s AND deleted_at IS NULL RETURNING {_COLUMNS}""",
             (conversation,),
         )
-        if cur.rowcount == 0:
+        row = await cur.fetchone()
+        if row is None:
             raise NotFound(f"no conversation {conversation!r}", field="conversation")
-        await conn.execute(
+        await cur.execute(
             "DELETE FROM conversation_members WHERE conversation = %s", (conversation,)
         )
+        await _emit(conn, "conversation.deleted", conversation, _wire(Conversation(**row)))
 
 
 async def role_of(conn: Conn, conversation: str, principal: str) -> str | None:
@@ -163,22 +191,40 @@ async def role_of(conn: Conn, conversation: str, principal: str) -> str | None:
 
 async def members(conn: Conn, conversation: str) -> list[Member]:
     async with conn.cursor(row_factory=dict_row) as cur:
-        await cur.execute(
-            """SELECT principal, role, added_at FROM conversation_members
-                WHERE conversation = %s ORDER BY added_at, principal""",
-            (conversation,),
-        )
-        return [Member(**row) for row in await cur.fetchall()]
+        return await _members(cur, conversation)
+
+
+async def _members(cur: psycopg.AsyncCursor[dict[str, Any]], conversation: str) -> list[Member]:
+    await cur.execute(
+        """SELECT principal, role, added_at FROM conversation_members
+            WHERE conversation = %s ORDER BY added_at, principal""",
+        (conversation,),
+    )
+    return [Member(**row) for row in await cur.fetchall()]
 
 
 async def put_member(conn: Conn, conversation: str, principal: str, role: str) -> Member:
-    async with conn.cursor(row_factory=dict_row) as cur:
+    """Add a member or change its role: either is a `member.added` event carrying the role it
+    has now. A PUT of the role it already has changes nothing and emits nothing."""
+    async with conn.transaction(), conn.cursor(row_factory=dict_row) as cur:
+        # The conflict's WHERE leaves an unchanged row alone: no row comes back for it.
         await cur.execute(
-            """INSERT INTO conversation_members (conversation, principal, role)
+            """INSERT INTO conversation_members AS m (conversation, principal, role)
                VALUES (%s, %s, %s)
                ON CONFLICT (conversation, principal) DO UPDATE SET role = excluded.role
+               WHERE m.role IS DISTINCT FROM excluded.role
                RETURNING principal, role, added_at""",
             (conversation, principal, role),
+        )
+        row = await cur.fetchone()
+        if row is not None:
+            member = Member(**row)
+            await _emit(conn, "member.added", conversation, _wire(member))
+            return member
+        await cur.execute(
+            """SELECT principal, role, added_at FROM conversation_members
+                WHERE conversation = %s AND principal = %s""",
+            (conversation, principal),
         )
         row = await cur.fetchone()
     assert row is not None
@@ -186,9 +232,14 @@ async def put_member(conn: Conn, conversation: str, principal: str, role: str) -
 
 
 async def remove_member(conn: Conn, conversation: str, principal: str) -> None:
-    cur = await conn.execute(
-        "DELETE FROM conversation_members WHERE conversation = %s AND principal = %s",
-        (conversation, principal),
-    )
-    if cur.rowcount == 0:
-        raise NotFound(f"{principal!r} is not a member", field="principal")
+    """The `member.removed` event carries the member as it was."""
+    async with conn.transaction(), conn.cursor(row_factory=dict_row) as cur:
+        await cur.execute(
+            """DELETE FROM conversation_members WHERE conversation = %s AND principal = %s
+               RETURNING principal, role, added_at""",
+            (conversation, principal),
+        )
+        row = await cur.fetchone()
+        if row is None:
+            raise NotFound(f"{principal!r} is not a member", field="principal")
+        await _emit(conn, "member.removed", conversation, _wire(Member(**row)))
