@@ -73,6 +73,14 @@ SCHEDULE_DURATION = Histogram(
 RETENTION_DELETED = Counter(
     "appliance_retention_deleted_total", "Rows or objects deleted by retention", ["kind"]
 )
+# Unix time of each schedule's last successful run in any container (read from schedule_runs at
+# scheduler start, then set by each run): alert on `time() - this` past a few periods.
+SCHEDULE_LAST_SUCCESS = Gauge(
+    "appliance_schedule_last_success_timestamp_seconds",
+    "When the schedule last finished ok",
+    ["schedule"],
+    multiprocess_mode="max",
+)
 S3_ERRORS = Counter("appliance_s3_errors_total", "S3 errors", ["operation"])
 
 # The history tier: flushes, segments, the ingest backlog (per shard, set by its owner; 0 where
