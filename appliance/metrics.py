@@ -56,12 +56,27 @@ PROGRAM_CPU = Gauge(
     multiprocess_mode="livesum",
 )
 HEARTBEATS = Counter("appliance_heartbeats_total", "Heartbeats written", ["program"])
-JOBS = Counter("appliance_jobs_total", "Jobs run by the worker", ["entrypoint", "status"])
+# Jobs (programs/worker.py, appliance/job_attempts.py). An attempt ends as ok, error, timeout,
+# lost (its worker died: counted when the job is picked again) or requeued (cut off by the drain
+# deadline, enqueued again); a failed attempt is then retried or parked (out of attempts).
+JOBS = Counter("appliance_jobs_total", "Job attempts by how they ended", ["entrypoint", "status"])
+JOB_ATTEMPTS = Counter("appliance_job_attempts_total", "Job attempts started", ["entrypoint"])
+JOB_FAILURES = Counter(
+    "appliance_job_failures_total",
+    "Failed attempts by what followed: retried after a back-off, or parked",
+    ["entrypoint", "action"],
+)
 JOB_DURATION = Histogram(
     "appliance_job_duration_seconds",
     "Job run time",
     ["entrypoint"],
     buckets=(0.01, 0.05, 0.1, 0.5, 1, 5, 30, 120, 600),
+)
+JOB_QUEUE = Gauge(
+    "appliance_job_queue_depth",
+    "Jobs by entrypoint and status (queued, running, parked), counted by the worker",
+    ["entrypoint", "status"],
+    multiprocess_mode="livemax",
 )
 SCHEDULE_RUNS = Counter("appliance_schedule_runs_total", "Schedule runs", ["schedule", "status"])
 SCHEDULE_DURATION = Histogram(
@@ -111,6 +126,16 @@ OLDEST_UNFLUSHED = Gauge(
 SHARDS_OWNED = Gauge(
     "appliance_flusher_shards_owned", "Shards this flusher holds", multiprocess_mode="livesum"
 )
+INGEST_TRIMMED_UNREAD = Counter(
+    "appliance_ingest_trimmed_unread_total",
+    "Ingest entries the flusher trimmed before another consumer group (webhooks) acknowledged "
+    "them, because that group fell more than [webhooks] max_lag behind: events lost",
+    ["group"],
+)
+WEBHOOK_DISPATCHED = Counter(
+    "appliance_webhook_dispatched_total",
+    "message.created events the dispatcher read from the ingest streams and emitted",
+)
 HISTORY_READS = Counter(
     "appliance_history_reads_total", "Messages read for history and resume, by tier", ["tier"]
 )
@@ -139,6 +164,16 @@ STALE_SERVED = Counter(
     "appliance_cache_stale_served_total",
     "Cached keys and grants served past their TTL while PostgreSQL could not be asked",
     ["cache"],
+)
+# Webhook delivery attempts by outcome (appliance/webhooks/client.py Outcome, or dropped: the
+# endpoint was deleted or disabled before the attempt), and how long an attempt took.
+WEBHOOK_DELIVERIES = Counter(
+    "appliance_webhook_deliveries_total", "Webhook delivery attempts by outcome", ["outcome"]
+)
+WEBHOOK_DURATION = Histogram(
+    "appliance_webhook_delivery_duration_seconds",
+    "Webhook delivery attempt time (resolve, connect, send, read the answer)",
+    buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
 )
 
 

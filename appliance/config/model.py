@@ -331,6 +331,8 @@ class WebhooksSection(Section):
     max_response_bytes: int = Field(default=65_536, ge=0, le=16 * 1_048_576)
     # Attempts of one delivery (jittered exponential back-off between them) before it fails.
     max_attempts: int = Field(default=8, ge=1, le=100)
+    # Seconds before the second attempt; each later wait doubles (at most an hour), jittered.
+    retry_delay: Seconds = 30.0
     # Consecutive failed deliveries after which an endpoint is disabled (re-enabled by an admin).
     disable_after: int = Field(default=20, ge=1, le=100_000)
     # Events per delivery at most: message.created is batched per endpoint.
@@ -338,6 +340,10 @@ class WebhooksSection(Section):
     # Deliver to loopback, private, link-local and other non-public addresses (refused unless
     # true: a receiver URL must not reach into the appliance's own network).
     allow_private: bool = False
+    # Seconds the message.created dispatcher may fall behind the flusher: past this, the
+    # flusher trims the ingest entries it has not read (counted as lost events), so a dead
+    # dispatcher cannot pin Redis memory. Size it against Redis: publish rate x message size.
+    max_lag: float = Field(default=600.0, gt=0, le=86_400)
 
 
 class AttachmentsSection(Section):

@@ -13,7 +13,6 @@ from datetime import timedelta
 import msgspec
 from ulid import ULID
 
-from appliance import jobs as queue
 from appliance.resources import Conn
 from appliance.webhooks.events import Event
 
@@ -57,6 +56,9 @@ async def emit(conn: Conn, events: Sequence[Event], *, batch_max: int = BATCH_MA
 
 async def enqueue(conn: Conn, delivery: Delivery, *, after: float = 0.0) -> int:
     """Queue one attempt of `delivery`, `after` seconds from now (on `conn`'s transaction)."""
+    # Imported here: appliance.jobs imports this feature's job handler, which imports this.
+    from appliance import jobs as queue
+
     return await queue.enqueue(
         conn,
         DELIVER,
