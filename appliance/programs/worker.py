@@ -1,30 +1,35 @@
 """The worker: pgqueuer on its own autocommit connections, woken by LISTEN/NOTIFY.
 
-Each entrypoint runs under `[worker] job_timeout` (pgqueuer has no per-job timeout) and is counted
-and timed by entrypoint and status. A job still running when the drain deadline cancels it is
-enqueued again before pgqueuer drops it, so shutdown never loses a job (at least once). Losing
-PostgreSQL (or the LISTEN connection) makes the worker reconnect with back-off instead of exiting,
-so a database failover does not take the container down. The LISTEN connection is checked every
-`LIVENESS_INTERVAL` seconds: a dead one is noticed within a few seconds, not at the next poll.
+Each entrypoint runs under `[worker] job_timeout` (pgqueuer has no per-job timeout), its log lines
+carry the job's id, entrypoint and attempt, and it is counted and timed by entrypoint and status.
+Attempts are counted before the handler runs (appliance/job_attempts.py), so a job that raises,
+times out or kills its worker is retried after a jittered back-off up to its entrypoint's limit,
+then parked as failed: never re-picked forever. A job still running when the drain deadline
+cancels it is enqueued again before pgqueuer drops it, so shutdown never loses a job (at least
+once). Losing PostgreSQL (or the LISTEN connection) makes the worker reconnect with back-off
+instead of exiting, so a database failover does not take the container down. The LISTEN
+connection is checked every `LIVENESS_INTERVAL` seconds: a dead one is noticed within a few
+seconds, not at the next poll.
 """
 
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 from collections.abc import Callable, Coroutine
 from datetime import timedelta
-from typing import Any
+from typing import Any, NoReturn
 
 import structlog
 from pgqueuer import Job, QueueManager
-from pgqueuer.domain.errors import FailingListenerError
+from pgqueuer.domain.errors import FailingListenerError, RetryRequested
 from pgqueuer.queries import Queries
 from psycopg import Error as PgError
 
-from appliance import metrics
+from appliance import job_attempts, metrics
 from appliance.db.queue_driver import SplitDriver, connect_worker
-from appliance.jobs import ENTRYPOINTS, enqueue, entrypoint
+from appliance.jobs import ENTRYPOINTS, Handler, enqueue, entrypoint
 from appliance.resources import Resources
 
 log = structlog.get_logger()
@@ -32,48 +37,116 @@ log = structlog.get_logger()
 MAX_BACKOFF = 30.0
 LIVENESS_INTERVAL = 2.0  # seconds between checks of the LISTEN connection
 LIVENESS_TIMEOUT = 5.0  # seconds it may take to answer one
+SWEEP_AFTER = 3600.0  # seconds before the count of a job pgqueuer no longer holds is forgotten
+
+
+class JobParked(Exception):
+    """Raised for a job out of attempts, so that pgqueuer logs it as an exception and deletes it
+    from its queue; `job_attempts` keeps it (`appliance jobs failed`)."""
 
 
 def _wrap(res: Resources, name: str) -> Callable[[Job], Coroutine[Any, Any, None]]:
-    handler = entrypoint(name).handler
+    entry = entrypoint(name)
+    limit = entry.attempts_allowed(res.config)
     timeout = res.config.worker.job_timeout
+    worker = f"{res.config.appliance.instance} pid {os.getpid()}"
 
-    async def requeue(payload: bytes) -> None:
-        async with res.connection() as conn:
-            await enqueue(conn, name, payload)
+    async def requeue(job_id: int, payload: bytes) -> None:
+        async with res.connection() as conn, conn.transaction():
+            new_id = await enqueue(conn, name, payload)
+            await job_attempts.carry_over(conn, job_id, new_id)
+
+    async def settle(job_id: int, attempt: int, error: str, payload: bytes) -> NoReturn:
+        """After failed attempt `attempt`: park the job if it was the last, else retry it later."""
+        park = attempt >= limit
+        try:
+            async with res.connection() as conn:
+                await job_attempts.failed(conn, job_id, error, park=park, payload=payload)
+        except PgError as exc:
+            # Not recorded: the attempt still reads as running, so the next pick counts it as
+            # lost. Retry (parking needs the row), however many attempts it had.
+            log.warning("job_attempt_not_recorded", error=str(exc) or type(exc).__name__)
+            park = False
+        if park:
+            metrics.JOB_FAILURES.labels(name, "parked").inc()
+            log.error("job_parked", attempts=attempt, error=error)
+            raise JobParked(f"{name} job {job_id} parked after {attempt} attempts: {error}")
+        delay = job_attempts.backoff(attempt, res.config)
+        metrics.JOB_FAILURES.labels(name, "retried").inc()
+        log.warning("job_retry", attempts=attempt, of=limit, retry_in_s=round(delay, 3))
+        raise RetryRequested(delay=timedelta(seconds=delay), reason=error)
 
     async def run(job: Job) -> None:
-        started = time.perf_counter()
-        status = "ok"
+        job_id = int(job.id)
         payload = job.payload or b""
-        try:
-            async with asyncio.timeout(timeout):
-                await handler(res, payload)
-        except TimeoutError:
-            status = "timeout"
-            raise
-        except asyncio.CancelledError:
-            # Cancelled by the drain deadline: pgqueuer deletes the job as "canceled", so put a
-            # copy back first; shielded, as the same cancellation would abort the enqueue.
-            status = "requeued"
-            await asyncio.shield(requeue(payload))
-            raise
-        except Exception:
-            status = "error"
-            raise
-        finally:
-            elapsed = time.perf_counter() - started
-            metrics.JOBS.labels(name, status).inc()
-            metrics.JOB_DURATION.labels(name).observe(elapsed)
-            log.info(
-                "job_done",
-                entrypoint=name,
-                job_id=int(job.id),
-                status=status,
-                duration_ms=round(elapsed * 1000, 2),
-            )
+        with structlog.contextvars.bound_contextvars(job_id=job_id, entrypoint=name):
+            try:
+                async with res.connection() as conn:
+                    start = await job_attempts.begin(conn, job_id, name, worker)
+            except PgError as exc:
+                # Not run uncounted: back to the queue, as pgqueuer's connection still works.
+                log.warning("job_deferred", error=str(exc) or type(exc).__name__)
+                raise RetryRequested(
+                    delay=timedelta(seconds=res.config.worker.retry_delay),
+                    reason="its attempt could not be recorded",
+                ) from exc
+            if start.action == "parked":
+                log.info("job_already_parked")
+                return
+            if start.action == "lost":
+                metrics.JOBS.labels(name, "lost").inc()
+                log.error("job_lost", attempt=start.attempt, error=start.error)
+                await settle(job_id, start.attempt, start.error or "lost", payload)
+            with structlog.contextvars.bound_contextvars(attempt=start.attempt):
+                error = await _attempt(res, name, entry.handler, payload, timeout, requeue, job_id)
+                if error is None:
+                    try:
+                        async with res.connection() as conn:
+                            await job_attempts.succeeded(conn, job_id)
+                    except PgError as exc:  # the sweep forgets the row once the job is gone
+                        log.warning("job_count_not_cleared", error=str(exc) or type(exc).__name__)
+                    return
+                await settle(job_id, start.attempt, error, payload)
 
     return run
+
+
+async def _attempt(
+    res: Resources,
+    name: str,
+    handler: Handler,
+    payload: bytes,
+    timeout: float,
+    requeue: Callable[[int, bytes], Coroutine[Any, Any, None]],
+    job_id: int,
+) -> str | None:
+    """Run the handler once: None when it succeeded, else what went wrong."""
+    metrics.JOB_ATTEMPTS.labels(name).inc()
+    started = time.perf_counter()
+    status = "ok"
+    error: str | None = None
+    try:
+        async with asyncio.timeout(timeout) as deadline:
+            await handler(res, payload)
+    except asyncio.CancelledError:
+        # Cancelled by the drain deadline: pgqueuer deletes the job as "canceled", so put a
+        # copy back first; shielded, as the same cancellation would abort the enqueue.
+        status = "requeued"
+        await asyncio.shield(requeue(job_id, payload))
+        raise
+    except Exception as exc:
+        if isinstance(exc, TimeoutError) and deadline.expired():
+            status, error = "timeout", f"timed out after {timeout:g} s"
+        else:
+            status, error = "error", job_attempts.error_text(exc)
+            log.warning("job_error", exc_info=exc)
+    finally:
+        elapsed = time.perf_counter() - started
+        metrics.JOBS.labels(name, status).inc()
+        metrics.JOB_DURATION.labels(name).observe(elapsed)
+        fields = {"error": error} if error else {}
+        log.info("job_done", status=status, duration_ms=round(elapsed * 1000, 2), **fields)
+    return error
 
 
 async def _serve(res: Resources, stop: asyncio.Event) -> None:
@@ -125,6 +198,23 @@ async def _serve(res: Resources, stop: asyncio.Event) -> None:
 
 
 async def run_worker(res: Resources, stop: asyncio.Event) -> None:
+    """pgqueuer, and the loops that run beside it for the worker's whole life: each is
+    `async def (res, stop)`, rides out outages itself and returns once `stop` is set. One that
+    raises ends the worker (supervisord restarts it)."""
+    loops = [
+        _consume(res, stop),
+        _watch_queue(res, stop),
+    ]
+    tasks = [asyncio.create_task(loop) for loop in loops]
+    try:
+        await asyncio.gather(*tasks)
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+async def _consume(res: Resources, stop: asyncio.Event) -> None:
     failures = 0
     while not stop.is_set():
         try:
@@ -140,3 +230,28 @@ async def run_worker(res: Resources, stop: asyncio.Event) -> None:
                 await asyncio.wait_for(stop.wait(), timeout=delay)
             except TimeoutError:
                 continue
+
+
+async def _watch_queue(res: Resources, stop: asyncio.Event) -> None:
+    """Every heartbeat interval: the queue depth gauge (queued, running, parked by entrypoint;
+    0 for what emptied) and the sweep of counts of jobs pgqueuer no longer holds."""
+    shown: set[tuple[str, str]] = set()
+    interval = res.config.appliance.heartbeat_interval
+    while not stop.is_set():
+        try:
+            async with res.connection() as conn:
+                rows = await job_attempts.depth(conn)
+                await job_attempts.sweep(conn, SWEEP_AFTER)
+        except PgError:
+            pass  # the consumer logs the outage; the gauge keeps its last figures
+        else:
+            now = {(e, s): n for e, s, n in rows}
+            for entry, status in shown - now.keys():
+                metrics.JOB_QUEUE.labels(entry, status).set(0)
+            for (entry, status), n in now.items():
+                metrics.JOB_QUEUE.labels(entry, status).set(n)
+            shown |= now.keys()
+        try:
+            await asyncio.wait_for(stop.wait(), timeout=interval)
+        except TimeoutError:
+            continue

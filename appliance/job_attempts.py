@@ -1,0 +1,227 @@
+"""Job attempts and parked jobs (table `job_attempts`, migration 0005): what pgqueuer does not keep.
+
+- An attempt is counted before its handler runs (`begin`), in its own committed statement, so an
+  attempt that kills its worker is counted too. pgqueuer re-picks such a job with its own count
+  unchanged; `begin` then finds the attempt still marked running, and the worker treats it as a
+  failed attempt ("lost"): retried after a back-off or parked, never run again uncounted.
+- A job that has used its attempts is parked: its row keeps entrypoint, payload, attempts, the
+  last error, the first and last attempt times. `requeue` enqueues the payload again as a new job
+  and forgets the parked row, in one transaction.
+- Back-off before attempt n+1: `retry_delay * 2^(n-1)`, capped at `retry_max_delay`, times a
+  random factor of 0.5-1 (jobs that failed together, say in an outage, do not retry together).
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Literal
+
+from pgqueuer.domain.settings import db_settings
+from psycopg import sql
+
+from appliance.config import Config
+from appliance.config import scrub as scrub_secrets
+from appliance.jobs import ENTRYPOINTS, enqueue
+from appliance.resources import Conn
+
+ERROR_MAX = 2000  # characters of an error kept; a traceback's last line is what an operator needs
+
+
+def _queue() -> sql.Identifier:
+    return sql.Identifier(db_settings().queue_table)
+
+
+def error_text(exc: BaseException) -> str:
+    """`Type: message`, without secrets (URLs with passwords), bounded."""
+    message = str(exc)
+    text = f"{type(exc).__name__}: {message}" if message else type(exc).__name__
+    return scrub_secrets(text)[:ERROR_MAX]
+
+
+def backoff(attempt: int, config: Config, rand: Callable[[], float] = random.random) -> float:
+    """Seconds to wait after failed attempt `attempt` (1-based) before the next."""
+    section = config.worker
+    ceiling = min(section.retry_max_delay, section.retry_delay * 2.0 ** min(attempt - 1, 32))
+    return float(ceiling * (0.5 + rand() / 2))
+
+
+@dataclass(frozen=True)
+class Start:
+    """What `begin` found. run: attempt `attempt` starts now. lost: attempt `attempt` was
+    running when its worker died (`error` says so); the handler must not run now. parked: the
+    job was parked already (its worker died before pgqueuer forgot it); nothing to do."""
+
+    action: Literal["run", "lost", "parked"]
+    attempt: int
+    error: str | None = None
+
+
+async def begin(conn: Conn, job_id: int, entrypoint: str, worker: str) -> Start:
+    async with conn.transaction():
+        cur = await conn.execute(
+            "SELECT attempts, running, parked_at IS NOT NULL, worker FROM job_attempts"
+            " WHERE job_id = %s FOR UPDATE",
+            (job_id,),
+        )
+        row = await cur.fetchone()
+        if row is None:
+            await conn.execute(
+                "INSERT INTO job_attempts (job_id, entrypoint, attempts, running, worker)"
+                " VALUES (%s, %s, 1, true, %s)",
+                (job_id, entrypoint, worker),
+            )
+            return Start("run", 1)
+        attempts, running, parked, last_worker = row
+        if parked:
+            return Start("parked", attempts)
+        if running:
+            error = f"the worker running it ({last_worker}) died or lost its heartbeat"
+            await conn.execute(
+                "UPDATE job_attempts SET running = false, last_error = %s WHERE job_id = %s",
+                (error, job_id),
+            )
+            return Start("lost", attempts, error)
+        await conn.execute(
+            "UPDATE job_attempts SET attempts = attempts + 1, running = true, worker = %s,"
+            " last_attempt_at = now() WHERE job_id = %s",
+            (worker, job_id),
+        )
+        return Start("run", attempts + 1)
+
+
+async def succeeded(conn: Conn, job_id: int) -> None:
+    await conn.execute("DELETE FROM job_attempts WHERE job_id = %s", (job_id,))
+
+
+async def failed(conn: Conn, job_id: int, error: str, *, park: bool, payload: bytes) -> None:
+    """Record a failed attempt; `park`: the job is out of attempts, keep it as failed."""
+    await conn.execute(
+        "UPDATE job_attempts SET running = false, last_error = %s,"
+        " parked_at = CASE WHEN %s THEN now() END, payload = CASE WHEN %s THEN %s::bytea END"
+        " WHERE job_id = %s",
+        (error, park, park, payload, job_id),
+    )
+
+
+async def carry_over(conn: Conn, old_id: int, new_id: int) -> None:
+    """A job cut off by the drain deadline was enqueued again as `new_id`: the copy keeps the
+    count of attempts, less the one that was cut off (not the job's fault)."""
+    await conn.execute(
+        "UPDATE job_attempts SET job_id = %s, running = false,"
+        " attempts = greatest(attempts - 1, 0) WHERE job_id = %s",
+        (new_id, old_id),
+    )
+
+
+async def sweep(conn: Conn, older_than_s: float) -> int:
+    """Forget counts of jobs that pgqueuer no longer holds (the delete after a success failed,
+    or the job was deleted outside the worker), once untouched for `older_than_s` seconds."""
+    cur = await conn.execute(
+        sql.SQL(
+            "DELETE FROM job_attempts a WHERE parked_at IS NULL"
+            " AND last_attempt_at < now() - make_interval(secs => %s)"
+            " AND NOT EXISTS (SELECT FROM {} q WHERE q.id = a.job_id)"
+        ).format(_queue()),
+        (older_than_s,),
+    )
+    return cur.rowcount
+
+
+async def depth(conn: Conn) -> list[tuple[str, str, int]]:
+    """(entrypoint, status, jobs): queued and running jobs from pgqueuer's table, parked from
+    ours. `queued` includes retries waiting out their back-off."""
+    cur = await conn.execute(
+        sql.SQL(
+            "SELECT entrypoint, CASE status WHEN 'picked' THEN 'running' ELSE status::text END,"
+            " count(*) FROM {} WHERE status IN ('queued', 'picked') GROUP BY 1, 2"
+            " UNION ALL SELECT entrypoint, 'parked', count(*) FROM job_attempts"
+            " WHERE parked_at IS NOT NULL GROUP BY 1"
+        ).format(_queue())
+    )
+    return [(e, s, int(n)) for e, s, n in await cur.fetchall()]
+
+
+@dataclass(frozen=True)
+class Active:
+    id: int
+    entrypoint: str
+    status: Literal["queued", "running"]
+    attempts: int  # started so far (0: never started)
+    created: datetime
+    execute_after: datetime
+    last_error: str | None
+
+
+async def active(conn: Conn, limit: int) -> list[Active]:
+    """Queued and running jobs, oldest first, with their attempts so far."""
+    cur = await conn.execute(
+        sql.SQL(
+            "SELECT q.id, q.entrypoint,"
+            " CASE q.status WHEN 'picked' THEN 'running' ELSE 'queued' END,"
+            " coalesce(a.attempts, 0), q.created, q.execute_after, a.last_error"
+            " FROM {} q LEFT JOIN job_attempts a ON a.job_id = q.id"
+            " WHERE q.status IN ('queued', 'picked') ORDER BY q.id LIMIT %s"
+        ).format(_queue()),
+        (limit,),
+    )
+    return [Active(*row) for row in await cur.fetchall()]
+
+
+@dataclass(frozen=True)
+class Parked:
+    id: int  # the job id it had when it failed; `appliance jobs retry ID` takes it
+    entrypoint: str
+    attempts: int
+    last_error: str | None
+    first_attempt_at: datetime
+    last_attempt_at: datetime
+    parked_at: datetime
+    payload_bytes: int
+
+
+async def parked(conn: Conn, limit: int) -> list[Parked]:
+    cur = await conn.execute(
+        "SELECT job_id, entrypoint, attempts, last_error, first_attempt_at, last_attempt_at,"
+        " parked_at, length(payload) FROM job_attempts WHERE parked_at IS NOT NULL"
+        " ORDER BY parked_at, job_id LIMIT %s",
+        (limit,),
+    )
+    return [Parked(*row) for row in await cur.fetchall()]
+
+
+async def parked_count(conn: Conn) -> int:
+    cur = await conn.execute("SELECT count(*) FROM job_attempts WHERE parked_at IS NOT NULL")
+    row = await cur.fetchone()
+    return int(row[0]) if row else 0
+
+
+@dataclass(frozen=True)
+class Requeued:
+    id: int  # the parked job
+    new_id: int | None  # the job enqueued for it; None: skipped (see `skipped`)
+    entrypoint: str
+    skipped: str | None = None
+
+
+async def requeue(conn: Conn, job_id: int | None) -> list[Requeued]:
+    """Enqueue parked job `job_id` (None: every parked job) again with its payload, as a new job
+    with a fresh count, and forget the parked row; one transaction. A job whose entrypoint this
+    version no longer serves stays parked and is reported as skipped."""
+    out = []
+    async with conn.transaction():
+        cur = await conn.execute(
+            "SELECT job_id, entrypoint, payload FROM job_attempts WHERE parked_at IS NOT NULL"
+            " AND (%s::bigint IS NULL OR job_id = %s) ORDER BY job_id FOR UPDATE SKIP LOCKED",
+            (job_id, job_id),
+        )
+        for old_id, entrypoint, payload in await cur.fetchall():
+            if entrypoint not in ENTRYPOINTS:
+                out.append(Requeued(old_id, None, entrypoint, "unknown entrypoint"))
+                continue
+            new_id = await enqueue(conn, entrypoint, bytes(payload))
+            await conn.execute("DELETE FROM job_attempts WHERE job_id = %s", (old_id,))
+            out.append(Requeued(old_id, new_id, entrypoint))
+    return out
