@@ -45,11 +45,21 @@ def session_for(svc: Services, principal: Principal | None = None) -> Session:
     return Session(None, svc, principal, "unused")  # type: ignore[arg-type]
 
 
-async def append(svc: Services, conversation: str, *seqs: int) -> None:
+def message(conversation: str, seq: int, tag: str = "") -> str:
+    return json.dumps(
+        {"id": f"m{tag}{seq}", "conversation": conversation, "seq": seq, "body": {"n": seq}}
+    )
+
+
+def frame(conversation: str, seq: int, tag: str = "") -> str:
+    return '{"event":"message","message":' + message(conversation, seq, tag) + "}"
+
+
+async def append(svc: Services, conversation: str, *seqs: int, tag: str = "") -> None:
     """Tail entries as the publish script writes them."""
     for seq in seqs:
-        message = json.dumps({"conversation": conversation, "seq": seq, "body": {"n": seq}})
-        await svc.redis.xadd(svc.keys.tail(conversation), {"m": message}, id=f"{seq}-0")
+        entry = {"m": message(conversation, seq, tag)}
+        await svc.redis.xadd(svc.keys.tail(conversation), entry, id=f"{seq}-0")
 
 
 def sent(session: Session) -> list[dict[str, Any]]:
@@ -213,6 +223,61 @@ async def test_a_head_below_what_was_sent_after_a_resync_ends_with_seq_reset(
     error = frames[0]["error"]
     assert (error["code"], error["conversation"], error["seq"]) == ("seq_reset", conversation, 2)
     assert conversation not in session.subs
+
+
+async def joined(
+    svc: Services, session: Session, conversation: str, since: int | None
+) -> Subscription:
+    """A subscription as `Session._start` leaves it: the floor (and its message's id) read at the
+    join, caught up and live."""
+    head = await svc.history.head(conversation)
+    sub = subscribed(session, conversation, head if since is None else since)
+    sub.floor, sub.floor_id = head, await svc.history.tail_id(conversation, head)
+    await sub.catch_up()
+    return sub
+
+
+@pytest.mark.parametrize("since", [None, 0, 3])
+async def test_frames_from_before_the_join_dispatched_after_it_are_neither_lost_nor_reset(
+    svc: Services, since: int | None
+) -> None:
+    """This process's hub already listened on the channel for another socket: frames published
+    before the head was read reach the new subscription after its catch-up. They are what the
+    client has (or did not ask for): dropped, and what follows goes on at the floor."""
+    conversation = unique("c")
+    await append(svc, conversation, 1, 2, 3, 4, 5)
+    session = session_for(svc)
+    sub = await joined(svc, session, conversation, since)
+    caught_up = seqs(sent(session))
+    assert caught_up == ([] if since is None else list(range(since + 1, 6)))
+    for seq in (2, 3, 4, 5):  # the frames in flight at the join
+        sub.on_frame(seq, None, frame(conversation, seq))
+    await append(svc, conversation, 6)
+    sub.on_frame(6, None, frame(conversation, 6))
+    await until(lambda: not sub.checking or sub.heard == 6, "the check to settle")
+    await asyncio.sleep(0.05)  # a wrong reset would be spawned by now
+    assert seqs(sent(session)) == [6]
+    assert sub.live and sub.last == 6 and conversation in session.subs
+
+
+@pytest.mark.parametrize("first", [2, 5])
+async def test_a_new_message_under_a_seq_below_the_floor_ends_with_seq_reset(
+    svc: Services, first: int
+) -> None:
+    """Redis lost its data after the join, before anything above the floor was heard: seqs
+    restart, and the first new frame at or below the floor ends the subscription, said (one at
+    the floor by its id, one below it by the tail no longer holding the floor's message)."""
+    conversation = unique("c")
+    await append(svc, conversation, 1, 2, 3, 4, 5)
+    session = session_for(svc)
+    sub = await joined(svc, session, conversation, None)
+    await svc.redis.delete(svc.keys.tail(conversation))
+    await append(svc, conversation, *range(1, first + 1), tag="new")
+    sub.on_frame(first, None, frame(conversation, first, tag="new"))
+    await until(lambda: conversation not in session.subs, "the subscription to end")
+    frames = sent(session)
+    assert [f["event"] for f in frames] == ["error"]
+    assert (frames[0]["error"]["code"], frames[0]["error"]["seq"]) == ("seq_reset", first)
 
 
 class Recorder:

@@ -18,6 +18,7 @@ from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from typing import Any, Literal, cast
 
+import msgspec
 import psycopg
 import redis.asyncio as aioredis
 import structlog
@@ -103,6 +104,18 @@ ROWS = 16
 _GONE = frozenset({"NoSuchKey", "404", "NotFound"})
 _RETRIES = 3
 _PAGE_HEAD = b'{"messages":['
+
+
+class _Identified(msgspec.Struct):
+    id: str
+
+
+_decode_identified = msgspec.json.Decoder(_Identified).decode
+
+
+def message_id(message: bytes) -> str:
+    """The `id` of an encoded message."""
+    return _decode_identified(message).id
 
 
 def _seq(entry_id: bytes) -> int:
@@ -230,6 +243,15 @@ class History:
             async with self._connect() as conn:
                 return await index.durable_head(conn, conversation)
         return _seq(info["last-generated-id"])
+
+    async def tail_id(self, conversation: str, seq: int) -> str | None:
+        """The id of message `seq` while the Redis tail holds it (the newest always is)."""
+        if not 1 <= seq <= MAX_SEQ:
+            return None
+        entries = await _range(
+            self._redis, self._keys.tail(conversation), f"{seq}-0", f"{seq}-0", 1
+        )
+        return message_id(entries[0][1][b"m"]) if entries else None
 
     # -- reading ----------------------------------------------------------------------------
 

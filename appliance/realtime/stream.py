@@ -87,6 +87,21 @@ def too_big(raw: str | bytes, limit: int) -> bool:
     return len(raw.encode()) > limit
 
 
+class _MessageId(msgspec.Struct):
+    id: str
+
+
+class _MessageFrame(msgspec.Struct):
+    message: _MessageId
+
+
+_decode_message_frame = msgspec.json.Decoder(_MessageFrame).decode
+
+
+def _frame_id(frame: str) -> str:
+    return _decode_message_frame(frame).message.id
+
+
 def message_frame(message: bytes) -> str:
     return '{"event":"message","message":' + message.decode() + "}"
 
@@ -102,7 +117,9 @@ class Subscription:
         self.held: list[tuple[int, str, float | None]] = []
         self.present = False  # announced online: leaving announces offline
         self.floor = 0  # the head when the channel was joined
+        self.floor_id: str | None = None  # the id of message `floor` then (None: not in the tail)
         self.heard = 0  # the last seq heard on the channel
+        self.checking = False  # a frame below the floor is being looked into (check_floor)
 
     @property
     def current(self) -> bool:
@@ -114,10 +131,15 @@ class Subscription:
         if seq is None:  # receipt and presence events
             self.session.send(frame, None)
             return
-        # One script takes a seq and publishes it, so the channel brings seqs above the head at
-        # the join, each above the one before. Any other that the client has had means Redis
-        # lost its data: a new message under an old seq (a duplicate is never below the floor).
-        went_back = seq <= self.heard or seq <= self.floor
+        if self.heard < self.floor and seq <= self.floor:
+            # Nothing at or above the floor heard yet. When this process's hub already listened
+            # on the channel (for another socket), frames published before the head was read
+            # may still be dispatched after the join: up to and including the floor's own
+            # message. Or Redis lost its data since, and this is a new message under an old seq.
+            return self.below_floor(seq, frame, at)
+        # One script takes a seq and publishes it, so the channel brings seqs in order: one the
+        # client has had, at or below one heard before, means Redis lost its data.
+        went_back = seq <= self.heard
         self.heard = seq
         if went_back and seq <= self.last:
             self.live = False
@@ -132,6 +154,40 @@ class Subscription:
         elif seq > self.last + 1:
             self.held.append((seq, frame, at))
             self.resync()
+
+    def below_floor(self, seq: int, frame: str, at: float | None) -> None:
+        """A frame at or below the floor before the floor's message was heard: the floor's
+        message itself (the same id as at the join) ends the frames from before the join; one
+        below it is from before the join only if the tail still holds the floor's message."""
+        if seq == self.floor:
+            self.heard = seq
+            if _frame_id(frame) != self.floor_id:
+                self.live = False
+                self.session.spawn(self.reset(seq))
+                return
+        elif not self.checking:
+            self.checking = True
+            self.session.spawn(self.check_floor())
+        if seq > self.last:  # a resume point below the floor: catch-up may still need it
+            if self.live and seq == self.last + 1:
+                self.last = seq
+                self.session.send(frame, at)
+            else:
+                self.held.append((seq, frame, at))
+
+    async def check_floor(self) -> None:
+        """Whether the frame below the floor came from before the join: if Redis lost its data
+        since, the tail no longer holds the floor's message (or holds another)."""
+        svc = self.session.svc
+        try:
+            if await svc.history.tail_id(self.conversation, self.floor) == self.floor_id:
+                return
+            head = await svc.history.head(self.conversation)
+        except _RECOVERABLE:
+            return  # Redis away: the hub reconnects and resyncs, and the resync decides
+        if self.current:
+            self.live = False
+            await self.reset(head)
 
     def resync(self) -> None:
         if self.live:
@@ -392,6 +448,7 @@ class Session:
         # Read before joining: every seq the channel brings from the join on is above it. (A
         # client knows of a seq only once it was published, so `since` is never above it.)
         head = sub.floor = await svc.history.head(conversation)
+        sub.floor_id = await svc.history.tail_id(conversation, head)
         await svc.hub.join(svc.keys.channel(conversation), sub)
         if svc.access.generation != generation:
             # Access changed while it was checked: from here on a change rechecks this
