@@ -1,0 +1,200 @@
+"""`exports.run`: a conversation's full history, as zstd-compressed JSON Lines, to S3.
+
+The run reads every tier through `History.replay` (the Redis tail, flush segments, compacted
+history), oldest first, up to the newest seq when it started; each message is one line, the
+JSON the HTTP API shows. Memory stays bounded whatever the conversation's size: a page of
+messages at a time is compressed (in a thread) and the output goes up as multipart parts of
+PART_BYTES. Progress is written to the row after each page.
+
+A run always starts over: a worker that crashed mid-export has its job picked up again by
+pgqueuer, and the new run aborts the multipart upload the row names before it starts its own.
+A job that keeps killing its worker stops after MAX_ATTEMPTS runs (pgqueuer would loop on it).
+The row turns ready and `export.ready` is emitted in one transaction.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+
+import msgspec
+import structlog
+import zstandard
+
+from appliance.errors import ApplianceError
+from appliance.exports.service import Job, object_key
+from appliance.messages.blocks import BlockCache
+from appliance.messages.history import History
+from appliance.resources import Resources
+from appliance.storage import Storage, StorageError
+from appliance.webhooks import events
+
+log = structlog.get_logger()
+
+PAGE = 500  # messages read at once (up to [messages] max_body_bytes each)
+PART_BYTES = 8 * 1_048_576  # S3 wants at least 5 MiB in every part but the last
+MAX_ATTEMPTS = 3
+CACHE_BYTES = 8 * 1_048_576  # an export reads each block once: a small cache suffices
+ZSTD_LEVEL = 3
+
+# upload_id stays: it names the upload of the run before, if one crashed (aborted below).
+_CLAIM = """
+UPDATE exports SET state = 'running', attempts = attempts + 1, started_at = now(),
+       messages = 0, last_seq = 0, head_seq = NULL, error = NULL, finished_at = NULL
+ WHERE id = %s AND state IN ('queued', 'running', 'failed')
+RETURNING conversation, attempts, upload_id
+"""
+# The run's own attempt only: a later run (after a crash) owns the row from then on.
+_GUARD = " WHERE id = %s AND attempts = %s AND state = 'running'"
+
+
+@dataclass
+class Upload:
+    """The multipart upload of one run: parts of PART_BYTES as the compressed output grows."""
+
+    storage: Storage
+    key: str
+    upload_id: str
+    pending: bytearray = field(default_factory=bytearray)
+    etags: list[str] = field(default_factory=list)
+    size: int = 0
+
+    async def write(self, data: bytes) -> None:
+        self.pending += data
+        self.size += len(data)
+        while len(self.pending) >= PART_BYTES:
+            await self._part(bytes(self.pending[:PART_BYTES]))
+            del self.pending[:PART_BYTES]
+
+    async def complete(self) -> None:
+        if self.pending or not self.etags:
+            await self._part(bytes(self.pending))
+            self.pending.clear()
+        await self.storage.complete_upload(self.key, self.upload_id, self.etags)
+
+    async def _part(self, body: bytes) -> None:
+        number = len(self.etags) + 1
+        self.etags.append(await self.storage.upload_part(self.key, self.upload_id, number, body))
+
+
+async def run(res: Resources, payload: bytes) -> None:
+    export_id = msgspec.json.decode(payload, type=Job).export
+    key = object_key(export_id)
+    async with res.connection() as conn:
+        cur = await conn.execute(_CLAIM, (export_id,))
+        claimed = await cur.fetchone()
+    if claimed is None:
+        log.info("export_skipped", export=export_id, reason="no such export, or it is done")
+        return
+    conversation, attempt, stale_upload = claimed
+    upload: Upload | None = None
+    try:
+        if stale_upload is not None:
+            await abort(res.storage, key, stale_upload)
+        if attempt > MAX_ATTEMPTS:
+            reason = f"gave up after {MAX_ATTEMPTS} runs that did not finish"
+            await _fail(res, export_id, attempt, reason)
+            return
+        if not await _live(res, conversation):
+            await _fail(res, export_id, attempt, "the conversation was deleted")
+            return
+        upload = Upload(res.storage, key, await res.storage.start_upload(key))
+        async with res.connection() as conn:
+            await conn.execute(
+                "UPDATE exports SET upload_id = %s" + _GUARD, (upload.upload_id, export_id, attempt)
+            )
+        messages = await _write(res, export_id, attempt, conversation, upload)
+        await upload.complete()
+    except Exception as exc:
+        if upload is not None:
+            await abort(res.storage, key, upload.upload_id)
+        reason = exc.message if isinstance(exc, ApplianceError) else "internal error"
+        await _fail(res, export_id, attempt, reason)
+        raise
+    if not await _ready(res, export_id, attempt, conversation, messages, upload.size):
+        log.warning("export_superseded", export=export_id, attempt=attempt)
+        return
+    log.info("export_ready", export=export_id, messages=messages, size=upload.size)
+
+
+async def _write(
+    res: Resources, export_id: str, attempt: int, conversation: str, upload: Upload
+) -> int:
+    """Every message up to the head, through the compressor into `upload`; the count."""
+    history = History(
+        res.redis,
+        res.keys,
+        res.connection,
+        BlockCache(res.storage, min(CACHE_BYTES, res.config.segments.cache_bytes)),
+    )
+    head = await history.head(conversation)
+    async with res.connection() as conn:
+        await conn.execute("UPDATE exports SET head_seq = %s" + _GUARD, (head, export_id, attempt))
+    compressor = zstandard.ZstdCompressor(level=ZSTD_LEVEL).compressobj()
+    after = written = 0
+    while after < head:
+        page = [m for m in await history.replay(conversation, after, PAGE) if m[0] <= head]
+        if not page:
+            break  # seqs past the last one held are gone (past retention, or lost)
+        lines = b"".join(message + b"\n" for _, message in page)
+        await upload.write(await asyncio.to_thread(compressor.compress, lines))
+        written += len(page)
+        after = page[-1][0]
+        async with res.connection() as conn:
+            await conn.execute(
+                "UPDATE exports SET messages = %s, last_seq = %s" + _GUARD,
+                (written, after, export_id, attempt),
+            )
+    await upload.write(await asyncio.to_thread(compressor.flush))
+    return written
+
+
+async def _live(res: Resources, conversation: str) -> bool:
+    async with res.connection() as conn:
+        cur = await conn.execute(
+            "SELECT 1 FROM conversations WHERE id = %s AND deleted_at IS NULL", (conversation,)
+        )
+        return await cur.fetchone() is not None
+
+
+async def _ready(
+    res: Resources, export_id: str, attempt: int, conversation: str, messages: int, size: int
+) -> bool:
+    """The row ready and `export.ready` emitted, in one transaction; False if this run no
+    longer owns the row (a later run took it over, or retention expired it)."""
+    # Imported here: webhooks.service imports appliance.jobs, which imports this module.
+    from appliance.webhooks import service as webhooks
+
+    async with res.connection() as conn, conn.transaction():
+        cur = await conn.execute(
+            "UPDATE exports SET state = 'ready', upload_id = NULL, size = %s, messages = %s,"
+            " finished_at = now()" + _GUARD + " RETURNING last_seq",
+            (size, messages, export_id, attempt),
+        )
+        row = await cur.fetchone()
+        if row is None:
+            return False
+        data = {"export": export_id, "messages": messages, "last_seq": row[0], "size": size}
+        ready = events.event("export.ready", data, conversation=conversation, at=datetime.now(UTC))
+        await webhooks.emit(conn, [ready], batch_max=res.config.webhooks.batch_max)
+    return True
+
+
+async def _fail(res: Resources, export_id: str, attempt: int, reason: str) -> None:
+    log.error("export_failed", export=export_id, attempt=attempt, reason=reason)
+    async with res.connection() as conn:
+        await conn.execute(
+            "UPDATE exports SET state = 'failed', upload_id = NULL, error = %s,"
+            " finished_at = now()" + _GUARD,
+            (reason, export_id, attempt),
+        )
+
+
+async def abort(storage: Storage, key: str, upload_id: str) -> None:
+    """Abort an upload; one already gone (completed or aborted) is fine."""
+    try:
+        await storage.abort_upload(key, upload_id)
+    except StorageError as exc:
+        if exc.s3_code != "NoSuchUpload":
+            raise

@@ -1,0 +1,443 @@
+"""Conversation exports end to end: the HTTP routes, the `exports.run` job over history spread
+across every tier (compacted history, a flush segment, the Redis tail), the object in S3 read
+back through the presigned link, progress, crash and retry, failures, `expire_exports`.
+
+Each test has a fresh database and its own Redis key prefix (shard leases are global per
+database), as in test_history_tiers. The job runs here by calling its handler with the payload
+the request queued, read from pgqueuer's table.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import os
+import uuid
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import httpx
+import msgspec
+import pytest
+import zstandard
+from litestar.testing import AsyncTestClient
+from pgqueuer.domain.settings import db_settings
+
+from appliance.api.app import create_app
+from appliance.config import Config
+from appliance.exports import jobs as export_jobs
+from appliance.exports import retention
+from appliance.exports.service import RUN, object_key
+from appliance.messages.history import History
+from appliance.messages.publish import MessageIn
+from appliance.resources import Resources
+from appliance.schedules import SCHEDULES, Run
+from appliance.storage import StorageError
+from tests.messaging import bearer, issue_key, unique
+from tests.test_history_tiers import (
+    PUBLISHER,
+    Message,
+    isolate,
+    layered,
+    migrated_database,
+    opened,
+)
+
+Client = AsyncTestClient[Any]
+
+
+class Setup:
+    def __init__(self, res: Resources, api: Client, admin: str) -> None:
+        self.res, self.api, self.admin = res, api, admin
+
+    async def conversation(self, members: dict[str, str] | None = None) -> str:
+        conversation = unique("x")
+        spec: dict[str, Any] = {"conversation": conversation}
+        if members:
+            spec["members"] = [{"principal": p, "role": r} for p, r in members.items()]
+        made = await self.api.post("/v1/conversations", json=spec, headers=bearer(self.admin))
+        assert made.status_code == 201, made.text
+        return conversation
+
+    async def request(self, conversation: str, key: str) -> dict[str, Any]:
+        response = await self.api.post(
+            f"/v1/conversations/{conversation}/exports", headers=bearer(key)
+        )
+        assert response.status_code == 202, response.text
+        body: dict[str, Any] = response.json()
+        return body
+
+    async def show(self, export_id: str, key: str) -> dict[str, Any]:
+        response = await self.api.get(f"/v1/exports/{export_id}", headers=bearer(key))
+        assert response.status_code == 200, response.text
+        body: dict[str, Any] = response.json()
+        return body
+
+    async def queued(self, export_id: str) -> bytes:
+        """The payload of the export's queued job (the request enqueued it with the row)."""
+        table = db_settings().queue_table
+        async with self.res.connection() as conn:
+            cur = await conn.execute(
+                f"SELECT payload FROM {table} WHERE entrypoint = %s",
+                (RUN,),
+            )
+            payloads = [bytes(row[0]) for row in await cur.fetchall()]
+        mine = [p for p in payloads if msgspec.json.decode(p)["export"] == export_id]
+        assert len(mine) == 1, payloads
+        return mine[0]
+
+    async def run(self, export_id: str) -> None:
+        await export_jobs.run(self.res, await self.queued(export_id))
+
+    async def row(self, export_id: str) -> tuple[Any, ...]:
+        async with self.res.connection() as conn:
+            cur = await conn.execute(
+                "SELECT state, attempts, upload_id, error FROM exports WHERE id = %s",
+                (export_id,),
+            )
+            row = await cur.fetchone()
+        assert row is not None
+        return tuple(row)
+
+
+@pytest.fixture
+async def setup(
+    settings: dict[str, Any], fresh_database: Callable[[], str]
+) -> AsyncIterator[Setup]:
+    """The app (in its client's own event loop) and this test's own resources beside it."""
+    isolate(settings, await migrated_database(fresh_database))
+    async with (
+        opened(settings) as res,
+        AsyncTestClient(app=create_app(Config.model_validate(settings))) as api,
+    ):
+        yield Setup(res, api, await issue_key(res, ["admin"]))
+
+
+def lines(blob: bytes) -> list[bytes]:
+    text = zstandard.ZstdDecompressor().stream_reader(blob).read()
+    assert text.endswith(b"\n") or not text
+    return text.splitlines()
+
+
+async def uploads_in_progress(res: Resources, key: str) -> list[str]:
+    answer = await asyncio.to_thread(
+        res.storage.s3.list_multipart_uploads, Bucket=res.storage.bucket, Prefix=key
+    )
+    return [u["UploadId"] for u in answer.get("Uploads", [])]
+
+
+# -- the whole history, every tier ---------------------------------------------------------------
+
+
+async def test_export_holds_every_tier_in_order_and_the_link_downloads_it(
+    setup: Setup, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    res = setup.res
+    conversation = await setup.conversation()
+    messages: list[Message] = await layered(res, conversation)  # history, flush, tail
+    reader = await issue_key(res, ["read"])
+    monkeypatch.setattr(export_jobs, "PAGE", 10)  # several pages, several progress updates
+
+    requested = await setup.request(conversation, reader)
+    assert requested["state"] == "queued"
+    assert requested["conversation"] == conversation
+    assert (requested["messages"], requested["url"]) == (0, None)
+    export_id = requested["id"]
+
+    # Progress as a client polling the export sees it, once per page read.
+    seen: list[tuple[str, int, int]] = []
+    replay = History.replay
+
+    async def observed(self: History, conversation: str, after: int, limit: int) -> list[Message]:
+        shown = await setup.show(export_id, reader)
+        seen.append((shown["state"], shown["messages"], shown["last_seq"]))
+        return await replay(self, conversation, after, limit)
+
+    monkeypatch.setattr(History, "replay", observed)
+    await setup.run(export_id)
+    assert seen == [("running", n, n) for n in range(0, 60, 10)]
+
+    shown = await setup.show(export_id, reader)
+    assert shown["state"] == "ready"
+    assert (shown["messages"], shown["last_seq"], shown["head_seq"]) == (55, 55, 55)
+    assert shown["url"] and shown["url_expires_at"] and shown["finished_at"]
+    downloaded = httpx.get(shown["url"])
+    assert downloaded.status_code == 200
+    assert len(downloaded.content) == shown["size"]
+    assert downloaded.content == await res.storage.get(object_key(export_id))
+    # Every message in seq order, no gap, no duplicate, exactly as the API shows it.
+    assert lines(downloaded.content) == [payload for _, payload in messages]
+    assert [msgspec.json.decode(line)["seq"] for line in lines(downloaded.content)] == list(
+        range(1, 56)
+    )
+    assert await uploads_in_progress(res, object_key(export_id)) == []
+
+
+async def test_a_large_export_goes_up_in_several_parts(
+    setup: Setup, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Incompressible bodies past S3's 5 MiB part minimum: two parts and a short last one."""
+    res = setup.res
+    monkeypatch.setattr(export_jobs, "PART_BYTES", 5 * 1_048_576)
+    parts: list[int] = []
+    upload_part = res.storage.upload_part
+
+    async def counted(key: str, upload_id: str, number: int, body: bytes) -> str:
+        parts.append(len(body))
+        return await upload_part(key, upload_id, number, body)
+
+    monkeypatch.setattr(res.storage, "upload_part", counted)
+    conversation = await setup.conversation()
+    publisher_bodies = [
+        MessageIn(
+            type="text",
+            body=msgspec.Raw(
+                msgspec.json.encode({"b": base64.b64encode(os.urandom(45_000)).decode()})
+            ),
+        )
+        for _ in range(150)
+    ]
+    from appliance.messages.publish import Publisher
+
+    publisher = Publisher(res.redis, res.keys, res.config.messages, res.connection)
+    for start in range(0, 150, 50):
+        await publisher.publish(
+            conversation, PUBLISHER, publisher_bodies[start : start + 50], None, b"", True
+        )
+    export_id = (await setup.request(conversation, setup.admin))["id"]
+    await setup.run(export_id)
+    shown = await setup.show(export_id, setup.admin)
+    assert (shown["state"], shown["messages"]) == ("ready", 150)
+    assert parts[:-1] == [5 * 1_048_576] * (len(parts) - 1) and len(parts) >= 2
+    assert sum(parts) == shown["size"]
+    got = lines(await res.storage.get(object_key(export_id)))
+    assert [msgspec.json.decode(line)["seq"] for line in got] == list(range(1, 151))
+
+
+async def test_an_empty_conversation_exports_an_empty_file(setup: Setup) -> None:
+    conversation = await setup.conversation()
+    export_id = (await setup.request(conversation, setup.admin))["id"]
+    await setup.run(export_id)
+    shown = await setup.show(export_id, setup.admin)
+    assert (shown["state"], shown["messages"], shown["last_seq"]) == ("ready", 0, 0)
+    assert lines(httpx.get(shown["url"]).content) == []
+
+
+# -- a crash, a retry, failures ------------------------------------------------------------------
+
+
+async def test_a_run_that_crashed_is_run_again_from_the_start(
+    setup: Setup, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A worker killed mid-export: pgqueuer hands the job out again; the new run aborts the
+    first run's multipart upload and writes the whole history."""
+    res = setup.res
+    conversation = await setup.conversation()
+    messages = await layered(res, conversation)
+    export_id = (await setup.request(conversation, setup.admin))["id"]
+    monkeypatch.setattr(export_jobs, "PAGE", 10)
+    replay = History.replay
+    stall = asyncio.Event()
+
+    async def stalls(self: History, conversation: str, after: int, limit: int) -> list[Message]:
+        if after >= 20:
+            stall.set()
+            await asyncio.sleep(3600)  # cancelled below, as a killed worker never returns
+        return await replay(self, conversation, after, limit)
+
+    monkeypatch.setattr(History, "replay", stalls)
+    first = asyncio.create_task(setup.run(export_id))
+    await stall.wait()
+    first.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await first
+    state, attempts, upload_id, _ = await setup.row(export_id)
+    assert (state, attempts) == ("running", 1) and upload_id is not None
+    assert await uploads_in_progress(res, object_key(export_id)) == [upload_id]
+    shown = await setup.show(export_id, setup.admin)
+    assert (shown["messages"], shown["last_seq"]) == (20, 20)
+
+    monkeypatch.setattr(History, "replay", replay)
+    await setup.run(export_id)
+    assert (await setup.row(export_id))[:3] == ("ready", 2, None)
+    assert await uploads_in_progress(res, object_key(export_id)) == []
+    got = lines(await res.storage.get(object_key(export_id)))
+    assert got == [payload for _, payload in messages]
+
+
+async def test_a_job_that_keeps_crashing_gives_up(setup: Setup) -> None:
+    conversation = await setup.conversation()
+    export_id = (await setup.request(conversation, setup.admin))["id"]
+    async with setup.res.connection() as conn:
+        await conn.execute(
+            "UPDATE exports SET state = 'running', attempts = %s WHERE id = %s",
+            (export_jobs.MAX_ATTEMPTS, export_id),
+        )
+    await setup.run(export_id)
+    state, attempts, _, error = await setup.row(export_id)
+    assert (state, attempts) == ("failed", export_jobs.MAX_ATTEMPTS + 1)
+    assert "gave up" in error
+    assert (await setup.show(export_id, setup.admin))["error"] == error
+
+
+async def test_s3_failing_mid_export_fails_it_and_leaves_no_object(
+    setup: Setup, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    res = setup.res
+    conversation = await setup.conversation()
+    await layered(res, conversation)
+    export_id = (await setup.request(conversation, setup.admin))["id"]
+
+    async def refused(key: str, upload_id: str, etags: list[str]) -> None:
+        raise StorageError("complete_multipart_upload", "InternalError", "InternalError")
+
+    monkeypatch.setattr(res.storage, "complete_upload", refused)
+    with pytest.raises(StorageError):
+        await setup.run(export_id)
+    state, _, upload_id, error = await setup.row(export_id)
+    assert (state, upload_id) == ("failed", None)
+    assert error == "S3 complete_multipart_upload failed: InternalError"
+    assert await res.storage.size(object_key(export_id)) is None
+    assert await uploads_in_progress(res, object_key(export_id)) == []
+    shown = await setup.show(export_id, setup.admin)
+    assert (shown["state"], shown["url"]) == ("failed", None)
+
+
+async def test_a_deleted_conversation_fails_its_export(setup: Setup) -> None:
+    conversation = await setup.conversation()
+    export_id = (await setup.request(conversation, setup.admin))["id"]
+    deleted = await setup.api.delete(
+        f"/v1/conversations/{conversation}", headers=bearer(setup.admin)
+    )
+    assert deleted.status_code == 204, deleted.text
+    await setup.run(export_id)
+    assert (await setup.row(export_id))[0::3] == ("failed", "the conversation was deleted")
+    assert await setup.res.storage.size(object_key(export_id)) is None
+
+
+async def test_a_job_for_an_export_done_or_unknown_changes_nothing(setup: Setup) -> None:
+    conversation = await setup.conversation()
+    export_id = (await setup.request(conversation, setup.admin))["id"]
+    await setup.run(export_id)
+    before = await setup.row(export_id)
+    await setup.run(export_id)  # the same job again (at least once delivery)
+    assert await setup.row(export_id) == before == ("ready", 1, None, None)
+    unknown = msgspec.json.encode({"export": "0" * 26})
+    await export_jobs.run(setup.res, unknown)
+
+
+# -- who may export ------------------------------------------------------------------------------
+
+
+async def test_only_who_may_read_the_conversation_exports_or_sees_exports(setup: Setup) -> None:
+    res = setup.res
+    member_name = unique("member")
+    member = await issue_key(res, ["subscribe"], name=member_name)  # no read scope
+    conversation = await setup.conversation({f"key:{member_name}": "reader"})
+    outsider = await issue_key(res, ["publish"])
+    other_prefix = await issue_key(res, ["read"], prefix="elsewhere-")
+
+    export_id = (await setup.request(conversation, member))["id"]  # a member needs no scope
+    assert (await setup.show(export_id, member))["id"] == export_id
+    for key in (outsider, other_prefix):
+        refused = await setup.api.post(
+            f"/v1/conversations/{conversation}/exports", headers=bearer(key)
+        )
+        assert refused.status_code == 403, refused.text
+        hidden = await setup.api.get(f"/v1/exports/{export_id}", headers=bearer(key))
+        assert hidden.status_code == 404, hidden.text
+        assert hidden.json()["error"]["code"] == "not_found"
+    for missing in (str(uuid.uuid4()), "0" * 26, "01J" + "Z" * 23):
+        absent = await setup.api.get(f"/v1/exports/{missing}", headers=bearer(setup.admin))
+        assert absent.status_code == 404, absent.text
+    nowhere = await setup.api.post(
+        f"/v1/conversations/{unique('none')}/exports", headers=bearer(setup.admin)
+    )
+    assert nowhere.status_code == 404
+    anonymous = await setup.api.get(f"/v1/exports/{export_id}")
+    assert anonymous.status_code == 401
+
+
+# -- export.ready ----------------------------------------------------------------------------------
+
+
+async def test_ready_emits_export_ready_in_the_same_transaction(setup: Setup) -> None:
+    res = setup.res
+    async with res.connection() as conn:
+        await conn.execute(
+            "INSERT INTO webhook_endpoints (id, url, events, secret)"
+            " VALUES (%s, 'https://example.com/hook', '{export.ready}', 's')",
+            (unique("wh"),),
+        )
+    conversation = await setup.conversation()
+    await layered(res, conversation)
+    export_id = (await setup.request(conversation, setup.admin))["id"]
+    await setup.run(export_id)
+    table = db_settings().queue_table
+    async with res.connection() as conn:
+        cur = await conn.execute(
+            f"SELECT payload FROM {table} WHERE entrypoint = 'webhooks.deliver'"
+        )
+        deliveries = [msgspec.json.decode(bytes(r[0])) for r in await cur.fetchall()]
+    events = [e for d in deliveries for e in d["events"] if e["type"] == "export.ready"]
+    assert len(events) == 1
+    assert events[0]["conversation"] == conversation
+    assert events[0]["data"] == {
+        "export": export_id,
+        "messages": 55,
+        "last_seq": 55,
+        "size": (await setup.show(export_id, setup.admin))["size"],
+    }
+
+
+# -- expire_exports ------------------------------------------------------------------------------
+
+
+async def test_expire_exports_deletes_exactly_the_old_ones_and_dry_run_nothing(
+    setup: Setup,
+) -> None:
+    res = setup.res
+    conversation = await setup.conversation()
+    await layered(res, conversation)
+    ids = [(await setup.request(conversation, setup.admin))["id"] for _ in range(5)]
+    for export_id in ids[:4]:
+        await setup.run(export_id)
+    # ids[4] stays queued. Old: two ready ones and the queued one.
+    old, young = [ids[0], ids[1], ids[4]], [ids[2], ids[3]]
+    async with res.connection() as conn:
+        await conn.execute(
+            "UPDATE exports SET created_at = now() - interval '8 days' WHERE id = ANY(%s)", (old,)
+        )
+
+    async def snapshot() -> tuple[list[str], dict[str, str]]:
+        # The bucket is the run's: other tests' exports are there too.
+        mine = {object_key(i) for i in ids}
+        objects = sorted(k for k, _ in await res.storage.list_keys("exports/") if k in mine)
+        async with res.connection() as conn:
+            cur = await conn.execute("SELECT id, state FROM exports")
+            return objects, dict(await cur.fetchall())  # type: ignore[arg-type]
+
+    before = await snapshot()
+    assert before[0] == sorted(object_key(i) for i in ids[:4])
+    entry = next(e for e in SCHEDULES if e.name == "expire_exports")
+    assert entry.retention
+
+    counts = await retention.run(res, Run(dry_run=True))
+    assert counts == {"exports": 3, "objects": 2}
+    assert await snapshot() == before
+
+    progress: list[tuple[int, int | None]] = []
+    counts = await entry.run(res, Run(progress=lambda done, total: progress.append((done, total))))
+    assert counts == {"exports": 3, "objects": 2}
+    assert progress[0] == (0, 3) and progress[-1] == (3, 3)
+    objects, states = await snapshot()
+    assert objects == sorted(object_key(i) for i in young)
+    assert {i: states[i] for i in old} == dict.fromkeys(old, "expired")
+    assert {i: states[i] for i in young} == dict.fromkeys(young, "ready")
+    shown = await setup.show(ids[0], setup.admin)
+    assert (shown["state"], shown["url"]) == ("expired", None)
+    # The queued one's job, run late, finds its export expired and writes nothing.
+    await setup.run(ids[4])
+    assert (await snapshot())[0] == objects
+
+    assert await retention.run(res, Run()) == {"exports": 0, "objects": 0}
