@@ -119,6 +119,16 @@ class Presence:
                 pipe.zrem(self._keys.presence(conversation), f"{principal}|{socket_id}")
             await pipe.execute()
 
+    async def forget_conversation(self, conversation: str) -> int:
+        """Delete a purged conversation's presence and receipts (no event: nobody may be
+        subscribed to a deleted conversation); the number of keys deleted."""
+        deleted: int = await self._redis.delete(
+            self._keys.presence(conversation),
+            self._keys.receipts(conversation, "delivered"),
+            self._keys.receipts(conversation, "read"),
+        )
+        return deleted
+
     async def leave(self, conversation: str, principal: str, socket_id: str) -> None:
         await self._redis.zrem(self._keys.presence(conversation), f"{principal}|{socket_id}")
         if not await self._present(conversation, principal, time.time()):

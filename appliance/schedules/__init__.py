@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from appliance.schedules import compact_segments, prune_job_log
+from appliance.schedules import compact_segments, expire_segments, prune_job_log
 from appliance.schedules.entry import Counts, Entry, Progress, Run
 
 __all__ = ["SCHEDULES", "Counts", "Entry", "Progress", "Run"]
@@ -11,4 +11,10 @@ __all__ = ["SCHEDULES", "Counts", "Entry", "Progress", "Run"]
 SCHEDULES: tuple[Entry, ...] = (
     Entry("prune_job_log", lambda c: c.schedules.prune_job_log, prune_job_log.run, retention=True),
     Entry("compact_segments", lambda c: c.schedules.compact_segments, compact_segments.run),
+    Entry(
+        "expire_segments",
+        lambda c: c.schedules.expire_segments,
+        expire_segments.run,
+        retention=True,
+    ),
 )

@@ -1,0 +1,85 @@
+"""Purge conversations deleted more than `[schedules.expire_segments] grace_days` ago.
+
+Deleting a conversation only tombstones it (`deleted_at`): reads fail at once, and the id
+cannot be created again while anything of it is left. The purge removes, for each, what each
+feature holds of it, each feature deleting its own data:
+
+1. Redis first: messages' tail and seq counter, realtime's presence and receipts. Were the row
+   gone first and Redis then failed, the id could be created again over the old tail and
+   counter.
+2. Then one transaction: the index rows and high-water mark (segments), the members and the
+   conversation row. Only after it may the id be created again.
+
+The blocks themselves stay inside the shared history objects until their day expires (nothing
+names them any more). A conversation is purged whole or not at all: a failure leaves its row,
+and the next run purges it.
+"""
+
+from __future__ import annotations
+
+from appliance import metrics
+from appliance.messages import retention as messages_retention
+from appliance.realtime.presence import Presence
+from appliance.resources import Resources
+from appliance.schedules.entry import Counts, Run
+from appliance.segments import retention as segments_retention
+
+BATCH = 100  # conversations looked up at a time
+
+
+def counts() -> Counts:
+    return dict.fromkeys(("conversations", "conversation_rows", "redis_keys"), 0)
+
+
+async def due(res: Resources, after: str, limit: int) -> list[str]:
+    """Up to `limit` conversations past the grace, ids above `after`, in id order."""
+    grace = res.config.schedules.expire_segments.grace_days
+    async with res.connection() as conn:
+        cur = await conn.execute(
+            "SELECT id FROM conversations"
+            " WHERE deleted_at < now() - make_interval(days => %s) AND id > %s"
+            " ORDER BY id LIMIT %s",
+            (grace, after, limit),
+        )
+        return [str(r[0]) for r in await cur.fetchall()]
+
+
+async def purge(res: Resources, run: Run, totals: Counts | None = None) -> Counts:
+    """Purge every conversation past the grace (a dry run counts them and their index rows);
+    counts: conversations, conversation_rows (index rows), redis_keys."""
+    totals = totals if totals is not None else counts()
+    config = res.config.realtime
+    presence = Presence(res.redis, res.keys, config.presence_ttl, config.receipt_ttl)
+    after = ""
+    while batch := await due(res, after, BATCH):
+        after = batch[-1]
+        for conversation in batch:
+            run.progress(totals["conversations"], None)
+            if run.dry_run:
+                async with res.connection() as conn:
+                    cur = await conn.execute(
+                        "SELECT count(*) FROM segment_blocks WHERE conversation = %s",
+                        (conversation,),
+                    )
+                    row = await cur.fetchone()
+                totals["conversations"] += 1
+                totals["conversation_rows"] += int(row[0]) if row else 0
+                continue
+            totals["redis_keys"] += await messages_retention.forget_conversation(
+                res.redis, res.keys, conversation
+            )
+            totals["redis_keys"] += await presence.forget_conversation(conversation)
+            async with res.connection() as conn, conn.transaction():
+                rows = await segments_retention.forget_conversation(conn, conversation)
+                await conn.execute(
+                    "DELETE FROM conversation_members WHERE conversation = %s", (conversation,)
+                )
+                cur = await conn.execute(
+                    "DELETE FROM conversations WHERE id = %s AND deleted_at IS NOT NULL",
+                    (conversation,),
+                )
+            totals["conversations"] += cur.rowcount
+            totals["conversation_rows"] += rows
+            metrics.RETENTION_DELETED.labels("conversations").inc(cur.rowcount)
+            metrics.RETENTION_DELETED.labels("segment_index_rows").inc(rows)
+    return totals
