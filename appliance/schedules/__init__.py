@@ -3,7 +3,12 @@
 
 from __future__ import annotations
 
-from appliance.schedules import compact_segments, expire_segments, prune_job_log
+from appliance.schedules import (
+    compact_segments,
+    expire_segments,
+    maintain_partitions,
+    prune_job_log,
+)
 from appliance.schedules.entry import Counts, Entry, Progress, Run
 
 __all__ = ["SCHEDULES", "Counts", "Entry", "Progress", "Run"]
@@ -15,6 +20,12 @@ SCHEDULES: tuple[Entry, ...] = (
         "expire_segments",
         lambda c: c.schedules.expire_segments,
         expire_segments.run,
+        retention=True,
+    ),
+    Entry(
+        "maintain_partitions",
+        lambda c: c.schedules.maintain_partitions,
+        maintain_partitions.run,
         retention=True,
     ),
 )
