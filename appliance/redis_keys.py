@@ -146,6 +146,10 @@ class Keys:
         """Live flushers, scored by when each stops counting (shard fair shares)."""
         return f"{self.prefix}:flushers"
 
+    def webhooks_dispatcher(self) -> str:
+        """The lease of the one message.created dispatcher reading the ingest streams."""
+        return f"{self.prefix}:webhooks:dispatcher"
+
     def heartbeat_prefix(self) -> str:
         return f"{self.prefix}:hb:"
 

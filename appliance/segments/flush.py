@@ -14,8 +14,12 @@ object holding every owned shard's buffered conversations, written in this order
 A kill between any two steps leaves entries pending in Redis; whoever owns the shard next reads
 them again, the records at or below a conversation's indexed high-water mark are dropped (they
 were indexed), and the object key is the digest of its bytes, so a replayed PUT overwrites.
-Ingest streams are trimmed only below what is acknowledged and no longer pending; a tail keeps
-its newest `[messages] tail_max` messages and never anything above the indexed high-water mark.
+Ingest streams are trimmed only below what is acknowledged and no longer pending, by us and by
+every other consumer group of the stream (the webhooks dispatcher's): below each group's oldest
+pending entry and its last delivered one. A group whose oldest unacknowledged entry is more than
+`[webhooks] max_lag` old is passed over, so that a dead reader cannot pin Redis memory; what is
+trimmed before it read it is counted (INGEST_TRIMMED_UNREAD) and logged. A tail keeps its newest
+`[messages] tail_max` messages and never anything above the indexed high-water mark.
 
 S3, PostgreSQL and Redis failures are retried with jittered exponential back-off, in place:
 nothing is skipped or reordered, and reading stops once `max_bytes` are buffered, so memory stays
@@ -159,6 +163,45 @@ def _after(entry_id: bytes) -> str:
 def _key_order(entry_id: bytes) -> tuple[int, int]:
     ms, _, seq = entry_id.partition(b"-")
     return int(ms), int(seq or 0)
+
+
+def _id_order(entry_id: str) -> tuple[int, int]:
+    return _key_order(entry_id.encode())
+
+
+@dataclass(frozen=True)
+class GroupFloor:
+    """Another consumer group of an ingest stream: the lowest id it still needs (its oldest
+    pending entry, or the one after its last delivered), and the time (ms) of the oldest
+    entry it has not acknowledged that the stream holds (None: it has read all there is)."""
+
+    group: str
+    floor: str
+    oldest_ms: int | None
+
+
+def trim_plan(
+    own: str, others: Sequence[GroupFloor], now_ms: int, max_lag_ms: float
+) -> list[tuple[str, list[str]]]:
+    """The XTRIM MINIDs for one ingest stream, in order, each with the groups that lose what
+    it trims. The stream is kept from `own` (the flusher's floor) or the lowest floor of a
+    group within `max_lag_ms`; groups lagging more are passed over one after the other, so
+    each trim's count is what the groups named with it had not read."""
+    kept = own
+    for other in others:
+        if other.oldest_ms is None or now_ms - other.oldest_ms <= max_lag_ms:
+            kept = min(kept, other.floor, key=_id_order)
+    passed = sorted(
+        (o for o in others if _id_order(o.floor) < _id_order(kept)),
+        key=lambda o: _id_order(o.floor),
+    )
+    plan: list[tuple[str, list[str]]] = []
+    losers: list[str] = []
+    for other in passed:
+        plan.append((other.floor, list(losers)))
+        losers.append(other.group)
+    plan.append((kept, losers))
+    return plan
 
 
 class Flusher:
@@ -564,20 +607,26 @@ class Flusher:
             for shard, ids in acked.items():
                 pipe.xack(keys.ingest(shard), GROUP, *ids)
                 pipe.xpending(keys.ingest(shard), GROUP)
+                pipe.xinfo_groups(keys.ingest(shard))
             replies = await pipe.execute(raise_on_error=False)
         _raise_outage(replies)
+        others = await self._other_groups(list(acked), replies[2::3])
+        now_ms = int(time.time() * 1000)
+        max_lag_ms = self.config.webhooks.max_lag * 1000
+        plans: list[tuple[int, list[tuple[str, list[str]]]]] = []
+        for (shard, ids), pending in zip(acked.items(), replies[1::3], strict=True):
+            if isinstance(pending, ResponseError):
+                continue  # the group is gone (Redis lost it): nothing of ours to trim
+            floor = _after(max(ids, key=_key_order))
+            if pending and pending.get("pending"):
+                floor = min(floor, pending["min"].decode(), key=_id_order)
+            plans.append((shard, trim_plan(floor, others.get(shard, []), now_ms, max_lag_ms)))
         tail_max = self.config.messages.tail_max
         trimmed = [(c, seq) for c, seq in flushed.items() if seq > 0]
         async with redis.pipeline(transaction=False) as pipe:
-            for (shard, ids), pending in zip(acked.items(), replies[1::2], strict=True):
-                if isinstance(pending, ResponseError):
-                    continue  # the group is gone (Redis lost it): nothing of ours to trim
-                floor = _after(max(ids, key=_key_order))
-                if pending and pending.get("pending"):
-                    floor = min(
-                        floor, pending["min"].decode(), key=lambda i: _key_order(i.encode())
-                    )
-                pipe.xtrim(keys.ingest(shard), minid=floor, approximate=False)
+            for shard, plan in plans:
+                for minid, _ in plan:
+                    pipe.xtrim(keys.ingest(shard), minid=minid, approximate=False)
             for conversation, seq in trimmed:
                 await self._trim_tail(
                     keys=[keys.tail(conversation), keys.seq(conversation)],
@@ -585,6 +634,20 @@ class Flusher:
                     client=pipe,
                 )
             replies = await pipe.execute()
+        counts = iter(replies)
+        for shard, plan in plans:
+            for _, losers in plan:
+                count = next(counts)
+                if losers and count:
+                    for group in losers:
+                        metrics.INGEST_TRIMMED_UNREAD.labels(group).inc(count)
+                    log.error(
+                        "ingest_trimmed_unread",
+                        shard=shard,
+                        groups=losers,
+                        entries=count,
+                        hint="a consumer group fell more than [webhooks] max_lag behind",
+                    )
         for (conversation, seq), reply in zip(
             trimmed, replies[len(replies) - len(trimmed) :], strict=True
         ):
@@ -595,6 +658,44 @@ class Flusher:
                     raised_to=seq,
                     hint="Redis restored an older snapshot: use AOF persistence",
                 )
+
+    async def _other_groups(
+        self, shards: Sequence[int], infos: Sequence[Any]
+    ) -> dict[int, list[GroupFloor]]:
+        """The floors of every consumer group but ours on each shard's stream (XINFO GROUPS
+        replies in `infos`), with a second round trip only when there are any."""
+        keys = self.res.keys
+        found: list[tuple[int, str, str]] = []  # shard, group, the id after its last delivered
+        for shard, info in zip(shards, infos, strict=True):
+            if isinstance(info, ResponseError):
+                continue  # no stream
+            for group in info:
+                name = group["name"].decode()
+                if name != GROUP:
+                    found.append((shard, name, _after(group["last-delivered-id"])))
+        if not found:
+            return {}
+        async with self.res.redis.pipeline(transaction=False) as pipe:
+            for shard, name, after in found:
+                pipe.xpending(keys.ingest(shard), name)
+                pipe.xrange(keys.ingest(shard), min=after, count=1)
+            replies = await pipe.execute(raise_on_error=False)
+        _raise_outage(replies)
+        floors: dict[int, list[GroupFloor]] = {}
+        for (shard, name, after), pending, unread in zip(
+            found, replies[::2], replies[1::2], strict=True
+        ):
+            if isinstance(pending, ResponseError) or isinstance(unread, ResponseError):
+                continue  # the group went away meanwhile
+            floor, oldest = after, None
+            if unread:
+                oldest = int(unread[0][0].split(b"-", 1)[0])
+            if pending and pending.get("pending"):
+                first = pending["min"].decode()
+                floor = min(floor, first, key=_id_order)
+                oldest = min(oldest or 2**63, int(first.split("-", 1)[0]))
+            floors.setdefault(shard, []).append(GroupFloor(name, floor, oldest))
+        return floors
 
     # -- metrics ---------------------------------------------------------------------------
 
