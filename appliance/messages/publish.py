@@ -1,5 +1,9 @@
 """Publishing: validate, rate-limit, then one Lua script per request (see publish.lua).
 
+A message's attachments name verified uploads of its conversation by id (appliance/attachments):
+only a publish that carries some asks PostgreSQL, and the message carries each upload's recorded
+name, size and content type.
+
 The message JSON is built here except for its seq, which only the script knows: Python encodes
 the head (`{"conversation":…,"seq":`) and the rest (`,"id":…}`), the script joins them around the
 seq it assigns. `body` stays the client's own bytes (msgspec.Raw): validated, never re-encoded.
@@ -22,6 +26,7 @@ import redis.asyncio as aioredis
 from ulid import ULID
 
 from appliance import metrics
+from appliance.attachments import service as attachments
 from appliance.auth.principal import Principal
 from appliance.config.model import MessagesSection
 from appliance.errors import Conflict, Invalid, RateLimited
@@ -31,21 +36,37 @@ from appliance.redis_keys import Keys
 from appliance.segments import index
 
 _IDEMPOTENCY_KEY = frozenset(range(0x21, 0x7F))
+AttachmentId = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9_-]{1,64}\Z")]
+Name = Annotated[str, msgspec.Meta(min_length=1, max_length=255)]
+Size = Annotated[int, msgspec.Meta(ge=0)]
+ContentType = Annotated[
+    str, msgspec.Meta(pattern=r"^[A-Za-z0-9_.+-]+/[A-Za-z0-9_.+-]+\Z", max_length=127)
+]
 
 
 class Attachment(msgspec.Struct, forbid_unknown_fields=True):
-    id: Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9_-]{1,64}\Z")]
-    name: Annotated[str, msgspec.Meta(min_length=1, max_length=255)]
-    size: Annotated[int, msgspec.Meta(ge=0)]
-    content_type: Annotated[
-        str, msgspec.Meta(pattern=r"^[A-Za-z0-9_.+-]+/[A-Za-z0-9_.+-]+\Z", max_length=127)
-    ]
+    """An attachment as a message carries it: a verified upload's id and recorded metadata."""
+
+    id: AttachmentId
+    name: Name
+    size: Size
+    content_type: ContentType
+
+
+class AttachmentRef(msgspec.Struct, forbid_unknown_fields=True):
+    """An attachment as a publish names it: a verified upload of the conversation, by id. The
+    other fields may be restated (the shape messages carry); each must then be the upload's."""
+
+    id: AttachmentId
+    name: Name | None = None
+    size: Size | None = None
+    content_type: ContentType | None = None
 
 
 class MessageIn(msgspec.Struct, forbid_unknown_fields=True):
     type: Annotated[str, msgspec.Meta(pattern=r"^[a-z0-9._-]{1,32}\Z")]
     body: msgspec.Raw
-    attachments: list[Attachment] = []
+    attachments: list[AttachmentRef] = []
     reply_to: Annotated[int, msgspec.Meta(ge=1)] | None = None
 
 
@@ -171,15 +192,20 @@ class Publisher:
         ts = datetime.fromtimestamp(now, UTC).isoformat(timespec="milliseconds")[:-6] + "Z"
         head = b'{"conversation":' + msgspec.json.encode(conversation) + b',"seq":'
         ids = [str(ULID.from_timestamp(now)) for _ in messages]
+        attached = (
+            await self._attachments(conversation, messages, batch)
+            if any(message.attachments for message in messages)
+            else [[] for _ in messages]
+        )
         args: list[Any] = []
-        for message, message_id in zip(messages, ids, strict=True):
+        for message, message_id, its in zip(messages, ids, attached, strict=True):
             rest = _Rest(
                 message_id,
                 ts,
                 principal.id,
                 message.type,
                 message.body,
-                message.attachments,
+                its,
                 message.reply_to,
                 idempotency_key,
             )
@@ -231,6 +257,45 @@ class Publisher:
             f"must be an existing seq of this conversation (at most {current})",
             field=f"messages[{at}].reply_to" if batch else "reply_to",
         )
+
+    async def _attachments(
+        self, conversation: str, messages: list[MessageIn], batch: bool
+    ) -> list[list[Attachment]]:
+        """Each message's attachments as stored uploads: 400 naming the reference for an id
+        that is no upload of this conversation (another's included: ids reveal nothing), 409
+        for one not verified (pending or rejected). PostgreSQL down: 503."""
+        ids = sorted({ref.id for message in messages for ref in message.attachments})
+        async with self._connection() as conn:
+            found = await attachments.of_conversation(conn, conversation, ids)
+        resolved: list[list[Attachment]] = []
+        for i, message in enumerate(messages):
+            where = f"messages[{i}].attachments" if batch else "attachments"
+            these: list[Attachment] = []
+            for j, ref in enumerate(message.attachments):
+                field = f"{where}[{j}]"
+                row = found.get(ref.id)
+                if row is None:
+                    raise Invalid(f"no attachment {ref.id} in this conversation", field=field)
+                if any(a.id == ref.id for a in these):
+                    raise Invalid(f"attachment {ref.id} is already in this message", field=field)
+                attachments.require_verified(row, field)
+                stored = Attachment(row.id, row.filename, row.size, row.content_type)
+                these.append(_restated(stored, ref, field))
+            resolved.append(these)
+        return resolved
+
+
+def _restated(stored: Attachment, ref: AttachmentRef, field: str) -> Attachment:
+    """`stored`, unless `ref` restates a field differently: Invalid naming it."""
+    for name in ("name", "size", "content_type"):
+        given, actual = getattr(ref, name), getattr(stored, name)
+        if name == "content_type" and given is not None:
+            given = given.lower()  # stored lower case; types are case-insensitive
+        if given is not None and given != actual:
+            raise Invalid(
+                f"must be the upload's own, {actual!r}, or left out", field=f"{field}.{name}"
+            )
+    return stored
 
 
 def _acks(conversation: str, first: int, ts: str, ids: list[str]) -> list[Ack]:

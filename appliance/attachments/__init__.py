@@ -1,0 +1,1 @@
+"""Attachments: presigned uploads, their verification job, downloads, expiry of unfinished ones."""
