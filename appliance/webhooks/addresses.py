@@ -63,6 +63,8 @@ def check_url(url: str, *, allow_private: bool, field: str = "url") -> SplitResu
         parts = urlsplit(url)
         port = parts.port
     except ValueError as exc:
+        if "port" in str(exc).lower():
+            raise Invalid("port must be 1-65535", field=field) from None
         raise Invalid(f"is not a valid URL: {exc}", field=field) from None
     if parts.scheme not in ("http", "https"):
         raise Invalid("must be an http or https URL", field=field)
