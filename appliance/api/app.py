@@ -22,15 +22,18 @@ from appliance.api.access import access_layer
 from appliance.api.errors import EXCEPTION_HANDLERS
 from appliance.api.openapi import Document, operation_id
 from appliance.api.services import open_services
+from appliance.attachments import routes as attachments_routes
 from appliance.auth import routes as keys_routes
 from appliance.config import Config, load_config
 from appliance.conversations import routes as conversations_routes
+from appliance.exports import routes as exports_routes
 from appliance.heartbeat import start_heartbeat
 from appliance.messages import routes as messages_routes
 from appliance.programs.api import die_with_parent
 from appliance.realtime import drain
 from appliance.realtime import routes as realtime_routes
 from appliance.resources import open_resources
+from appliance.webhooks import routes as webhooks_routes
 
 log = structlog.get_logger()
 
@@ -85,7 +88,10 @@ def create_app(config: Config | None = None) -> Litestar:
             keys_routes.ROUTER,
             conversations_routes.ROUTER,
             messages_routes.ROUTER,
+            attachments_routes.ROUTER,
+            exports_routes.ROUTER,
             realtime_routes.ROUTER,
+            webhooks_routes.ROUTER,
         ],
         lifespan=[_lifespan(config, signals)],
         exception_handlers=EXCEPTION_HANDLERS,
