@@ -15,7 +15,6 @@ The row turns ready and `export.ready` is emitted in one transaction.
 from __future__ import annotations
 
 import asyncio
-from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
 import msgspec
@@ -26,14 +25,14 @@ from appliance.errors import ApplianceError
 from appliance.exports.service import Job, object_key
 from appliance.messages.blocks import BlockCache
 from appliance.messages.history import History
+from appliance.multipart import Upload, abort
 from appliance.resources import Resources
-from appliance.storage import Storage, StorageError
 from appliance.webhooks import events
 
 log = structlog.get_logger()
 
 PAGE = 500  # messages read at once (up to [messages] max_body_bytes each)
-PART_BYTES = 8 * 1_048_576  # S3 wants at least 5 MiB in every part but the last
+PART_BYTES = 8 * 1_048_576  # see appliance/multipart.py
 MAX_ATTEMPTS = 3
 CACHE_BYTES = 8 * 1_048_576  # an export reads each block once: a small cache suffices
 ZSTD_LEVEL = 3
@@ -47,35 +46,6 @@ RETURNING conversation, attempts, upload_id
 """
 # The run's own attempt only: a later run (after a crash) owns the row from then on.
 _GUARD = " WHERE id = %s AND attempts = %s AND state = 'running'"
-
-
-@dataclass
-class Upload:
-    """The multipart upload of one run: parts of PART_BYTES as the compressed output grows."""
-
-    storage: Storage
-    key: str
-    upload_id: str
-    pending: bytearray = field(default_factory=bytearray)
-    etags: list[str] = field(default_factory=list)
-    size: int = 0
-
-    async def write(self, data: bytes) -> None:
-        self.pending += data
-        self.size += len(data)
-        while len(self.pending) >= PART_BYTES:
-            await self._part(bytes(self.pending[:PART_BYTES]))
-            del self.pending[:PART_BYTES]
-
-    async def complete(self) -> None:
-        if self.pending or not self.etags:
-            await self._part(bytes(self.pending))
-            self.pending.clear()
-        await self.storage.complete_upload(self.key, self.upload_id, self.etags)
-
-    async def _part(self, body: bytes) -> None:
-        number = len(self.etags) + 1
-        self.etags.append(await self.storage.upload_part(self.key, self.upload_id, number, body))
 
 
 async def run(res: Resources, payload: bytes) -> None:
@@ -99,7 +69,7 @@ async def run(res: Resources, payload: bytes) -> None:
         if not await _live(res, conversation):
             await _fail(res, export_id, attempt, "the conversation was deleted")
             return
-        upload = Upload(res.storage, key, await res.storage.start_upload(key))
+        upload = await Upload.start(res.storage, key, PART_BYTES)
         async with res.connection() as conn:
             await conn.execute(
                 "UPDATE exports SET upload_id = %s" + _GUARD, (upload.upload_id, export_id, attempt)
@@ -108,7 +78,7 @@ async def run(res: Resources, payload: bytes) -> None:
         await upload.complete()
     except Exception as exc:
         if upload is not None:
-            await abort(res.storage, key, upload.upload_id)
+            await upload.abort()
         reason = exc.message if isinstance(exc, ApplianceError) else "internal error"
         await _fail(res, export_id, attempt, reason)
         raise
@@ -189,12 +159,3 @@ async def _fail(res: Resources, export_id: str, attempt: int, reason: str) -> No
             " finished_at = now()" + _GUARD,
             (reason, export_id, attempt),
         )
-
-
-async def abort(storage: Storage, key: str, upload_id: str) -> None:
-    """Abort an upload; one already gone (completed or aborted) is fine."""
-    try:
-        await storage.abort_upload(key, upload_id)
-    except StorageError as exc:
-        if exc.s3_code != "NoSuchUpload":
-            raise

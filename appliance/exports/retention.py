@@ -13,8 +13,8 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from appliance import metrics
-from appliance.exports.jobs import abort
 from appliance.exports.service import object_key
+from appliance.multipart import abort
 from appliance.resources import Resources
 
 if TYPE_CHECKING:  # appliance.schedules imports this module to register it

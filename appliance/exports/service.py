@@ -65,8 +65,11 @@ _COLUMNS = (
 )
 
 
-async def request(conn: Conn, conversation: str, requested_by: str) -> Export:
-    """A new queued export of `conversation` and its job, committed together."""
+async def request(
+    conn: Conn, conversation: str, requested_by: str, *, enqueue: bool = True
+) -> Export:
+    """A new queued export of `conversation` and its job, committed together (no job with
+    `enqueue=False`: `appliance export` runs it in its own process)."""
     # Imported here: appliance.jobs imports this feature's job handler, which imports this.
     from appliance import jobs
 
@@ -78,7 +81,8 @@ async def request(conn: Conn, conversation: str, requested_by: str) -> Export:
             (export_id, conversation, requested_by, object_key(export_id)),
         )
         row = await cur.fetchone()
-        await jobs.enqueue(conn, RUN, msgspec.json.encode(Job(export_id)))
+        if enqueue:
+            await jobs.enqueue(conn, RUN, msgspec.json.encode(Job(export_id)))
     assert row is not None
     return _export(row)
 

@@ -1,0 +1,209 @@
+"""Backups for real: pg_dump of a database streamed to S3 (moto), restored with pg_restore into a
+fresh database exactly as the README says, every table's rows counted on both sides; keep-N;
+a failing pg_dump; the schedule, the job and the CLI.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+from collections.abc import AsyncIterator, Callable
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import msgspec
+import psycopg
+import pytest
+from psycopg import sql
+
+from appliance.auth import keys
+from appliance.backups import jobs as backup_jobs
+from appliance.backups import schedule
+from appliance.backups.service import PREFIX, BackupFailed, backup_key, backups, dump_command, take
+from appliance.config import Config
+from appliance.conversations import service as conversations
+from appliance.exports import service as exports
+from appliance.resources import Resources
+from appliance.schedules import SCHEDULES, Run
+from tests.messaging import unique
+from tests.support import free_port, migrated_db, write_toml
+from tests.test_cli import cli
+from tests.test_history_tiers import isolate, opened
+
+
+@pytest.fixture
+async def res(
+    settings: dict[str, Any], fresh_database: Callable[[], str]
+) -> AsyncIterator[Resources]:
+    """A fresh, migrated database with rows in it, and resources on it; no backups in S3."""
+    dsn = fresh_database()
+    await migrated_db(dsn)
+    isolate(settings, dsn)
+    async with opened(settings) as res:
+        await clear(res)
+        async with res.connection() as conn:
+            for n in range(3):
+                await keys.create(conn, keys.KeyCreate(name=unique("k"), scopes=["read"]))
+                spec = conversations.ConversationCreate(conversation=unique(f"c{n}"))
+                await conversations.create(conn, spec, "key:test")
+                await exports.request(conn, spec.conversation, "key:test")
+        yield res
+
+
+async def clear(res: Resources) -> None:
+    await res.storage.delete_many([k for k, _ in await res.storage.list_keys(PREFIX)])
+
+
+async def row_counts(dsn: str) -> dict[str, int]:
+    """Rows of every table in the database (partitions counted as themselves)."""
+    async with await psycopg.AsyncConnection.connect(dsn) as conn:
+        cur = await conn.execute(
+            "SELECT schemaname, tablename FROM pg_tables"
+            " WHERE schemaname NOT IN ('pg_catalog', 'information_schema') ORDER BY 1, 2"
+        )
+        tables = await cur.fetchall()
+        counts = {}
+        for schema, table in tables:
+            query = sql.SQL("SELECT count(*) FROM ONLY {}").format(sql.Identifier(schema, table))
+            row = await (await conn.execute(query)).fetchone()
+            assert row is not None
+            counts[f"{schema}.{table}"] = int(row[0])
+        return counts
+
+
+async def uploads(res: Resources) -> list[str]:
+    answer = await asyncio.to_thread(
+        res.storage.s3.list_multipart_uploads, Bucket=res.storage.bucket, Prefix=PREFIX
+    )
+    return [u["Key"] for u in answer.get("Uploads", [])]
+
+
+async def test_a_backup_restores_into_a_fresh_database_as_the_readme_says(
+    res: Resources,
+    settings: dict[str, Any],
+    fresh_database: Callable[[], str],
+    tmp_path: Path,
+) -> None:
+    source = res.config.postgres.dsn.get_secret_value()
+    before = await row_counts(source)
+    assert before["public.conversations"] == 3 and before["public.exports"] == 3
+    assert sum(before.values()) > 20
+
+    backup = await take(res.config, res.storage, keep=3)
+    assert backup.key.startswith("backups/") and backup.key.endswith(".dump")
+    assert await res.storage.size(backup.key) == backup.size > 0
+    assert await uploads(res) == []
+
+    # README, "Backup and restore": download, pg_restore into a fresh database, migrate, verify.
+    dump = tmp_path / "appliance.dump"
+    dump.write_bytes(await res.storage.get(backup.key))
+    target = fresh_database()
+    restored = subprocess.run(
+        ["pg_restore", "--no-owner", "--exit-on-error", f"--dbname={target}", str(dump)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert restored.returncode == 0, restored.stderr
+    assert await row_counts(target) == before
+    settings["postgres"]["dsn"] = target
+    config = write_toml(tmp_path / "restored.toml", settings)
+    migrated = cli(config, "migrate")
+    assert migrated.returncode == 0, migrated.stderr
+    assert "applied 0 migration(s)" in migrated.stdout
+    verified = cli(config, "db", "verify")
+    assert verified.returncode == 0, verified.stderr
+
+
+async def test_keep_n_deletes_the_oldest_and_nothing_else(res: Resources) -> None:
+    other = f"{PREFIX}notes.txt"  # not a backup's name: left alone
+    await res.storage.put(other, b"kept")
+    start = datetime(2026, 1, 1, 3, 30, tzinfo=UTC)
+    taken = []
+    for n in range(4):
+        backup = await take(res.config, res.storage, keep=2, at=start + timedelta(days=n))
+        taken.append(backup.key)
+        assert backup.deleted == ([taken[n - 2]] if n >= 2 else [])
+    assert [k for k, _ in await backups(res.storage)] == taken[2:]
+    assert await res.storage.get(other) == b"kept"
+    assert taken[0] == backup_key(start) == "backups/20260101T033000Z.dump"
+    await res.storage.delete(other)
+
+
+async def test_a_failing_pg_dump_fails_clearly_and_leaves_no_object(
+    res: Resources, settings: dict[str, Any]
+) -> None:
+    await take(res.config, res.storage, keep=5)
+    before = await backups(res.storage)
+    port = free_port()  # nothing listens there
+    settings["postgres"]["dsn"] = f"postgresql://appliance:s3cret-pw@127.0.0.1:{port}/appliance"
+    bad = Config.model_validate(settings)
+    with pytest.raises(BackupFailed) as failed:
+        await take(bad, res.storage, keep=1, at=datetime(2030, 1, 1, tzinfo=UTC))
+    message = failed.value.message
+    assert message.startswith("pg_dump exited with status 1: ")
+    assert str(port) in message and "s3cret-pw" not in message
+    assert await res.storage.size(backup_key(datetime(2030, 1, 1, tzinfo=UTC))) is None
+    assert await uploads(res) == []
+    assert await backups(res.storage) == before  # keep=1 deleted nothing: the dump failed
+
+    # The job fails the same way (the worker then retries it with back-off).
+    res.config = bad
+    with pytest.raises(BackupFailed):
+        await backup_jobs.run(res, msgspec.json.encode(backup_jobs.Job(keep=1)))
+    assert await backups(res.storage) == before
+
+
+async def test_a_missing_pg_dump_is_a_clear_error(
+    res: Resources, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("PATH", "/nonexistent")
+    with pytest.raises(BackupFailed, match="cannot run pg_dump"):
+        await take(res.config, res.storage, keep=1)
+    assert await backups(res.storage) == []
+    assert await uploads(res) == []
+
+
+def test_the_password_goes_in_the_environment_not_argv(settings: dict[str, Any]) -> None:
+    settings["postgres"]["dsn"] = "postgresql://app:pa%20ss@db.example:5433/appl?sslmode=require"
+    with_password = Config.model_validate(settings)
+    argv, env = dump_command(with_password)
+    assert env["PGPASSWORD"] == "pa ss"
+    assert not any("pa ss" in arg or "pa%20ss" in arg for arg in argv)
+    assert argv[1:3] == ["--format=custom", "--no-password"]
+    dbname = argv[3].removeprefix("--dbname=")
+    assert psycopg.conninfo.conninfo_to_dict(dbname) == {
+        "user": "app",
+        "host": "db.example",
+        "port": "5433",
+        "dbname": "appl",
+        "sslmode": "require",
+        "connect_timeout": "3",
+    }
+
+
+async def test_the_backup_schedule_and_its_dry_run(res: Resources) -> None:
+    entry = next(e for e in SCHEDULES if e.name == "backup")
+    assert not entry.retention and entry.settings(res.config) is res.config.schedules.backup
+    keep = res.config.schedules.backup.keep
+    start = datetime(2026, 2, 1, tzinfo=UTC)
+    for n in range(keep):
+        await take(res.config, res.storage, keep=keep, at=start + timedelta(hours=n))
+    assert await schedule.run(res, Run(dry_run=True)) == {"backups": 0, "bytes": 0, "deleted": 1}
+    assert len(await backups(res.storage)) == keep
+    counts = await entry.run(res, Run())
+    assert counts["backups"] == 1 and counts["deleted"] == 1 and counts["bytes"] > 0
+    found = [k for k, _ in await backups(res.storage)]
+    assert len(found) == keep and backup_key(start) not in found
+
+
+async def test_the_backup_command(res: Resources, settings: dict[str, Any], tmp_path: Path) -> None:
+    config = write_toml(tmp_path / "c.toml", settings)
+    done = await asyncio.to_thread(cli, config, "backup", "--keep", "1")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith(f"s3://{settings['s3']['bucket']}/backups/")
+    listed = await backups(res.storage)
+    assert len(listed) == 1 and listed[0][0] in done.stdout
+    refused = await asyncio.to_thread(cli, config, "backup", "--keep", "0")
+    assert refused.returncode == 2
