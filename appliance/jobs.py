@@ -13,11 +13,14 @@ from datetime import timedelta
 
 from pgqueuer.queries import Queries
 
+from appliance.attachments import jobs as attachments
+from appliance.backups import jobs as backups
 from appliance.config import Config
 from appliance.diagnostics import jobs as diagnostics
 from appliance.exports import jobs as export_jobs
 from appliance.exports import service as exports
 from appliance.resources import Conn, Resources
+from appliance.webhooks import jobs as webhooks
 
 Handler = Callable[[Resources, bytes], Awaitable[None]]
 
@@ -41,7 +44,10 @@ class Entrypoint:
 ENTRYPOINTS: dict[str, Handler | Entrypoint] = {
     diagnostics.PING: Entrypoint(diagnostics.ping, max_attempts=1),
     diagnostics.NOOP: diagnostics.noop,
+    attachments.VERIFY: attachments.verify,
+    backups.RUN: backups.run,
     exports.RUN: export_jobs.run,
+    webhooks.DELIVER: webhooks.deliver,  # keeps its own attempts ([webhooks] max_attempts)
 }
 
 
