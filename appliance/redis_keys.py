@@ -150,6 +150,16 @@ class Keys:
         """The lease of the one message.created dispatcher reading the ingest streams."""
         return f"{self.prefix}:webhooks:dispatcher"
 
+    def seq_pattern(self) -> str:
+        """A SCAN pattern matching every conversation's seq counter (ids never hold braces,
+        so `}:seq:` is the tag's end)."""
+        escaped = "".join(f"\\{ch}" if ch in "*?[]\\" else ch for ch in self.prefix)
+        return f"{escaped}:{{s*}}:seq:*"
+
+    def reconcile_cursor(self) -> str:
+        """Where the reconcile schedule's SCAN resumes at its next run."""
+        return f"{self.prefix}:reconcile:cursor"
+
     def heartbeat_prefix(self) -> str:
         return f"{self.prefix}:hb:"
 

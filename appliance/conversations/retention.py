@@ -17,12 +17,19 @@ and the next run purges it.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from appliance import metrics
 from appliance.messages import retention as messages_retention
 from appliance.realtime.presence import Presence
 from appliance.resources import Resources
-from appliance.schedules.entry import Counts, Run
 from appliance.segments import retention as segments_retention
+
+if TYPE_CHECKING:
+    # Only a type here: importing appliance.schedules would import this module back.
+    from appliance.schedules.entry import Run
+
+Counts = dict[str, int]
 
 BATCH = 100  # conversations looked up at a time
 

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+from appliance.messages import reconcile
 from appliance.schedules import (
     compact_segments,
     expire_segments,
@@ -28,4 +29,5 @@ SCHEDULES: tuple[Entry, ...] = (
         maintain_partitions.run,
         retention=True,
     ),
+    Entry("reconcile", lambda c: c.schedules.reconcile, reconcile.run),
 )

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import date
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import psycopg
 import structlog
@@ -33,9 +33,14 @@ from psycopg import sql
 from appliance import metrics
 from appliance.db.pool import connect
 from appliance.resources import Resources
-from appliance.schedules.entry import Counts, Run
 from appliance.segments import compact
 from appliance.storage import StorageError
+
+if TYPE_CHECKING:
+    # Only a type here: importing appliance.schedules would import this module back.
+    from appliance.schedules.entry import Run
+
+Counts = dict[str, int]
 
 log = structlog.get_logger()
 Conn = psycopg.AsyncConnection[Any]
