@@ -3,7 +3,8 @@
 - An attempt is counted before its handler runs (`begin`), in its own committed statement, so an
   attempt that kills its worker is counted too. pgqueuer re-picks such a job with its own count
   unchanged; `begin` then finds the attempt still marked running, and the worker treats it as a
-  failed attempt ("lost"): retried after a back-off or parked, never run again uncounted.
+  failed attempt ("lost"): parked if it was the last, else run again (at once for a first
+  attempt, after a back-off for a later one), never run again uncounted.
 - A job that has used its attempts is parked: its row keeps entrypoint, payload, attempts, the
   last error, the first and last attempt times. `requeue` enqueues the payload again as a new job
   and forgets the parked row, in one transaction.

@@ -23,6 +23,11 @@ COMMANDS = {
     "status": "status:status",
     "doctor": "status:doctor",
     "keys": "keys_cmd:keys_group",
+    "retention": "retention_cmd:retention",
+    "export": "export_cmd:export",
+    "backup": "backup_cmd:backup",
+    "jobs": "jobs_cmd:jobs_group",
+    "webhooks": "webhooks_cmd:webhooks_group",
 }
 
 

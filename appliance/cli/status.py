@@ -17,7 +17,7 @@ import click
 from pgqueuer.domain.settings import db_settings
 from psycopg import sql
 
-from appliance import heartbeat, logs
+from appliance import heartbeat, job_attempts, logs
 from appliance.checks import CheckResult, dependency_checks, run_check, run_checks, schema_check
 from appliance.cli.common import cli_config, mark, run_async
 from appliance.config import Config, load_config
@@ -134,6 +134,7 @@ async def _status(config: Config) -> dict[str, Any]:
         out["queue"] = [
             {"entrypoint": e, "status": s, "jobs": n} for e, s, n in await cur.fetchall()
         ]
+        out["jobs_failed"] = await job_attempts.parked_count(conn)  # `appliance jobs failed`
         cur = await conn.execute(
             "SELECT DISTINCT ON (name) name, tick, status, counts, started_at, finished_at"
             " FROM schedule_runs ORDER BY name, tick DESC"
@@ -209,6 +210,8 @@ def _print_status(data: dict[str, Any]) -> None:
         [f"{q['entrypoint']:<24} {q['status']:<10} {q['jobs']}" for q in data.get("queue", [])],
         "skipped: " + skip["queue"] if "queue" in skip else "empty",
     )
+    if "jobs_failed" in data:
+        click.echo(f"failed jobs (parked): {data['jobs_failed']}  (`appliance jobs failed`)")
     _section(
         "schedules (last run)",
         [

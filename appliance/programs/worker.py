@@ -31,6 +31,7 @@ from appliance import job_attempts, metrics
 from appliance.db.queue_driver import SplitDriver, connect_worker
 from appliance.jobs import ENTRYPOINTS, Handler, enqueue, entrypoint
 from appliance.resources import Resources
+from appliance.webhooks.dispatch import run_dispatcher
 
 log = structlog.get_logger()
 
@@ -76,27 +77,36 @@ def _wrap(res: Resources, name: str) -> Callable[[Job], Coroutine[Any, Any, None
         log.warning("job_retry", attempts=attempt, of=limit, retry_in_s=round(delay, 3))
         raise RetryRequested(delay=timedelta(seconds=delay), reason=error)
 
+    async def begin(job_id: int) -> job_attempts.Start:
+        try:
+            async with res.connection() as conn:
+                return await job_attempts.begin(conn, job_id, name, worker)
+        except PgError as exc:
+            # Never run uncounted: back to the queue (pgqueuer's own connection may still work).
+            log.warning("job_deferred", error=str(exc) or type(exc).__name__)
+            raise RetryRequested(
+                delay=timedelta(seconds=res.config.worker.retry_delay),
+                reason="its attempt could not be recorded",
+            ) from exc
+
     async def run(job: Job) -> None:
         job_id = int(job.id)
         payload = job.payload or b""
         with structlog.contextvars.bound_contextvars(job_id=job_id, entrypoint=name):
-            try:
-                async with res.connection() as conn:
-                    start = await job_attempts.begin(conn, job_id, name, worker)
-            except PgError as exc:
-                # Not run uncounted: back to the queue, as pgqueuer's connection still works.
-                log.warning("job_deferred", error=str(exc) or type(exc).__name__)
-                raise RetryRequested(
-                    delay=timedelta(seconds=res.config.worker.retry_delay),
-                    reason="its attempt could not be recorded",
-                ) from exc
+            start = await begin(job_id)
             if start.action == "parked":
                 log.info("job_already_parked")
                 return
             if start.action == "lost":
                 metrics.JOBS.labels(name, "lost").inc()
                 log.error("job_lost", attempt=start.attempt, error=start.error)
-                await settle(job_id, start.attempt, start.error or "lost", payload)
+                if start.attempt > 1 or start.attempt >= limit:
+                    await settle(job_id, start.attempt, start.error or "lost", payload)
+                # A first attempt lost with its worker (a deploy, an OOM kill, a lost node) is
+                # seldom the job's fault: run it again at once, so that it resumes within
+                # seconds. A job that keeps killing workers waits a back-off from then on.
+                metrics.JOB_FAILURES.labels(name, "retried").inc()
+                start = await begin(job_id)
             with structlog.contextvars.bound_contextvars(attempt=start.attempt):
                 error = await _attempt(res, name, entry.handler, payload, timeout, requeue, job_id)
                 if error is None:
@@ -125,6 +135,7 @@ async def _attempt(
     started = time.perf_counter()
     status = "ok"
     error: str | None = None
+    failure: Exception | None = None
     try:
         async with asyncio.timeout(timeout) as deadline:
             await handler(res, payload)
@@ -135,17 +146,20 @@ async def _attempt(
         await asyncio.shield(requeue(job_id, payload))
         raise
     except Exception as exc:
+        failure = exc
         if isinstance(exc, TimeoutError) and deadline.expired():
             status, error = "timeout", f"timed out after {timeout:g} s"
         else:
             status, error = "error", job_attempts.error_text(exc)
-            log.warning("job_error", exc_info=exc)
     finally:
         elapsed = time.perf_counter() - started
         metrics.JOBS.labels(name, status).inc()
         metrics.JOB_DURATION.labels(name).observe(elapsed)
-        fields = {"error": error} if error else {}
-        log.info("job_done", status=status, duration_ms=round(elapsed * 1000, 2), **fields)
+        fields: dict[str, Any] = {"error": error} if error else {}
+        if status == "error":
+            fields["exc_info"] = failure  # the traceback: where the handler failed
+        done = log.info if status == "ok" else log.warning
+        done("job_done", status=status, duration_ms=round(elapsed * 1000, 2), **fields)
     return error
 
 
@@ -204,6 +218,7 @@ async def run_worker(res: Resources, stop: asyncio.Event) -> None:
     loops = [
         _consume(res, stop),
         _watch_queue(res, stop),
+        run_dispatcher(res, stop),  # message.created events (appliance/webhooks/dispatch.py)
     ]
     tasks = [asyncio.create_task(loop) for loop in loops]
     try:
