@@ -1,0 +1,115 @@
+"""`appliance retention run` as a subprocess over real services: a dry run reports and records
+nothing, a real run deletes and is recorded (source `cli`), a disabled schedule is skipped, an
+unknown name is refused, and a terminal gets a progress bar."""
+
+from __future__ import annotations
+
+import os
+import shlex
+import subprocess
+import sys
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import psycopg
+
+from appliance.config import Config
+from appliance.resources import open_resources
+from appliance.schedules import SCHEDULES
+from tests.support import migrated_db, write_toml
+from tests.test_cli import cli
+
+
+async def prepared(settings: dict[str, Any], fresh_database: Callable[[], str]) -> str:
+    """A database of its own holding one conversation deleted 10 days ago; its DSN."""
+    dsn = fresh_database()
+    await migrated_db(dsn)
+    settings["postgres"]["dsn"] = dsn
+    settings["redis"]["key_prefix"] += f"-k{uuid.uuid4().hex[:8]}"
+    async with open_resources(Config.model_validate(settings), "test") as res:
+        await res.storage.init()
+        async with res.connection() as conn:
+            await conn.execute(
+                "INSERT INTO conversations (id, created_by, deleted_at)"
+                " VALUES ('old-gone', 'key:admin', now() - interval '10 days')"
+            )
+    return dsn
+
+
+def runs(dsn: str) -> list[tuple[str, str, str]]:
+    with psycopg.connect(dsn) as conn:
+        return [
+            (str(n), str(s), str(src))
+            for n, s, src in conn.execute(
+                "SELECT name, status, source FROM schedule_runs ORDER BY name"
+            ).fetchall()
+        ]
+
+
+def conversations(dsn: str) -> int:
+    with psycopg.connect(dsn) as conn:
+        row = conn.execute("SELECT count(*) FROM conversations").fetchone()
+    return int(row[0]) if row else -1
+
+
+async def test_retention_run_dry_then_real(
+    settings: dict[str, Any], fresh_database: Callable[[], str], tmp_path: Path
+) -> None:
+    dsn = await prepared(settings, fresh_database)
+    settings["schedules"] = {"prune_job_log": {"enabled": False}}
+    config = write_toml(tmp_path / "c.toml", settings)
+
+    dry = cli(config, "retention", "run", "--dry-run")
+    assert dry.returncode == 0, dry.stdout + dry.stderr
+    lines = dry.stdout.splitlines()
+    assert "prune_job_log: skipped (disabled; name it with --only to run it)" in lines
+    for entry in SCHEDULES:
+        if entry.retention and entry.name != "prune_job_log":
+            assert any(line.startswith(f"{entry.name}: would delete ") for line in lines), lines
+    assert any("conversations=1" in line for line in lines if line.startswith("expire_segments"))
+    assert runs(dsn) == [] and conversations(dsn) == 1, "a dry run records and deletes nothing"
+
+    done = cli(config, "retention", "run", "--only", "expire_segments")
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert done.stdout.startswith("expire_segments: deleted ")
+    assert "conversations=1" in done.stdout
+    assert runs(dsn) == [("expire_segments", "ok", "cli")]
+    assert conversations(dsn) == 0
+
+    # A disabled schedule runs when named.
+    named = cli(config, "retention", "run", "--only", "prune_job_log")
+    assert named.returncode == 0 and named.stdout.startswith("prune_job_log: deleted ")
+
+    refused = cli(config, "retention", "run", "--only", "compact_segments")
+    assert refused.returncode == 2  # not a retention schedule
+    assert "compact_segments" in refused.stderr
+
+
+async def test_retention_run_shows_a_progress_bar_on_a_terminal(
+    settings: dict[str, Any], fresh_database: Callable[[], str], tmp_path: Path
+) -> None:
+    dsn = await prepared(settings, fresh_database)
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        # Two days of history index past retention (rows whose objects are long gone).
+        conn.execute(
+            "INSERT INTO segment_blocks (tier, period, conversation, first_seq, last_seq,"
+            " object_key, byte_offset, byte_length, records, min_ts, max_ts)"
+            " SELECT 'history', current_date - d, 'c', d, d, 'segments/history/x' || d, 0, 1, 1,"
+            " now(), now() FROM unnest(ARRAY[40, 41]) d"
+        )
+    config = write_toml(tmp_path / "c.toml", settings)
+    command = [sys.executable, "-m", "appliance", "retention", "run", "--dry-run"]
+    command += ["--only", "expire_segments"]
+    # `script` gives the command a terminal of its own.
+    done = subprocess.run(
+        ["script", "-qec", shlex.join(command), "/dev/null"],
+        env={"APPLIANCE_CONFIG": str(config), "PATH": os.environ["PATH"], "TERM": "xterm"},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stdout
+    assert "expire_segments  [" in done.stdout and "100%" in done.stdout
+    assert "expire_segments: would delete days=2 index_rows=2" in done.stdout
