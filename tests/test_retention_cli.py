@@ -15,6 +15,7 @@ from typing import Any
 
 import psycopg
 
+from appliance.cli.status import _schedule_line, _status
 from appliance.config import Config
 from appliance.resources import open_resources
 from appliance.schedules import SCHEDULES
@@ -77,6 +78,13 @@ async def test_retention_run_dry_then_real(
     assert "conversations=1" in done.stdout
     assert runs(dsn) == [("expire_segments", "ok", "cli")]
     assert conversations(dsn) == 0
+    # `appliance status` shows the run: status, age, who ran it, counts, last success.
+    data = await _status(Config.model_validate(settings))
+    (shown,) = [s for s in data["schedules"] if s["schedule"] == "expire_segments"]
+    assert (shown["status"], shown["source"], shown["counts"]["conversations"]) == ("ok", "cli", 1)
+    assert shown["age_s"] >= 0 and shown["last_ok_age_s"] is not None
+    line = _schedule_line(shown)
+    assert line.startswith("expire_segments") and " ok " in line and "(cli)" in line
 
     # A disabled schedule runs when named.
     named = cli(config, "retention", "run", "--only", "prune_job_log")

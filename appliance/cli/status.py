@@ -135,19 +135,31 @@ async def _status(config: Config) -> dict[str, Any]:
             {"entrypoint": e, "status": s, "jobs": n} for e, s, n in await cur.fetchall()
         ]
         out["jobs_failed"] = await job_attempts.parked_count(conn)  # `appliance jobs failed`
+        # Each schedule's last run (the scheduler's or `appliance retention run`'s), its age,
+        # and how long ago the schedule last succeeded.
         cur = await conn.execute(
-            "SELECT DISTINCT ON (name) name, tick, status, counts, started_at, finished_at"
-            " FROM schedule_runs ORDER BY name, tick DESC"
+            """SELECT DISTINCT ON (r.name) r.name, r.tick, r.status, r.counts, r.started_at,
+                      r.finished_at, r.source, r.error,
+                      extract(epoch FROM now() - r.started_at)::float8,
+                      (SELECT extract(epoch FROM now() - max(o.finished_at))::float8
+                         FROM schedule_runs o WHERE o.name = r.name AND o.status = 'ok')
+                 FROM schedule_runs r ORDER BY r.name, r.tick DESC"""
         )
         out["schedules"] = [
             {
                 "schedule": name,
                 "tick": tick.isoformat(),
                 "status": status,
+                "source": source,
                 "counts": counts,
+                "error": error,
+                "age_s": round(age, 1),
+                "last_ok_age_s": None if ok_age is None else round(ok_age, 1),
                 "duration_s": round((finished - started).total_seconds(), 3) if finished else None,
             }
-            for name, tick, status, counts, started, finished in await cur.fetchall()
+            for name, tick, status, counts, started, finished, source, error, age, ok_age in (
+                await cur.fetchall()
+            )
         ]
         if "shards" not in out["skipped"]:
             out["shards"] = _shards(await index.shard_states(conn), waiting)
@@ -214,11 +226,7 @@ def _print_status(data: dict[str, Any]) -> None:
         click.echo(f"failed jobs (parked): {data['jobs_failed']}  (`appliance jobs failed`)")
     _section(
         "schedules (last run)",
-        [
-            f"{s['schedule']:<16} {s['tick']} {s['status']} {s['duration_s']}s "
-            f"{json.dumps(s['counts'])}"
-            for s in data.get("schedules", [])
-        ],
+        [_schedule_line(s) for s in data.get("schedules", [])],
         "skipped: " + skip["schedules"] if "schedules" in skip else "none yet",
     )
     _section(
@@ -235,6 +243,27 @@ def _print_status(data: dict[str, Any]) -> None:
         rows = data["index_rows"]
         flush, history = rows.get("flush", 0), rows.get("history", 0)
         click.echo(f"segment index: {flush} flush rows, {history} history rows")
+
+
+def _ago(seconds: float | None) -> str:
+    if seconds is None:
+        return "never"
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return f"{seconds / size:.1f}{unit} ago"
+    return f"{seconds:.0f}s ago"
+
+
+def _schedule_line(s: dict[str, Any]) -> str:
+    """One schedule's last run: status, when (and who ran it), duration, counts or error,
+    and when it last succeeded."""
+    took = f"{s['duration_s']}s" if s["duration_s"] is not None else "still running"
+    who = " (cli)" if s["source"] == "cli" else ""
+    what = f"error: {s['error']}" if s["error"] else json.dumps(s["counts"])
+    return (
+        f"{s['schedule']:<24} {s['status']:<7} {_ago(s['age_s'])}{who}, {took}  {what}"
+        f"  (last ok {_ago(s['last_ok_age_s'])})"
+    )
 
 
 def _section(title: str, rows: list[str], empty: str) -> None:
