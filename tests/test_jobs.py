@@ -371,30 +371,41 @@ async def test_cli_lists_failed_jobs_and_retries_one_and_all(
             await park(res, job_id, "diagnostics.ping", json.dumps({"token": token}).encode())
         await park(res, 9004, "gone.away", b"")  # an entrypoint this version no longer has
 
-        done = await run("jobs", "failed", "--json")
+        # Commands that change nothing run side by side (each is a Python start-up).
+        done, text, status, gone, usage = await asyncio.gather(
+            run("jobs", "failed", "--json"),
+            run("jobs", "failed"),
+            run("status"),
+            run("jobs", "retry", "9004"),
+            run("jobs", "retry"),
+        )
         assert done.returncode == 0, done.stderr
         failed = {j["id"]: j for j in json.loads(done.stdout)}
         assert sorted(failed) == [9001, 9002, 9003, 9004]
         assert failed[9001]["attempts"] == 5
         assert failed[9001]["last_error"] == "OperationalError: the outage"
         assert failed[9001]["entrypoint"] == "diagnostics.ping"
-        text = await run("jobs", "failed")
         assert "OperationalError: the outage" in text.stdout and "9004" in text.stdout
-        status = await run("status", "--json")
-        assert json.loads(status.stdout)["jobs_failed"] == 4, status.stderr
-        assert "failed jobs (parked): 4" in (await run("status")).stdout
+        assert "failed jobs (parked): 4" in status.stdout, status.stderr
+        assert gone.returncode == 1 and "gone.away" in gone.stderr  # it stays parked
+        assert usage.returncode == 2 and "JOB_ID or --all" in usage.stderr
 
         one = await run("jobs", "retry", "9001", "--json")
         assert one.returncode == 0, one.stderr
         [requeued] = json.loads(one.stdout)
         assert requeued["id"] == 9001 and requeued["new_id"] > 0
-        listed = await run("jobs", "list", "--json")
+        listed, listed_text, missing = await asyncio.gather(
+            run("jobs", "list", "--json"),
+            run("jobs", "list"),
+            run("jobs", "retry", "9001"),  # queued again already: no longer parked
+        )
         assert listed.returncode == 0, listed.stderr
         [queued] = [j for j in json.loads(listed.stdout) if j["id"] == requeued["new_id"]]
         assert (queued["entrypoint"], queued["status"], queued["attempts"]) == (
             "diagnostics.ping", "queued", 0
         )  # fmt: skip
-        assert str(requeued["new_id"]) in (await run("jobs", "list")).stdout
+        assert f"{requeued['new_id']} " in listed_text.stdout
+        assert missing.returncode == 1 and "no parked job 9001" in missing.stderr
 
         every = await run("jobs", "retry", "--all", "--json")
         assert every.returncode == 1  # one job could not be queued again: said, not hidden
@@ -402,14 +413,8 @@ async def test_cli_lists_failed_jobs_and_retries_one_and_all(
         assert sorted(outcome) == [9002, 9003, 9004]
         assert outcome[9004]["new_id"] is None
         assert outcome[9004]["skipped"] == "unknown entrypoint"
-        gone = await run("jobs", "retry", "9004")
-        assert gone.returncode == 1 and "gone.away" in gone.stderr
-        missing = await run("jobs", "retry", "9001")  # queued again already: no longer parked
-        assert missing.returncode == 1 and "no parked job 9001" in missing.stderr
-        usage = await run("jobs", "retry")
-        assert usage.returncode == 2 and "JOB_ID or --all" in usage.stderr
-        still = json.loads((await run("jobs", "failed", "--json")).stdout)
-        assert [j["id"] for j in still] == [9004]
+        async with res.connection() as conn:
+            assert [p.id for p in await job_attempts.parked(conn, 10)] == [9004]
 
         async with worker(res):  # the re-queued jobs run
 
@@ -571,3 +576,126 @@ async def forget(settings: dict[str, Any], entrypoint: str) -> None:
         await conn.execute("DELETE FROM pgqueuer WHERE entrypoint = %s", (entrypoint,))
     finally:
         await conn.close()
+
+
+async def test_bookkeeping_failures_neither_lose_nor_run_a_job_uncounted(
+    monkeypatch: pytest.MonkeyPatch, worker_settings: dict[str, Any], fresh_database: Any
+) -> None:
+    """The attempts table made unreachable (renamed away: a real PostgreSQL error) at each step
+    of a job's bookkeeping, on a database of its own. Before the attempt: the job goes back to
+    the queue uncounted and runs once the table is back. After a failed attempt: the job is
+    retried anyway, and the next pick counts the attempt as lost. After a success: the count is
+    left behind, and the sweep forgets it once pgqueuer has dropped the job."""
+    from tests.support import migrated_db
+
+    worker_settings["postgres"]["dsn"] = fresh_database()
+    await migrated_db(worker_settings["postgres"]["dsn"])
+    runs: list[tuple[str, int]] = []
+    away = asyncio.Event()
+
+    async def rename(res: Resources, gone: bool) -> None:
+        names = ("job_attempts", "job_attempts_away")
+        async with res.connection() as conn:
+            await conn.execute(f"ALTER TABLE {names[gone is False]} RENAME TO {names[gone]}")
+
+    async def step(res: Resources, payload: bytes) -> None:
+        runs.append((payload.decode(), structlog.contextvars.get_contextvars()["attempt"]))
+        if payload == b"fail-unrecorded" and len(runs) == 1:
+            await rename(res, gone=True)
+            away.set()
+            raise RuntimeError("first run fails, and its failure cannot be recorded")
+        if payload == b"ok-uncleared":
+            await rename(res, gone=True)
+            away.set()
+
+    monkeypatch.setitem(jobs.ENTRYPOINTS, "test.step", step)
+
+    async def events() -> list[str]:
+        return [e["event"] for e in logs]
+
+    async with open_resources(Config.model_validate(worker_settings), "test") as res:
+        with structlog.testing.capture_logs(
+            processors=[structlog.contextvars.merge_contextvars]
+        ) as logs:
+            async with worker(res):
+                # 1. Nothing can be counted: the job waits, uncounted.
+                await rename(res, gone=True)
+                deferred = await enqueue(res, "test.step", b"deferred")
+
+                async def was_deferred() -> bool:
+                    return "job_deferred" in await events()
+
+                await until(was_deferred, 15, "the job to be deferred")
+                assert runs == []
+                assert (await queue_row(res, deferred) or ("",))[0] in ("queued", "picked")
+                await rename(res, gone=False)
+
+                async def ran(count: int) -> bool:
+                    return len(runs) >= count
+
+                await until(lambda: ran(1), 15, "the deferred job to run")
+                assert runs == [("deferred", 1)]
+
+                # 2. A failure that cannot be recorded: retried, then counted as lost.
+                runs.clear()
+                away.clear()
+                job_id = await enqueue(res, "test.step", b"fail-unrecorded")
+                await asyncio.wait_for(away.wait(), 15)
+
+                async def not_recorded() -> bool:
+                    return "job_attempt_not_recorded" in await events()
+
+                await until(not_recorded, 15, "the failed bookkeeping")
+                await rename(res, gone=False)
+                await until(lambda: ran(2), 20, "the job to run again")
+                assert runs == [("fail-unrecorded", 1), ("fail-unrecorded", 2)]
+                lost = [e for e in logs if e["event"] == "job_lost" and e["job_id"] == job_id]
+                assert [e["attempt"] for e in lost] == [1]
+
+                # 3. A success whose count cannot be cleared.
+                away.clear()
+                done_id = await enqueue(res, "test.step", b"ok-uncleared")
+                await asyncio.wait_for(away.wait(), 15)
+
+                async def not_cleared() -> bool:
+                    return "job_count_not_cleared" in await events()
+
+                await until(not_cleared, 15, "the uncleared count")
+                await rename(res, gone=False)
+
+                async def dropped() -> bool:
+                    return await queue_row(res, done_id) is None
+
+                await until(dropped, 10, "pgqueuer to drop the finished job")
+        assert await attempts_row(res, done_id) is not None
+        async with res.connection() as conn:
+            assert await job_attempts.sweep(conn, 0) == 1
+        assert await attempts_row(res, done_id) is None
+        assert await attempts_row(res, job_id) is None  # finished: cleared
+
+
+async def test_a_parked_job_picked_again_is_not_run(
+    monkeypatch: pytest.MonkeyPatch, res: Resources
+) -> None:
+    """Parked, but its worker died before pgqueuer dropped it: the next pick drops it unrun."""
+
+    async def never(res: Resources, payload: bytes) -> None:
+        raise AssertionError("a parked job ran")
+
+    monkeypatch.setitem(jobs.ENTRYPOINTS, "test.parked", never)
+    job_id = await enqueue(res, "test.parked", b"p")
+    await park(res, job_id, "test.parked", b"p")
+    with structlog.testing.capture_logs(
+        processors=[structlog.contextvars.merge_contextvars]
+    ) as logs:
+        async with worker(res):
+
+            async def dropped() -> bool:
+                return await queue_row(res, job_id) is None
+
+            await until(dropped, 15, "the parked job to be dropped")
+    assert [e["job_id"] for e in logs if e["event"] == "job_already_parked"] == [job_id]
+    row = await attempts_row(res, job_id)
+    assert row is not None and row["parked_at"] is not None and row["attempts"] == 5
+    async with res.connection() as conn:
+        await conn.execute("DELETE FROM job_attempts WHERE job_id = %s", (job_id,))
