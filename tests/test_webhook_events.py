@@ -18,6 +18,7 @@ from typing import Any
 import msgspec
 import pytest
 from prometheus_client import REGISTRY
+from structlog.testing import capture_logs
 
 from appliance.auth.principal import Principal
 from appliance.config import Config
@@ -503,3 +504,73 @@ def test_trim_plan_keeps_groups_within_max_lag_and_passes_the_others() -> None:
         (old.floor, ["older"]),
         (near.floor, ["older", "old"]),
     ]
+
+
+# -- failures ----------------------------------------------------------------------------------
+
+
+async def test_one_dispatcher_reads_at_a_time_and_a_released_lease_passes_at_once(
+    env: Resources,
+) -> None:
+    await add_endpoint(env, "http://127.0.0.1:9/hook", ["message.created"])
+    first, second = Dispatcher(env, consumer="one"), Dispatcher(env, consumer="two")
+    assert await first.step() == 0
+    assert await second.step() == -1  # the lease is held
+    await publish(env, "papa", 3)
+    assert await first.step() == 3
+    await first.release()
+    await publish(env, "papa", 2)
+    assert await second.step() == 2  # nothing pending: straight to what is new
+    assert await first.step() == -1
+    assert [e.data["seq"] for d in await queued(env) for e in d.events] == [1, 2, 3, 4, 5]
+
+
+async def test_a_group_destroyed_under_the_dispatcher_is_made_again(env: Resources) -> None:
+    await add_endpoint(env, "http://127.0.0.1:9/hook", ["message.created"])
+    dispatcher = Dispatcher(env)
+    assert await dispatcher.step() == 0
+    for shard in range(SHARDS):  # Redis lost it (FLUSHALL, a restart without persistence)
+        await env.redis.xgroup_destroy(env.keys.ingest(shard), GROUP)
+    assert await dispatcher.step() == 0  # NOGROUP: noticed
+    assert await dispatcher.step() == 0  # made again, at "$"
+    assert {f"{GROUP}@{s}" for s in range(SHARDS)} <= await groups(env)
+    sent = await publish(env, "quebec", 4)
+    assert await dispatcher.step() == 4
+    assert [e.id for d in await queued(env) for e in d.events] == sent
+
+
+async def test_the_dispatcher_rides_out_postgresql_being_down(
+    settings: dict[str, Any],
+    private_postgres: tuple[str, Callable[[], None], Callable[[], None]],
+) -> None:
+    dsn, start, kill = private_postgres
+    await migrated_db(dsn)
+    settings["postgres"]["dsn"] = dsn
+    settings["redis"]["key_prefix"] = f"wh{uuid.uuid4().hex[:10]}"
+    settings["segments"] = {"shards": SHARDS}
+    async with open_resources(Config.model_validate(settings), "test") as res:
+        await add_endpoint(res, "http://127.0.0.1:9/hook", ["message.created"])
+        dispatcher = Dispatcher(res)
+        stop = asyncio.Event()
+        with capture_logs() as logs:
+            task = asyncio.create_task(dispatcher.run(stop))
+            try:
+                await eventually(_has_groups(res), "the groups")
+                # A new conversation's first publish looks its seq up in PostgreSQL; later
+                # ones need only Redis.
+                sent = await publish(res, "romeo", 1)
+                await eventually(lambda: _true(dispatcher.stats.events == 1), "the first")
+                kill()
+                sent += await publish(res, "romeo", 10)
+                await eventually(
+                    lambda: _true(any(e["event"] == "webhooks_dispatch_retry" for e in logs)),
+                    "a logged retry",
+                )
+                start()
+                await eventually(lambda: _true(dispatcher.stats.events >= 11), "the emit")
+                await eventually(_no_pending(res), "the acknowledgement")
+            finally:
+                stop.set()
+                await asyncio.wait_for(task, WAIT)
+        assert {e.id for d in await queued(res) for e in d.events} == set(sent)
+        assert await res.redis.get(res.keys.webhooks_dispatcher()) is None  # released at stop
