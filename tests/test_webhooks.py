@@ -346,6 +346,28 @@ async def test_emit_queues_per_subscribed_enabled_endpoint_in_batches(
         assert await emit(conn, []) == 0
 
 
+async def test_emit_asks_the_subscriber_index(resources: Resources) -> None:
+    """emit() runs in every emitting transaction: its one query is answerable from the partial
+    GIN index (the table is tiny here, so the planner is told to prefer indexes)."""
+    from appliance.webhooks.service import _SUBSCRIBERS
+
+    async with resources.connection() as conn, conn.transaction():
+        await conn.execute("SET LOCAL enable_seqscan = off")
+        cur = await conn.execute("EXPLAIN " + _SUBSCRIBERS, (["message.created"],))
+        plan = "\n".join(r[0] for r in await cur.fetchall())
+    assert "webhook_endpoints_subscribed" in plan, plan
+
+
+def test_backoff_doubles_with_jitter_up_to_an_hour(config: Config) -> None:
+    from appliance.webhooks.jobs import MAX_DELAY, backoff
+
+    cfg = config.webhooks.model_copy(update={"retry_delay": 30.0})
+    for attempt, full in ((1, 30.0), (2, 60.0), (3, 120.0), (8, 3600.0), (100, MAX_DELAY)):
+        waits = [backoff(attempt, cfg) for _ in range(200)]
+        assert all(full * 0.5 <= w <= full for w in waits), (attempt, min(waits), max(waits))
+        assert len(set(waits)) > 1  # jittered
+
+
 async def test_a_job_larger_than_batch_max_is_split(
     api: Client, resources: Resources, receiver: Receiver
 ) -> None:
