@@ -3,6 +3,9 @@
 
 from __future__ import annotations
 
+from appliance.attachments import retention as uploads
+from appliance.backups import schedule as backup
+from appliance.exports import retention as exports
 from appliance.messages import reconcile
 from appliance.schedules import (
     compact_segments,
@@ -11,6 +14,7 @@ from appliance.schedules import (
     prune_job_log,
 )
 from appliance.schedules.entry import Counts, Entry, Progress, Run
+from appliance.webhooks import retention as webhooks
 
 __all__ = ["SCHEDULES", "Counts", "Entry", "Progress", "Run"]
 
@@ -30,4 +34,13 @@ SCHEDULES: tuple[Entry, ...] = (
         retention=True,
     ),
     Entry("reconcile", lambda c: c.schedules.reconcile, reconcile.run),
+    Entry("expire_exports", lambda c: c.schedules.expire_exports, exports.run, retention=True),
+    Entry("backup", lambda c: c.schedules.backup, backup.run),
+    Entry("expire_uploads", lambda c: c.schedules.expire_uploads, uploads.run, retention=True),
+    Entry(
+        "prune_webhook_deliveries",
+        lambda c: c.schedules.prune_webhook_deliveries,
+        webhooks.run,
+        retention=True,
+    ),
 )
