@@ -44,12 +44,15 @@ TEXT = b"hello, attachments"
 
 @dataclass
 class Room:
-    """A conversation with a member, a reader and an outsider (pure-member keys)."""
+    """A conversation with a member, a reader and an outsider (pure-member keys), made by an
+    admin key."""
 
     api: Client
     res: Resources
     conversation: str
+    admin: dict[str, str]
     member: dict[str, str]
+    member_spec: dict[str, str]  # the member as a conversation's `members` entry
     reader: dict[str, str]
     outsider: dict[str, str]
 
@@ -128,8 +131,8 @@ async def make_room(api: Client, res: Resources) -> Room:
         headers=bearer(admin),
     )
     assert made.status_code == 201, made.text
-    return Room(api, res, conversation, bearer(keys["member"]), bearer(keys["reader"]),
-                bearer(keys["outsider"]))  # fmt: skip
+    return Room(api, res, conversation, bearer(admin), bearer(keys["member"]), members[0],
+                bearer(keys["reader"]), bearer(keys["outsider"]))  # fmt: skip
 
 
 @pytest.fixture
@@ -370,21 +373,23 @@ async def _count(res: Resources, ids: list[str]) -> tuple[int, int]:
     return len(keys), len(objects)
 
 
-async def test_expire_uploads_deletes_old_unverified_only(
+async def test_expire_uploads_deletes_old_unverified_and_orphaned_only(
     own_database: tuple[Client, Resources],
 ) -> None:
     api, res = own_database
-    room = await make_room(api, res)
+    room, gone = await make_room(api, res), await make_room(api, res)
     names = ("old_pending", "old_rejected", "old_verified", "new_pending", "old_never")
     made = {name: await room.created() for name in names}
+    made["orphan"] = await gone.created()
     ids = {name: created["id"] for name, created in made.items()}
-    for name in ("old_pending", "old_verified", "new_pending"):
+    for name in ("old_pending", "old_verified", "new_pending", "orphan"):
         assert (await upload(made[name], TEXT)).status_code == 204
     assert (await upload(made["old_rejected"], b"x" * 3)).status_code in (204, 403)
-    for name in ("old_rejected", "old_verified"):
-        await room.complete(ids[name])
+    for name in ("old_rejected", "old_verified", "orphan"):
+        await (gone if name == "orphan" else room).complete(ids[name])
         await room.verify(ids[name])
     assert (await room.state(ids["old_rejected"]))[0] == "rejected"
+    assert (await room.state(ids["orphan"]))[0] == "verified"
     # A rejected upload's form is still valid until it expires: its object may come back.
     assert (await upload(made["old_rejected"], TEXT)).status_code == 204
     old = [ids[n] for n in ("old_pending", "old_rejected", "old_verified", "old_never")]
@@ -393,24 +398,43 @@ async def test_expire_uploads_deletes_old_unverified_only(
             "UPDATE attachments SET created_at = now() - interval '25 hours' WHERE id = ANY(%s)",
             (old,),
         )
-    expired = [ids[n] for n in ("old_pending", "old_rejected", "old_never")]
+        await conn.execute(
+            "UPDATE conversations SET created_at = now() - interval '2 days' WHERE id = %s",
+            (room.conversation,),
+        )
+        # `gone` is deleted and purged, as conversations/retention.py purges, then created
+        # again by the same id: the earlier one's upload is not the new one's.
+        for table, column in (("conversation_members", "conversation"), ("conversations", "id")):
+            await conn.execute(f"DELETE FROM {table} WHERE {column} = %s", (gone.conversation,))
+    # The same key is a member of the new one.
+    again = await api.post(
+        "/v1/conversations",
+        json={"conversation": gone.conversation, "members": [gone.member_spec]},
+        headers=gone.admin,
+    )
+    assert again.status_code == 201, again.text
+    orphan = f"/v1/attachments/{ids['orphan']}"
+    expect(await api.get(orphan, headers=gone.member), 404, "not_found", "attachment")
+    expect(await gone.publish([{"id": ids["orphan"]}]), 400, "invalid", "attachments[0]")
+
+    expired = [ids[n] for n in ("old_pending", "old_rejected", "old_never", "orphan")]
     kept = [ids[n] for n in ("old_verified", "new_pending")]
-    assert await _count(res, expired) == (3, 2)
+    assert await _count(res, expired) == (4, 3)
     assert await _count(res, kept) == (2, 2)
 
     entry = next(e for e in SCHEDULES if e.name == "expire_uploads")
     assert entry.retention and entry.run is retention.run
     progress: list[tuple[int, int | None]] = []
     dry = await entry.run(res, Run(dry_run=True, progress=lambda d, t: progress.append((d, t))))
-    assert dry == {"uploads": 3, "objects": 3}
-    assert await _count(res, expired) == (3, 2) and await _count(res, kept) == (2, 2)
+    assert dry == {"uploads": 3, "orphaned": 1, "objects": 4}
+    assert await _count(res, expired) == (4, 3) and await _count(res, kept) == (2, 2)
 
     counts = await entry.run(res, Run(progress=lambda d, t: progress.append((d, t))))
-    assert counts == {"uploads": 3, "objects": 3}
+    assert counts == {"uploads": 3, "orphaned": 1, "objects": 4}
     assert await _count(res, expired) == (0, 0)
     assert await _count(res, kept) == (2, 2)
-    assert progress[-1] == (3, 3)
-    assert await entry.run(res, Run()) == {"uploads": 0, "objects": 0}
+    assert progress[-1] == (4, 4)
+    assert await entry.run(res, Run()) == {"uploads": 0, "orphaned": 0, "objects": 0}
     # The kept ones still work: the verified one downloads.
     shown = await api.get(f"/v1/attachments/{ids['old_verified']}", headers=room.member)
     assert shown.status_code == 200, shown.text

@@ -29,6 +29,7 @@ from schemathesis import GenerationMode
 
 from appliance.api.app import create_app
 from appliance.api.openapi import complete
+from appliance.attachments import jobs as attachment_jobs
 from appliance.config import Config
 from appliance.resources import open_resources
 from tests.api_process import ROOT, ApiProcess, admin_key, api_settings
@@ -143,7 +144,10 @@ def test_success_codes_are_the_ones_answered(document: dict[str, Any]) -> None:
 
 
 def _concrete(path: str) -> str:
-    values = {"conversation": "c-1", "member": "user:x", "key_id": "a" * 12, "seq": "1"}
+    values = {"conversation": "c-1", "member": "user:x", "key_id": "a" * 12, "seq": "1",
+              "webhook": "wh_" + "a" * 12}  # fmt: skip
+    values["attachment"] = "0" * 26  # a ULID
+    values["export"] = "0" * 26  # a ULID
     return re.sub(r"\{(\w+)\}", lambda m: values[m[1]], path)
 
 
@@ -208,7 +212,9 @@ SCHEMA.config.checks.update(included_check_names=CHECKS)
 # `DELETE /v1/keys/{key_id}` would revoke the key the run authenticates with.
 SCHEMA.config.phases.stateful.inference.algorithms = []
 _CONVERSATION_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+_ATTACHMENT_ID = re.compile(r"^[0-9A-HJKMNP-TV-Z]{26}$")
 _KEY_NAME = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
+_URL_LENGTH = re.compile(r"^[^\x00]{1,2048}$", re.DOTALL)
 
 
 @SCHEMA.hook
@@ -224,6 +230,10 @@ def map_body(context: Any, body: Any) -> Any:
         body["conversation"] = f"st-{fresh}"
     if path == "/v1/keys" and _valid(body.get("name"), _KEY_NAME):
         body["name"] = f"st-{fresh}"
+    # A receiver URL the running api accepts (public, well-formed); other strings are refused
+    # by rules the document cannot state (the address's kind, user info).
+    if path.startswith("/v1/webhooks") and _valid(body.get("url"), _URL_LENGTH):
+        body["url"] = f"https://hooks.example.com/{fresh}"
     return body
 
 
@@ -232,23 +242,56 @@ def _valid(value: Any, pattern: re.Pattern[str]) -> bool:
 
 
 # While set, valid conversation ids in paths are replaced by this existing one (it has members
-# and messages), so that the per-operation runs reach the handlers instead of 404 alone.
+# and messages), and valid attachment ids by a verified attachment of it, so that the
+# per-operation runs reach the handlers instead of 404 alone.
 SEEDED: dict[str, str] = {}
 
 
 @SCHEMA.hook
 def map_path_parameters(context: Any, path_parameters: dict[str, Any] | None) -> Any:
+    if path_parameters is None:
+        return path_parameters
+    mapped = dict(path_parameters)
     seeded = SEEDED.get("conversation")
     operation = context.operation
     if (
-        seeded is None
-        or path_parameters is None
-        or (operation.method.upper(), operation.path)
-        == ("DELETE", "/v1/conversations/{conversation}")
-        or not _valid(path_parameters.get("conversation"), _CONVERSATION_ID)
+        seeded is not None
+        and (operation.method.upper(), operation.path)
+        != ("DELETE", "/v1/conversations/{conversation}")
+        and _valid(path_parameters.get("conversation"), _CONVERSATION_ID)
     ):
-        return path_parameters
-    return {**path_parameters, "conversation": seeded}
+        mapped["conversation"] = seeded
+    attachment = SEEDED.get("attachment")
+    if attachment is not None and _valid(path_parameters.get("attachment"), _ATTACHMENT_ID):
+        mapped["attachment"] = attachment
+    export = SEEDED.get("export")
+    if export is not None and _valid(path_parameters.get("export"), _ATTACHMENT_ID):
+        mapped["export"] = export  # export ids are ULIDs too
+    return mapped
+
+
+async def _verified_attachment(url: str, headers: dict[str, str], conversation: str) -> str:
+    """An attachment of `conversation`, uploaded with its presigned form and completed."""
+    async with httpx.AsyncClient(timeout=10) as http:
+        created = await http.post(
+            f"{url}/v1/conversations/{conversation}/attachments",
+            json={"filename": "a.txt", "content_type": "text/plain", "size": 2},
+            headers=headers,
+        )
+        assert created.status_code == 201, created.text
+        form = created.json()["upload"]
+        uploaded = await http.post(form["url"], data=form["fields"], files={"file": b"hi"})
+        assert uploaded.status_code == 204, uploaded.text
+        attachment: str = created.json()["id"]
+        completed = await http.post(f"{url}/v1/attachments/{attachment}/complete", headers=headers)
+        assert completed.status_code == 202, completed.text
+    return attachment
+
+
+async def _verify(settings: dict[str, Any], attachment: str) -> None:
+    """The verification job's handler, run here: this test runs no worker."""
+    async with open_resources(Config.model_validate(settings), "test") as res:
+        await attachment_jobs.verify(res, attachment_jobs.payload(attachment))
 
 
 @pytest.fixture(scope="module")
@@ -274,7 +317,14 @@ def target(running_api: tuple[ApiProcess, str]) -> tuple[str, dict[str, str]]:
             timeout=10,
         )
         assert published.status_code == 201, published.text
-    SEEDED["conversation"] = conversation
+    attachment = asyncio.run(_verified_attachment(api.url, headers, conversation))
+    asyncio.run(_verify(api.settings, attachment))
+    SEEDED["conversation"], SEEDED["attachment"] = conversation, attachment
+    exported = httpx.post(
+        f"{api.url}/v1/conversations/{conversation}/exports", headers=headers, timeout=10
+    )
+    assert exported.status_code == 202, exported.text
+    SEEDED["export"] = exported.json()["id"]
     return api.url, headers
 
 

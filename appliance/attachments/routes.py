@@ -77,7 +77,9 @@ async def create_attachment(
     operation_class=documented(
         returns=service.Status,
         also={200: (service.Status, "Already verified")},
-        errors=(*ERRORS, 409),
+        body=service.CompleteRequest,
+        body_required=False,
+        errors=(*ERRORS, 409, 413),
         params=PARAMS,
         headers=[ON_BEHALF_OF],
     ),
@@ -87,6 +89,9 @@ async def complete_attachment(
 ) -> Response[bytes]:
     """The upload is done: check it (a job) → 202 `pending`; 200 once verified; 409 rejected."""
     svc = services(request)
+    raw = await request.body()
+    if raw.strip():
+        decode(raw, service.CompleteRequest)
     row = await _reachable(svc, principal, attachment, "publish")
     if row.state == "verified":
         return json_response(service.Status(row.id, row.state), 200)

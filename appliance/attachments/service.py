@@ -87,6 +87,10 @@ class Created(msgspec.Struct):
     upload: Upload
 
 
+class CompleteRequest(msgspec.Struct, forbid_unknown_fields=True):
+    """`POST /v1/attachments/{id}/complete` takes no body, or an empty object."""
+
+
 class Status(msgspec.Struct):
     """`POST /v1/attachments/{id}/complete`: the upload's state (`pending` while it is checked)."""
 
@@ -132,8 +136,14 @@ class Row:
 
 
 _COLUMNS = (
-    "id, conversation, uploader, filename, content_type, size, key, state, reason, etag,"
-    " created_at, completed_at, verified_at"
+    "a.id, a.conversation, a.uploader, a.filename, a.content_type, a.size, a.key, a.state,"
+    " a.reason, a.etag, a.created_at, a.completed_at, a.verified_at"
+)
+# Uploads of the conversation as it now exists: once a deleted conversation is purged its id
+# may be created again, and the earlier one's uploads (until expire_uploads deletes them) must
+# not become the new one's.
+_LIVE = (
+    "attachments a JOIN conversations c ON c.id = a.conversation AND c.created_at <= a.created_at"
 )
 
 
@@ -204,7 +214,7 @@ async def create(
 
 async def find(conn: Conn, attachment_id: str) -> Row | None:
     async with conn.cursor(row_factory=class_row(Row)) as cur:
-        await cur.execute(f"SELECT {_COLUMNS} FROM attachments WHERE id = %s", (attachment_id,))
+        await cur.execute(f"SELECT {_COLUMNS} FROM {_LIVE} WHERE a.id = %s", (attachment_id,))
         return await cur.fetchone()
 
 
@@ -271,7 +281,7 @@ async def of_conversation(conn: Conn, conversation: str, ids: list[str]) -> dict
     """The uploads of `conversation` among `ids` (another conversation's are left out)."""
     async with conn.cursor(row_factory=class_row(Row)) as cur:
         await cur.execute(
-            f"SELECT {_COLUMNS} FROM attachments WHERE id = ANY(%s) AND conversation = %s",
+            f"SELECT {_COLUMNS} FROM {_LIVE} WHERE a.id = ANY(%s) AND a.conversation = %s",
             (ids, conversation),
         )
         return {row.id: row for row in await cur.fetchall()}
