@@ -9,9 +9,11 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 
+import msgspec
 from litestar import Response, get, post
 from litestar.params import FromPath
 
+from appliance.api.body import decode
 from appliance.api.deps import DEPENDENCIES, Req, Who, services
 from appliance.api.json import json_response
 from appliance.api.openapi import BEARER, CONVERSATION, ON_BEHALF_OF, documented, link
@@ -25,12 +27,18 @@ PARAMS = {"conversation": CONVERSATION, "export": service.ID_SCHEMA}
 REQUESTED_LINKS = {"get_export": link("get_export", export="$response.body#/id")}
 
 
+class ExportRequest(msgspec.Struct, forbid_unknown_fields=True):
+    """The optional body of a request: an empty object (options may come later)."""
+
+
 @post(
     "/v1/conversations/{conversation:str}/exports",
     status_code=202,
     operation_class=documented(
         returns=Export,
-        errors=(400, 401, 403, 404, 503),
+        body=ExportRequest,
+        body_required=False,
+        errors=(400, 401, 403, 404, 413, 503),
         params=PARAMS,
         headers=[ON_BEHALF_OF],
         links=REQUESTED_LINKS,
@@ -39,8 +47,12 @@ REQUESTED_LINKS = {"get_export": link("get_export", export="$response.body#/id")
 async def request_export(
     request: Req, conversation: FromPath[str], principal: Who
 ) -> Response[bytes]:
-    """Queue an export of the whole history → 202 `{id, state: "queued", ...}`."""
+    """Queue an export of the whole history → 202 `{id, state: "queued", ...}`. The body is
+    optional: none, or `{}`."""
     svc = services(request)
+    raw = await request.body()
+    if raw.strip():
+        decode(raw, ExportRequest)
     await svc.access.require(principal, conversation, "read")
     async with svc.connection() as conn:
         export = await service.request(conn, conversation, principal.id)
@@ -50,7 +62,10 @@ async def request_export(
 @get(
     "/v1/exports/{export:str}",
     operation_class=documented(
-        returns=Export, errors=(401, 404, 503), params=PARAMS, headers=[ON_BEHALF_OF]
+        returns=Export,
+        errors=(400, 401, 403, 404, 503),
+        params=PARAMS,
+        headers=[ON_BEHALF_OF],
     ),
 )
 async def get_export(request: Req, export: FromPath[str], principal: Who) -> Response[bytes]:
