@@ -468,3 +468,49 @@ async def test_only_publishes_with_attachments_need_postgresql(
             start()
         again = await once_back(lambda: room.publish([{"id": created["id"]}]), 201, "postgresql")
         assert again.json()["seq"] == plain.json()["seq"] + 1
+
+
+async def _jobs(res: Resources, attachment: str) -> int:
+    async with res.connection() as conn:
+        cur = await conn.execute(
+            f"SELECT count(*) FROM {db_settings().queue_table}"
+            " WHERE entrypoint = %s AND payload = %s",
+            (attachment_jobs.VERIFY, attachment_jobs.payload(attachment)),
+        )
+        row = await cur.fetchone()
+    return int(row[0]) if row else 0
+
+
+async def test_complete_queues_one_check_at_a_time(room: Room) -> None:
+    created = await room.created()
+    attachment = created["id"]
+    assert (await upload(created, TEXT)).status_code == 204
+    path = f"/v1/attachments/{attachment}/complete"
+    expect(await room.api.post(path, json={"x": 1}, headers=room.member), 400, "invalid", "x")
+    assert await _jobs(room.res, attachment) == 0
+    accepted = await room.api.post(path, json={}, headers=room.member)
+    assert accepted.status_code == 202, accepted.text
+    assert await _jobs(room.res, attachment) == 1
+
+    async def requested(ago: str) -> None:
+        async with room.res.connection() as conn:
+            await conn.execute(
+                "UPDATE attachments SET completed_at = now() - %s::interval WHERE id = %s",
+                (ago, attachment),
+            )
+
+    await requested("-1 hour")  # asked "an hour from now": surely within RECHECK_AFTER
+    assert (await room.complete(attachment)).status_code == 202
+    assert await _jobs(room.res, attachment) == 1
+    await requested("1 minute")  # asked long ago: that check may have failed, ask again
+    assert (await room.complete(attachment)).status_code == 202
+    assert await _jobs(room.res, attachment) == 2
+    # Two jobs for one upload: the first settles it, the second finds nothing to do.
+    payload = attachment_jobs.payload(attachment)
+    await attachment_jobs.verify(room.res, payload)
+    assert await room.state(attachment) == ("verified", None)
+    await attachment_jobs.verify(room.res, payload)
+    assert await room.state(attachment) == ("verified", None)
+    assert await room.res.storage.head(created["upload"]["fields"]["key"]) is not None
+    # A job for an upload that no longer exists does nothing either.
+    await attachment_jobs.verify(room.res, attachment_jobs.payload(str(ULID())))
