@@ -14,6 +14,7 @@ import base64
 import os
 import uuid
 from collections.abc import AsyncIterator, Callable
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -34,6 +35,8 @@ from appliance.resources import Resources
 from appliance.schedules import SCHEDULES, Run
 from appliance.storage import StorageError
 from tests.messaging import bearer, issue_key, unique
+from tests.support import write_toml
+from tests.test_cli import cli
 from tests.test_history_tiers import (
     PUBLISHER,
     Message,
@@ -441,3 +444,26 @@ async def test_expire_exports_deletes_exactly_the_old_ones_and_dry_run_nothing(
     assert (await snapshot())[0] == objects
 
     assert await retention.run(res, Run()) == {"exports": 0, "objects": 0}
+
+
+# -- appliance export ----------------------------------------------------------------------------
+
+
+async def test_the_export_command_writes_the_file(
+    setup: Setup, settings: dict[str, Any], tmp_path: Path
+) -> None:
+    conversation = await setup.conversation()
+    messages = await layered(setup.res, conversation)
+    config = write_toml(tmp_path / "c.toml", settings)
+    out = tmp_path / "out.jsonl.zst"
+    done = await asyncio.to_thread(cli, config, "export", conversation, "--out", str(out))
+    assert done.returncode == 0, done.stderr
+    assert f"{out}: 55 messages up to seq 55" in done.stdout
+    assert lines(out.read_bytes()) == [payload for _, payload in messages]
+    export_id = done.stdout.rsplit("export ", 1)[1].rstrip(")\n")
+    shown = await setup.show(export_id, setup.admin)  # recorded like any other export
+    assert (shown["state"], shown["size"]) == ("ready", out.stat().st_size)
+
+    missing = await asyncio.to_thread(cli, config, "export", unique("none"), "--out", str(out))
+    assert missing.returncode == 1
+    assert "no conversation" in missing.stderr
