@@ -562,29 +562,33 @@ async def test_deliveries_queued_for_a_disabled_or_deleted_endpoint_are_dropped(
 # -- addresses -------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(
-    "url",
-    ["http://127.0.0.1/", "http://169.254.169.254/latest/meta-data/", "http://[::1]:8080/",
-     "http://10.1.2.3/", "http://192.168.0.1/", "http://100.64.0.1/", "http://[fd00::1]/",
-     "http://0.0.0.0/", "http://224.0.0.1/", "http://[::ffff:127.0.0.1]/",
-     "http://[64:ff9b::a9fe:a9fe]/"],
-)  # fmt: skip
 async def test_private_literal_addresses_are_refused_at_create(
-    settings: dict[str, Any], resources: Resources, url: str
+    settings: dict[str, Any], resources: Resources
 ) -> None:
-    """This app was made with allow_private (the fixture); the check reads the request's config,
-    so this test builds its own app without it."""
+    """The fixture's app allows private addresses; the check reads the app's config, so this
+    test builds its own app without them."""
     settings["webhooks"]["allow_private"] = False
     from appliance.api.app import create_app
 
     admin = await issue_key(resources, ["admin"])
+    urls = ["http://127.0.0.1/", "http://169.254.169.254/latest/meta-data/", "http://[::1]:8080/",
+            "http://10.1.2.3/", "http://192.168.0.1/", "http://100.64.0.1/", "http://[fd00::1]/",
+            "http://0.0.0.0/", "http://224.0.0.1/", "http://[::ffff:127.0.0.1]/",
+            "http://[64:ff9b::a9fe:a9fe]/", "http://[fe80::1]/"]  # fmt: skip
     async with AsyncTestClient(app=create_app(Config.model_validate(settings))) as strict:
-        response = await strict.post(
-            "/v1/webhooks", json={"url": url, "events": ["export.ready"]}, headers=bearer(admin)
+        for url in urls:
+            response = await strict.post(
+                "/v1/webhooks", json={"url": url, "events": ["export.ready"]}, headers=bearer(admin)
+            )
+            assert response.status_code == 400, (url, response.text)
+            assert response.json()["error"]["field"] == "url"
+            assert "allow_private" in response.json()["error"]["message"]
+        public = await strict.post(
+            "/v1/webhooks",
+            json={"url": "https://8.8.8.8/in", "events": ["export.ready"]},
+            headers=bearer(admin),
         )
-    assert response.status_code == 400, response.text
-    assert response.json()["error"]["field"] == "url"
-    assert "allow_private" in response.json()["error"]["message"]
+        assert public.status_code == 201, public.text
 
 
 @pytest.mark.parametrize(
