@@ -14,11 +14,14 @@ from pathlib import Path
 from typing import Any
 
 import psycopg
+import pytest
+from click.testing import CliRunner
 
+from appliance.cli import main, retention_cmd
 from appliance.cli.status import _schedule_line, _status
 from appliance.config import Config
-from appliance.resources import open_resources
-from appliance.schedules import SCHEDULES
+from appliance.resources import Resources, open_resources
+from appliance.schedules import SCHEDULES, Entry, Run
 from tests.support import migrated_db, write_toml
 from tests.test_cli import cli
 
@@ -72,11 +75,14 @@ async def test_retention_run_dry_then_real(
     assert any("conversations=1" in line for line in lines if line.startswith("expire_segments"))
     assert runs(dsn) == [] and conversations(dsn) == 1, "a dry run records and deletes nothing"
 
-    done = cli(config, "retention", "run", "--only", "expire_segments")
+    # Named, a disabled schedule runs too.
+    only = ("--only", "expire_segments", "--only", "prune_job_log")
+    done = cli(config, "retention", "run", *only)
     assert done.returncode == 0, done.stdout + done.stderr
-    assert done.stdout.startswith("expire_segments: deleted ")
-    assert "conversations=1" in done.stdout
-    assert runs(dsn) == [("expire_segments", "ok", "cli")]
+    (expired,) = [line for line in done.stdout.splitlines() if line.startswith("expire_segments")]
+    assert expired.startswith("expire_segments: deleted ") and "conversations=1" in expired
+    assert any(line.startswith("prune_job_log: deleted ") for line in done.stdout.splitlines())
+    assert runs(dsn) == [("expire_segments", "ok", "cli"), ("prune_job_log", "ok", "cli")]
     assert conversations(dsn) == 0
     # `appliance status` shows the run: status, age, who ran it, counts, last success.
     data = await _status(Config.model_validate(settings))
@@ -86,13 +92,11 @@ async def test_retention_run_dry_then_real(
     line = _schedule_line(shown)
     assert line.startswith("expire_segments") and " ok " in line and "(cli)" in line
 
-    # A disabled schedule runs when named.
-    named = cli(config, "retention", "run", "--only", "prune_job_log")
-    assert named.returncode == 0 and named.stdout.startswith("prune_job_log: deleted ")
 
-    refused = cli(config, "retention", "run", "--only", "compact_segments")
-    assert refused.returncode == 2  # not a retention schedule
-    assert "compact_segments" in refused.stderr
+def test_retention_run_refuses_a_schedule_that_is_not_retention() -> None:
+    refused = CliRunner().invoke(main, ["retention", "run", "--only", "compact_segments"])
+    assert refused.exit_code == 2
+    assert "compact_segments" in refused.output and "expire_segments" in refused.output
 
 
 async def test_retention_run_shows_a_progress_bar_on_a_terminal(
@@ -121,3 +125,22 @@ async def test_retention_run_shows_a_progress_bar_on_a_terminal(
     assert done.returncode == 0, done.stdout
     assert "expire_segments  [" in done.stdout and "100%" in done.stdout
     assert "expire_segments: would delete days=2 index_rows=2" in done.stdout
+
+
+async def test_a_failing_schedule_is_reported_and_fails_the_command(
+    config: Config, migrated: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    async def broken(res: Resources, run: Run) -> dict[str, int]:
+        raise RuntimeError("S3 said no")
+
+    entry = Entry(
+        f"test_broken_{uuid.uuid4().hex[:6]}", lambda c: c.schedules.prune_job_log, broken
+    )
+    for dry_run in (True, False):
+        assert await retention_cmd._run(config, [entry], dry_run, tty=False) is False
+        assert f"{entry.name}: FAILED: RuntimeError: S3 said no" in capsys.readouterr().out
+    with psycopg.connect(migrated) as conn:
+        recorded = conn.execute(
+            "SELECT status, source FROM schedule_runs WHERE name = %s", (entry.name,)
+        ).fetchall()
+    assert recorded == [("failed", "cli")]  # the real run only
