@@ -176,6 +176,11 @@ WEBHOOK_DURATION = Histogram(
     buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
 )
 
+# Attachment uploads the verification job settled, by outcome (verified or rejected).
+ATTACHMENT_CHECKS = Counter(
+    "appliance_attachment_checks_total", "Attachment uploads verified or rejected", ["outcome"]
+)
+
 
 def count_refused(error: Exception) -> None:
     """Count a 401 or 403 (an appliance Refused) by its reason; any other error is not one."""

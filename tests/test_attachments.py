@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import dataclasses
 import json
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
@@ -24,6 +25,7 @@ import msgspec
 import pytest
 from litestar.testing import AsyncTestClient
 from pgqueuer.domain.settings import db_settings
+from prometheus_client import REGISTRY
 from ulid import ULID
 
 from appliance.api.app import create_app
@@ -33,8 +35,9 @@ from appliance.config import Config
 from appliance.programs.worker import run_worker
 from appliance.resources import Resources
 from appliance.schedules import SCHEDULES, Run
+from appliance.storage import Storage, StorageError
 from tests.messaging import bearer, issue_key, unique
-from tests.support import migrated_db
+from tests.support import free_port, migrated_db
 from tests.test_history_tiers import isolate, migrated_database, opened
 from tests.test_outages import once_back
 
@@ -146,6 +149,12 @@ def expect(response: httpx.Response, status: int, code: str, field: str | None) 
     assert (error["code"], error["field"]) == (code, field), error
 
 
+def checks(outcome: str) -> float:
+    """appliance_attachment_checks_total{outcome} of this process."""
+    value = REGISTRY.get_sample_value("appliance_attachment_checks_total", {"outcome": outcome})
+    return value or 0.0
+
+
 def policy_of(created: dict[str, Any]) -> dict[str, Any]:
     document: dict[str, Any] = json.loads(base64.b64decode(created["upload"]["fields"]["policy"]))
     return document
@@ -178,7 +187,9 @@ async def test_upload_verify_publish_download(room: Room) -> None:
         "id": attachment,
         "state": "pending",
     }
+    verified = checks("verified")
     await room.verify(attachment)
+    assert checks("verified") == verified + 1
     assert await room.state(attachment) == ("verified", None)
     again = await room.complete(attachment)
     assert again.status_code == 200 and again.json()["state"] == "verified"
@@ -266,6 +277,7 @@ async def test_verification_rejects_what_was_not_declared(room: Room) -> None:
     # Never uploaded at all.
     absent = await room.created()
     reasons = {}
+    rejected = checks("rejected")
     for created in (oversize, retyped, absent):
         attachment = created["id"]
         assert (await room.complete(attachment)).status_code == 202
@@ -288,6 +300,7 @@ async def test_verification_rejects_what_was_not_declared(room: Room) -> None:
     for attachment, answer in answers.items():
         assert reasons[attachment] == (stored[attachment] if answer.status_code == 204 else refused)
     assert reasons[absent["id"]] == refused
+    assert checks("rejected") == rejected + 3
 
 
 async def test_publish_refuses_references_it_may_not_make(
@@ -514,3 +527,20 @@ async def test_complete_queues_one_check_at_a_time(room: Room) -> None:
     assert await room.res.storage.head(created["upload"]["fields"]["key"]) is not None
     # A job for an upload that no longer exists does nothing either.
     await attachment_jobs.verify(room.res, attachment_jobs.payload(str(ULID())))
+
+
+async def test_a_check_that_meets_s3_down_leaves_the_upload_pending(room: Room) -> None:
+    """The job fails (the worker retries it); nothing is decided without S3's answer."""
+    created = await room.created()
+    attachment = created["id"]
+    assert (await upload(created, TEXT)).status_code == 204
+    assert (await room.complete(attachment)).status_code == 202
+    closed = f"http://127.0.0.1:{free_port()}"
+    section = room.res.config.s3.model_copy(update={"endpoint_url": closed, "timeout": 1.0})
+    unreachable = dataclasses.replace(room.res, storage=Storage.create(section))
+    with pytest.raises(StorageError):
+        await attachment_jobs.verify(unreachable, await queued(room.res, attachment))
+    assert await room.state(attachment) == ("pending", None)
+    assert await room.res.storage.head(created["upload"]["fields"]["key"]) is not None
+    await room.verify(attachment)  # the retry, S3 back
+    assert await room.state(attachment) == ("verified", None)

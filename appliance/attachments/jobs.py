@@ -11,6 +11,7 @@ from __future__ import annotations
 import msgspec
 import structlog
 
+from appliance import metrics
 from appliance.attachments import service
 from appliance.resources import Resources
 
@@ -44,6 +45,7 @@ async def verify(res: Resources, payload: bytes) -> None:
     if not settled:  # expired or checked by a concurrent job meanwhile
         log.info("attachment_check_skipped", attachment=row.id, state="settled")
         return
+    metrics.ATTACHMENT_CHECKS.labels("verified" if reason is None else "rejected").inc()
     if reason is None:
         log.info("attachment_verified", attachment=row.id, conversation=row.conversation,
                  size=row.size, content_type=row.content_type)  # fmt: skip
