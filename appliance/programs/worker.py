@@ -93,30 +93,39 @@ def _wrap(res: Resources, name: str) -> Callable[[Job], Coroutine[Any, Any, None
         job_id = int(job.id)
         payload = job.payload or b""
         with structlog.contextvars.bound_contextvars(job_id=job_id, entrypoint=name):
+            try:
+                await process(job_id, payload)
+            except asyncio.CancelledError:
+                # Cancelled by the drain deadline: pgqueuer deletes the job as "canceled", so put
+                # a copy back first; shielded, as the same cancellation would abort the enqueue.
+                await asyncio.shield(requeue(job_id, payload))
+                raise
+
+    async def process(job_id: int, payload: bytes) -> None:
+        start = await begin(job_id)
+        if start.action == "parked":
+            log.info("job_already_parked")
+            return
+        if start.action == "lost":
+            metrics.JOBS.labels(name, "lost").inc()
+            log.error("job_lost", attempt=start.attempt, error=start.error)
+            if start.attempt > 1 or start.attempt >= limit:
+                await settle(job_id, start.attempt, start.error or "lost", payload)
+            # A first attempt lost with its worker (a deploy, an OOM kill, a lost node) is
+            # seldom the job's fault: run it again at once, so that it resumes within
+            # seconds. A job that keeps killing workers waits a back-off from then on.
+            metrics.JOB_FAILURES.labels(name, "retried").inc()
             start = await begin(job_id)
-            if start.action == "parked":
-                log.info("job_already_parked")
+        with structlog.contextvars.bound_contextvars(attempt=start.attempt):
+            error = await _attempt(res, name, entry.handler, payload, timeout)
+            if error is None:
+                try:
+                    async with res.connection() as conn:
+                        await job_attempts.succeeded(conn, job_id)
+                except PgError as exc:  # the sweep forgets the row once the job is gone
+                    log.warning("job_count_not_cleared", error=str(exc) or type(exc).__name__)
                 return
-            if start.action == "lost":
-                metrics.JOBS.labels(name, "lost").inc()
-                log.error("job_lost", attempt=start.attempt, error=start.error)
-                if start.attempt > 1 or start.attempt >= limit:
-                    await settle(job_id, start.attempt, start.error or "lost", payload)
-                # A first attempt lost with its worker (a deploy, an OOM kill, a lost node) is
-                # seldom the job's fault: run it again at once, so that it resumes within
-                # seconds. A job that keeps killing workers waits a back-off from then on.
-                metrics.JOB_FAILURES.labels(name, "retried").inc()
-                start = await begin(job_id)
-            with structlog.contextvars.bound_contextvars(attempt=start.attempt):
-                error = await _attempt(res, name, entry.handler, payload, timeout, requeue, job_id)
-                if error is None:
-                    try:
-                        async with res.connection() as conn:
-                            await job_attempts.succeeded(conn, job_id)
-                    except PgError as exc:  # the sweep forgets the row once the job is gone
-                        log.warning("job_count_not_cleared", error=str(exc) or type(exc).__name__)
-                    return
-                await settle(job_id, start.attempt, error, payload)
+            await settle(job_id, start.attempt, error, payload)
 
     return run
 
@@ -127,8 +136,6 @@ async def _attempt(
     handler: Handler,
     payload: bytes,
     timeout: float,
-    requeue: Callable[[int, bytes], Coroutine[Any, Any, None]],
-    job_id: int,
 ) -> str | None:
     """Run the handler once: None when it succeeded, else what went wrong."""
     metrics.JOB_ATTEMPTS.labels(name).inc()
@@ -140,10 +147,7 @@ async def _attempt(
         async with asyncio.timeout(timeout) as deadline:
             await handler(res, payload)
     except asyncio.CancelledError:
-        # Cancelled by the drain deadline: pgqueuer deletes the job as "canceled", so put a
-        # copy back first; shielded, as the same cancellation would abort the enqueue.
-        status = "requeued"
-        await asyncio.shield(requeue(job_id, payload))
+        status = "requeued"  # by the caller
         raise
     except Exception as exc:
         failure = exc
