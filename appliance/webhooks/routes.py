@@ -3,7 +3,7 @@ calls the same functions."""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, TypeVar
 
 import msgspec
 from litestar import Response, delete, get, patch, post
@@ -14,8 +14,10 @@ from appliance.api.deps import DEPENDENCIES, Req, Who, require_scope, services
 from appliance.api.json import json_response
 from appliance.api.openapi import BEARER, ON_BEHALF_OF, documented, link
 from appliance.api.routing import router
+from appliance.errors import Invalid
 from appliance.messages.history import number
 from appliance.webhooks import endpoints, log
+from appliance.webhooks.events import EVENT_TYPES
 
 AUTH = (401, 403, 503)  # every route: credentials, the admin scope, PostgreSQL
 BY_ID = (*AUTH, 400, 404)  # a malformed or unknown webhook id
@@ -25,6 +27,19 @@ PARAMS: dict[str, dict[str, Any]] = {
     "cursor": {"type": "string", "maxLength": 200, "pattern": "^[A-Za-z0-9_-]*$"},
 }
 _CREATED = "$response.body#/id"
+T = TypeVar("T")
+
+
+def _decode(raw: bytes, type_: type[T]) -> T:
+    """The body as `type_`; an unknown event type's error lists the types there are."""
+    try:
+        return decode(raw, type_)
+    except Invalid as exc:
+        if exc.field and exc.field.startswith("events[") and "enum" in exc.message:
+            known = ", ".join(EVENT_TYPES)
+            message = f"{exc.message}: an event type is one of {known}"
+            raise Invalid(message, field=exc.field) from None
+        raise
 
 
 class WebhookList(msgspec.Struct):
@@ -48,7 +63,7 @@ async def create_webhook(request: Req, principal: Who) -> Response[bytes]:
     """Register an endpoint; the response carries its signing `secret` once, never again."""
     svc = services(request)
     require_scope(principal, "admin")
-    spec = decode(await request.body(), endpoints.WebhookCreate)
+    spec = _decode(await request.body(), endpoints.WebhookCreate)
     async with svc.connection() as conn:
         created = await endpoints.create(
             conn, spec, allow_private=svc.config.webhooks.allow_private
@@ -92,7 +107,7 @@ async def update_webhook(request: Req, webhook: FromPath[str], principal: Who) -
     svc = services(request)
     require_scope(principal, "admin")
     endpoints.check_id(webhook)
-    spec = decode(await request.body(), endpoints.WebhookPatch)
+    spec = _decode(await request.body(), endpoints.WebhookPatch)
     async with svc.connection() as conn:
         updated = await endpoints.update(
             conn, webhook, spec, allow_private=svc.config.webhooks.allow_private
