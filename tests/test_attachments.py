@@ -221,6 +221,30 @@ async def test_upload_verify_publish_download(room: Room) -> None:
     assert downloaded.headers["content-disposition"] == (
         "attachment; filename=\"notes.txt\"; filename*=UTF-8''notes.txt"
     )
+    # Others never learn it exists; a deleted conversation's attachments are gone at once.
+    path = f"/v1/attachments/{attachment}"
+    expect(await room.api.get(path, headers=room.outsider), 404, "not_found", "attachment")
+    deleted = await room.api.delete(f"/v1/conversations/{room.conversation}", headers=room.admin)
+    assert deleted.status_code == 204, deleted.text
+    expect(await room.api.get(path, headers=room.member), 404, "not_found", "attachment")
+
+
+async def test_a_download_keeps_a_name_in_any_script(room: Room) -> None:
+    name = 'rapport d\'été "final".txt'
+    created = await room.created(filename=name)
+    assert (await upload(created, TEXT)).status_code == 204
+    await room.complete(created["id"])
+    await room.verify(created["id"])
+    shown = await room.api.get(f"/v1/attachments/{created['id']}", headers=room.member)
+    assert shown.json()["filename"] == name
+    async with httpx.AsyncClient(timeout=10) as http:
+        downloaded = await http.get(shown.json()["download"]["url"])
+    assert downloaded.content == TEXT
+    # ASCII for old clients (quotes and other scripts replaced), UTF-8 for the rest.
+    assert downloaded.headers["content-disposition"] == (
+        'attachment; filename="rapport d\'_t_ _final_.txt"; '
+        "filename*=UTF-8''rapport%20d%27%C3%A9t%C3%A9%20%22final%22.txt"
+    )
 
 
 async def test_who_may_reach_an_attachment(room: Room) -> None:
