@@ -8,9 +8,11 @@ import asyncio
 import uuid
 from datetime import UTC, datetime, timedelta
 
+import pytest
 from prometheus_client import REGISTRY
 
 from appliance.config.model import Schedule
+from appliance.programs import scheduler
 from appliance.programs.scheduler import (
     OWNER_GONE,
     claim,
@@ -119,3 +121,26 @@ async def test_last_success_gauge_is_loaded_from_the_runs(resources: Resources) 
         )
         == datetime(2026, 5, 1, 0, 0, 7, tzinfo=UTC).timestamp()
     )
+
+
+async def test_a_running_scheduler_closes_runs_cut_off_meanwhile(
+    resources: Resources, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Reconciliation happens between runs too, however close together the ticks are."""
+    monkeypatch.setattr(scheduler, "RECONCILE_EVERY", 0.3)
+    name = f"test_loop_{uuid.uuid4().hex[:6]}"
+    stop = asyncio.Event()
+    task = asyncio.create_task(
+        run_scheduler(resources, stop, [counting_entry(name, [], "* * * * * *")])
+    )
+    await asyncio.sleep(0.5)  # started: its first reconciliation is behind it
+    dead = await claim(resources, name, datetime(2026, 6, 1, tzinfo=UTC))
+    assert dead is not None
+    await dead.close()
+    try:
+        while (await rows(resources, name))[0][0] == "running":
+            await asyncio.sleep(0.1)
+    finally:
+        stop.set()
+        await task
+    assert (await rows(resources, name))[0] == ("failed", {}, OWNER_GONE)

@@ -205,7 +205,12 @@ async def run_scheduler(
     now = datetime.now(UTC)
     due = {e.name: next_tick(e.settings(res.config).cron, now) for e in enabled}
     log.info("scheduler_ready", schedules={name: tick.isoformat() for name, tick in due.items()})
+    kept = time.monotonic()
     while enabled and not stop.is_set():
+        if time.monotonic() - kept >= RECONCILE_EVERY:
+            # Between runs, however close together the ticks are.
+            await housekeeping(res, names)
+            kept = time.monotonic()
         entry = min(enabled, key=lambda e: due[e.name])
         wait = (due[entry.name] - datetime.now(UTC)).total_seconds()
         if wait > 0:
@@ -215,8 +220,7 @@ async def run_scheduler(
             except TimeoutError:
                 pass
             if wait > RECONCILE_EVERY:
-                await housekeeping(res, names)
-                continue
+                continue  # not due yet: housekeeping, then wait again
         tick = due[entry.name]
         # From now, not from the tick: a run longer than the period (or a suspended host)
         # skips the ticks it missed instead of replaying them back to back.

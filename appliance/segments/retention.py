@@ -67,16 +67,18 @@ async def days_past(conn: Conn, days: int) -> list[date]:
     cur = await conn.execute(
         r"""WITH cutoff AS (
                 SELECT ((now() AT TIME ZONE 'UTC') - make_interval(days => %s))::date AS day)
-            SELECT day FROM (
-                SELECT period AS day FROM segment_compactions
-                UNION SELECT DISTINCT period FROM segment_blocks_history
-                UNION SELECT DISTINCT period FROM segment_blocks_flush_default
-                UNION SELECT to_date(substring(c.relname FROM '_d(\d{8})$'), 'YYYYMMDD')
-                        FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid
-                       WHERE i.inhparent = 'segment_blocks_flush'::regclass
-                         AND c.relname ~ '_d\d{8}$') days
-             WHERE day < (SELECT day FROM cutoff)
-             ORDER BY day""",
+            SELECT period FROM segment_compactions WHERE period < (SELECT day FROM cutoff)
+            UNION SELECT DISTINCT period FROM segment_blocks_history
+                   WHERE period < (SELECT day FROM cutoff)
+            UNION SELECT DISTINCT period FROM segment_blocks_flush_default
+                   WHERE period < (SELECT day FROM cutoff)
+            UNION SELECT day FROM (
+                    SELECT to_date(substring(c.relname FROM '_d(\d{8})$'), 'YYYYMMDD') AS day
+                      FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid
+                     WHERE i.inhparent = 'segment_blocks_flush'::regclass
+                       AND c.relname ~ '_d\d{8}$') parts
+                   WHERE day < (SELECT day FROM cutoff)
+            ORDER BY 1""",
         (days,),
     )
     return [r[0] for r in await cur.fetchall()]
