@@ -226,3 +226,13 @@ async def requeue(conn: Conn, job_id: int | None) -> list[Requeued]:
             await conn.execute("DELETE FROM job_attempts WHERE job_id = %s", (old_id,))
             out.append(Requeued(old_id, new_id, entrypoint))
     return out
+
+
+async def discard(conn: Conn, job_id: int | None) -> list[int]:
+    """Forget parked job `job_id` (None: every parked job) for good; the ids forgotten."""
+    cur = await conn.execute(
+        "DELETE FROM job_attempts WHERE parked_at IS NOT NULL"
+        " AND (%s::bigint IS NULL OR job_id = %s) RETURNING job_id",
+        (job_id, job_id),
+    )
+    return sorted(int(row[0]) for row in await cur.fetchall())

@@ -355,7 +355,7 @@ async def park(res: Resources, job_id: int, entrypoint: str, payload: bytes) -> 
         )
 
 
-async def test_cli_lists_failed_jobs_and_retries_one_and_all(
+async def test_cli_lists_failed_jobs_retries_and_discards_them(
     settings: dict[str, Any], fresh_database: Any, tmp_path: Path
 ) -> None:
     """On a database of its own, so that `--all` sees only these parked jobs."""
@@ -372,12 +372,13 @@ async def test_cli_lists_failed_jobs_and_retries_one_and_all(
         await park(res, 9004, "gone.away", b"")  # an entrypoint this version no longer has
 
         # Commands that change nothing run side by side (each is a Python start-up).
-        done, text, status, gone, usage = await asyncio.gather(
+        done, text, status, gone, usage, unknown = await asyncio.gather(
             run("jobs", "failed", "--json"),
             run("jobs", "failed"),
             run("status"),
             run("jobs", "retry", "9004"),
             run("jobs", "retry"),
+            run("jobs", "discard", "424242"),
         )
         assert done.returncode == 0, done.stderr
         failed = {j["id"]: j for j in json.loads(done.stdout)}
@@ -389,6 +390,7 @@ async def test_cli_lists_failed_jobs_and_retries_one_and_all(
         assert "failed jobs (parked): 4" in status.stdout, status.stderr
         assert gone.returncode == 1 and "gone.away" in gone.stderr  # it stays parked
         assert usage.returncode == 2 and "JOB_ID or --all" in usage.stderr
+        assert unknown.returncode == 1 and "no parked job 424242" in unknown.stderr
 
         one = await run("jobs", "retry", "9001", "--json")
         assert one.returncode == 0, one.stderr
@@ -415,6 +417,10 @@ async def test_cli_lists_failed_jobs_and_retries_one_and_all(
         assert outcome[9004]["skipped"] == "unknown entrypoint"
         async with res.connection() as conn:
             assert [p.id for p in await job_attempts.parked(conn, 10)] == [9004]
+        discarded = await run("jobs", "discard", "9004", "--json")
+        assert json.loads(discarded.stdout) == [9004], discarded.stderr
+        async with res.connection() as conn:
+            assert await job_attempts.parked(conn, 10) == []
 
         async with worker(res):  # the re-queued jobs run
 

@@ -1,7 +1,8 @@
-"""`appliance jobs list|failed|retry`: the job queue as the worker sees it, and parked jobs.
+"""`appliance jobs list|failed|retry|discard`: the job queue as the worker sees it, and parked jobs.
 
 A job that used up its attempts is parked (appliance/job_attempts.py); `retry ID` (or `--all`)
-enqueues its payload again as a new job with a fresh count, and prints the new job's id.
+enqueues its payload again as a new job with a fresh count, and prints the new job's id;
+`discard ID` (or `--all`) forgets it for good.
 """
 
 from __future__ import annotations
@@ -125,3 +126,27 @@ def retry(job_id: int | None, every: bool, as_json: bool) -> None:
             click.echo("(no failed jobs)")
     if any(r.new_id is None for r in done):
         sys.exit(1)
+
+
+@jobs_group.command("discard")
+@click.argument("job_id", type=int, required=False)
+@click.option("--all", "every", is_flag=True, help="Discard every parked job.")
+@click.option("--json", "as_json", is_flag=True, help="Print the ids discarded as a JSON array.")
+def discard(job_id: int | None, every: bool, as_json: bool) -> None:
+    """Forget parked job JOB_ID (or --all) for good: it will not run."""
+    if (job_id is None) == (not every):
+        raise click.UsageError("give a JOB_ID or --all (not both)")
+    config = cli_config()
+
+    async def run() -> list[int]:
+        async with direct_connection(config, "cli")() as conn:
+            gone = await job_attempts.discard(conn, job_id)
+        if job_id is not None and not gone:
+            raise NotFound(f"no parked job {job_id} (`appliance jobs failed` lists them)")
+        return gone
+
+    gone = run_async(run())
+    if as_json:
+        click.echo(msgspec.json.encode(gone))
+    else:
+        click.echo(f"discarded {len(gone)} parked job(s)" + (f": {gone}" if gone else ""))
