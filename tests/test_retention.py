@@ -262,12 +262,13 @@ async def test_conversations_deleted_past_the_grace_are_purged_whole(res: Resour
     assert await existing(res, "gone") == 5
 
     would = await conversation_retention.purge(res, Run(dry_run=True))
-    assert would == {"conversations": 1, "conversation_rows": rows["gone"], "redis_keys": 0}
+    expected = {"conversations": 1, "conversation_rows": rows["gone"], "deferred": 0}
+    assert would == {**expected, "redis_keys": 0}
     assert await existing(res, "gone") == 5, "a dry run deletes nothing"
     assert await scalar(res, "SELECT count(*) FROM conversations") == 3
 
     done = await conversation_retention.purge(res, Run())
-    assert done == {"conversations": 1, "conversation_rows": rows["gone"], "redis_keys": 5}
+    assert done == {**expected, "redis_keys": 5}
     assert await existing(res, "gone") == 0
     for table, column in (
         ("conversations", "id"),
@@ -289,3 +290,16 @@ async def test_conversations_deleted_past_the_grace_are_purged_whole(res: Resour
     # The id may be created again, starting afresh.
     async with res.connection() as conn:
         await service.create(conn, service.ConversationCreate(conversation="gone"), "key:admin")
+
+
+async def test_a_purge_waits_for_messages_not_yet_flushed(res: Resources) -> None:
+    await conversation(res, "late", deleted_days_ago=3)  # published, never flushed
+    done = await conversation_retention.purge(res, Run())
+    assert (done["conversations"], done["deferred"]) == (0, 1)
+    assert await existing(res, "late") == 5
+    assert await scalar(res, "SELECT count(*) FROM conversations WHERE id = 'late'") == 1
+    await tiers.flush(res)
+    done = await conversation_retention.purge(res, Run())
+    assert (done["conversations"], done["deferred"]) == (1, 0)
+    assert await existing(res, "late") == 0
+    assert await scalar(res, "SELECT count(*) FROM segment_heads WHERE conversation = 'late'") == 0

@@ -10,6 +10,9 @@ feature holds of it, each feature deleting its own data:
 2. Then one transaction: the index rows and high-water mark (segments), the members and the
    conversation row. Only after it may the id be created again.
 
+A conversation whose tail still holds messages the flusher has not indexed waits (`deferred`):
+purged now, they would be indexed later under an id that may have been created again.
+
 The blocks themselves stay inside the shared history objects until their day expires (nothing
 names them any more). A conversation is purged whole or not at all: a failure leaves its row,
 and the next run purges it.
@@ -19,10 +22,13 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+import structlog
+
 from appliance import metrics
 from appliance.messages import retention as messages_retention
 from appliance.realtime.presence import Presence
 from appliance.resources import Resources
+from appliance.segments import index
 from appliance.segments import retention as segments_retention
 
 if TYPE_CHECKING:
@@ -30,12 +36,13 @@ if TYPE_CHECKING:
     from appliance.schedules.entry import Run
 
 Counts = dict[str, int]
+log = structlog.get_logger()
 
 BATCH = 100  # conversations looked up at a time
 
 
 def counts() -> Counts:
-    return dict.fromkeys(("conversations", "conversation_rows", "redis_keys"), 0)
+    return dict.fromkeys(("conversations", "conversation_rows", "redis_keys", "deferred"), 0)
 
 
 async def due(res: Resources, after: str, limit: int) -> list[str]:
@@ -51,9 +58,20 @@ async def due(res: Resources, after: str, limit: int) -> list[str]:
         return [str(r[0]) for r in await cur.fetchall()]
 
 
+async def _unflushed(res: Resources, conversation: str) -> bool:
+    """Whether its tail holds messages above its indexed high-water mark. Redis is read first:
+    the mark only rises, so a flush in between never makes this true wrongly."""
+    newest = await messages_retention.last_seq(res.redis, res.keys, conversation)
+    if newest == 0:
+        return False
+    async with res.connection() as conn:
+        return newest > await index.durable_head(conn, conversation)
+
+
 async def purge(res: Resources, run: Run, totals: Counts | None = None) -> Counts:
     """Purge every conversation past the grace (a dry run counts them and their index rows);
-    counts: conversations, conversation_rows (index rows), redis_keys."""
+    counts: conversations, conversation_rows (index rows), redis_keys, deferred (messages not
+    yet flushed: purged by a later run)."""
     totals = totals if totals is not None else counts()
     config = res.config.realtime
     presence = Presence(res.redis, res.keys, config.presence_ttl, config.receipt_ttl)
@@ -71,6 +89,12 @@ async def purge(res: Resources, run: Run, totals: Counts | None = None) -> Count
                     row = await cur.fetchone()
                 totals["conversations"] += 1
                 totals["conversation_rows"] += int(row[0]) if row else 0
+                continue
+            if await _unflushed(res, conversation):
+                # Purged now, the flusher would index these later under an id that may be
+                # created again: the next run purges it once they are flushed.
+                totals["deferred"] += 1
+                log.warning("purge_deferred", conversation=conversation, reason="unflushed")
                 continue
             totals["redis_keys"] += await messages_retention.forget_conversation(
                 res.redis, res.keys, conversation
