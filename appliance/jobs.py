@@ -46,7 +46,7 @@ ENTRYPOINTS: dict[str, Handler | Entrypoint] = {
     diagnostics.NOOP: diagnostics.noop,
     attachments.VERIFY: attachments.verify,
     backups.RUN: backups.run,
-    exports.RUN: export_jobs.run,
+    exports.RUN: Entrypoint(export_jobs.run, max_attempts=export_jobs.MAX_ATTEMPTS + 1),
     webhooks.DELIVER: webhooks.deliver,  # keeps its own attempts ([webhooks] max_attempts)
 }
 

@@ -29,6 +29,7 @@ from appliance.config import Config
 from appliance.exports import jobs as export_jobs
 from appliance.exports import retention
 from appliance.exports.service import RUN, object_key
+from appliance.jobs import entrypoint
 from appliance.messages.history import History
 from appliance.messages.publish import MessageIn
 from appliance.resources import Resources
@@ -279,8 +280,10 @@ async def test_a_job_that_keeps_crashing_gives_up(setup: Setup) -> None:
     await setup.run(export_id)
     state, attempts, _, error = await setup.row(export_id)
     assert (state, attempts) == ("failed", export_jobs.MAX_ATTEMPTS + 1)
-    assert "gave up" in error
+    assert error == "gave up after 3 runs that did not finish; the last: its worker stopped"
     assert (await setup.show(export_id, setup.admin))["error"] == error
+    # The worker allows the run that gives up: the row never stays running.
+    assert entrypoint(RUN).attempts_allowed(setup.res.config) == export_jobs.MAX_ATTEMPTS + 1
 
 
 async def test_s3_failing_mid_export_fails_it_and_leaves_no_object(
@@ -304,6 +307,12 @@ async def test_s3_failing_mid_export_fails_it_and_leaves_no_object(
     assert await uploads_in_progress(res, object_key(export_id)) == []
     shown = await setup.show(export_id, setup.admin)
     assert (shown["state"], shown["url"]) == ("failed", None)
+
+    # The worker's retry runs it again; a run that has to give up keeps the last reason.
+    monkeypatch.setattr(export_jobs, "MAX_ATTEMPTS", 1)
+    await setup.run(export_id)
+    error = (await setup.row(export_id))[3]
+    assert error == f"gave up after 1 runs that did not finish; the last: {shown['error']}"
 
 
 async def test_a_deleted_conversation_fails_its_export(setup: Setup) -> None:

@@ -8,8 +8,11 @@ PART_BYTES. Progress is written to the row after each page.
 
 A run always starts over: a worker that crashed mid-export has its job picked up again by
 pgqueuer, and the new run aborts the multipart upload the row names before it starts its own.
-A job that keeps killing its worker stops after MAX_ATTEMPTS runs (pgqueuer would loop on it).
-The row turns ready and `export.ready` is emitted in one transaction.
+A run that fails marks the row failed with the reason and raises, so the worker retries it.
+After MAX_ATTEMPTS runs that did not finish (failed, or died with their worker) the next one
+gives up: the job is registered with MAX_ATTEMPTS + 1 attempts, so that this last run always
+comes and the row never stays `running`. The row turns ready and `export.ready` is emitted in
+one transaction.
 """
 
 from __future__ import annotations
@@ -37,12 +40,13 @@ MAX_ATTEMPTS = 3
 CACHE_BYTES = 8 * 1_048_576  # an export reads each block once: a small cache suffices
 ZSTD_LEVEL = 3
 
-# upload_id stays: it names the upload of the run before, if one crashed (aborted below).
+# upload_id stays: it names the upload of the run before, if one crashed (aborted below);
+# error too: what made the run before fail, until this one ends.
 _CLAIM = """
 UPDATE exports SET state = 'running', attempts = attempts + 1, started_at = now(),
-       messages = 0, last_seq = 0, head_seq = NULL, error = NULL, finished_at = NULL
+       messages = 0, last_seq = 0, head_seq = NULL, finished_at = NULL
  WHERE id = %s AND state IN ('queued', 'running', 'failed')
-RETURNING conversation, attempts, upload_id
+RETURNING conversation, attempts, upload_id, error
 """
 # The run's own attempt only: a later run (after a crash) owns the row from then on.
 _GUARD = " WHERE id = %s AND attempts = %s AND state = 'running'"
@@ -57,13 +61,14 @@ async def run(res: Resources, payload: bytes) -> None:
     if claimed is None:
         log.info("export_skipped", export=export_id, reason="no such export, or it is done")
         return
-    conversation, attempt, stale_upload = claimed
+    conversation, attempt, stale_upload, last_error = claimed
     upload: Upload | None = None
     try:
         if stale_upload is not None:
             await abort(res.storage, key, stale_upload)
         if attempt > MAX_ATTEMPTS:
-            reason = f"gave up after {MAX_ATTEMPTS} runs that did not finish"
+            last = last_error or "its worker stopped"
+            reason = f"gave up after {MAX_ATTEMPTS} runs that did not finish; the last: {last}"
             await _fail(res, export_id, attempt, reason)
             return
         if not await _live(res, conversation):
@@ -139,7 +144,7 @@ async def _ready(
     async with res.connection() as conn, conn.transaction():
         cur = await conn.execute(
             "UPDATE exports SET state = 'ready', upload_id = NULL, size = %s, messages = %s,"
-            " finished_at = now()" + _GUARD + " RETURNING last_seq",
+            " error = NULL, finished_at = now()" + _GUARD + " RETURNING last_seq",
             (size, messages, export_id, attempt),
         )
         row = await cur.fetchone()
