@@ -12,10 +12,16 @@ load generator (bench/publish.py's raw HTTP/1.1 client, closed loop, `--connecti
    the same two phases again. For each: messages published per second, events the receiver got
    per second during the load, the time until every message's event arrived after the load
    stopped, the end-to-end delivery rate (all events / from the first publish to the last
-   event), deliveries and events per delivery, and repeats (at least once).
+   event), deliveries and events per delivery, repeats (at least once), and how far the
+   dispatcher itself was behind (messages whose events were not yet queued) when the load
+   stopped and when it had queued them all: whether reading the streams or delivering limits;
+3. the dispatcher alone: with the worker stopped, `--seconds` of batch publishes pile up, then a
+   Dispatcher in this process reads and queues them: events/s and CPU per event.
 
-Prints the ratio of publish rates with and without the endpoint, and of events delivered to
-messages published.
+Prints the ratio of publish rates with and without the endpoint. On a busy machine the rates
+follow what CPU each process gets; the CPU per message (api) and per event (worker: reading,
+queueing and delivering) do not, and say whether the worker keeps up when it gets a share of
+CPU like the api's.
 
     APPLIANCE_CONFIG=config.example.toml .venv/bin/python bench/webhooks.py --seconds 10
 """
@@ -43,6 +49,7 @@ from publish import Phase, Result, run_python
 from appliance.config import load_config
 from appliance.resources import open_resources
 from appliance.webhooks import endpoints
+from appliance.webhooks.dispatch import Dispatcher
 
 BODY = {"type": "text", "body": {"text": "hello from bench/webhooks.py", "n": 12345}}
 DRAIN_LIMIT = 300.0  # seconds to wait for the last events after a phase
@@ -164,6 +171,38 @@ def groups_exist(api: BenchApi) -> bool:
         client.close()
 
 
+def unread(api: BenchApi) -> int:
+    """Entries the dispatcher has not yet queued events for: the webhooks group's lag and
+    pending entries, over every shard."""
+    client = redis.Redis.from_url(api.redis_url)
+    try:
+        total = 0
+        for shard in range(api.keys.shards):
+            for group in client.xinfo_groups(api.keys.ingest(shard)):
+                if group["name"] == b"webhooks":
+                    total += int(group["lag"] or 0) + int(group["pending"])
+        return total
+    finally:
+        client.close()
+
+
+async def dispatch_alone(backlog: int) -> None:
+    """Read and queue `backlog` messages' events with a Dispatcher in this process, timed."""
+    async with open_resources(load_config(), "bench") as res:
+        dispatcher = Dispatcher(res)
+        started, cpu, done = time.perf_counter(), time.process_time(), 0
+        while (got := await dispatcher.step()) > 0:
+            done += got
+        elapsed, cpu = time.perf_counter() - started, time.process_time() - cpu
+        await dispatcher.release()
+    print(
+        f"dispatcher alone: {done} of {backlog} backlogged events queued in {elapsed:.2f} s:"
+        f" {done / elapsed:.0f} events/s, {cpu / max(1, done) * 1e6:.0f} us CPU per event"
+        f" (in {dispatcher.stats.jobs} jobs)",
+        flush=True,
+    )
+
+
 async def register(url: str) -> None:
     async with open_resources(load_config(), "bench") as res, res.connection() as conn:
         await endpoints.create(
@@ -183,18 +222,27 @@ def phase(
 ) -> Result:
     before = receiver.snapshot() if receiver else (0, 0, 0, 0.0)
     cpu = cpu_seconds([worker])
+    api_cpu = cpu_seconds(api.pids())
     result = run_python(api.port, api.admin_key, spec, args.seconds, args.connections, None)
+    api_cpu = cpu_seconds(api.pids()) - api_cpu
     published = result.requests * spec.messages
     rate = published / result.seconds
     print(f"{label:<34} published {rate:8.0f} msgs/s ({published} in {result.seconds:.1f} s,"
-          f" errors {result.errors})", flush=True)  # fmt: skip
+          f" errors {result.errors}); api CPU {api_cpu / published * 1e6:.0f} us/message",
+          flush=True)  # fmt: skip
     if receiver is None:
         return result
     during = receiver.snapshot()[2] - before[2]
     stopped = time.time()
+    behind = unread(api)
     deadline = stopped + DRAIN_LIMIT
+    queued_after = None
     while receiver.snapshot()[2] - before[2] < published and time.time() < deadline:
+        if queued_after is None and unread(api) == 0:
+            queued_after = time.time() - stopped
         time.sleep(0.05)
+    if queued_after is None:
+        queued_after = time.time() - stopped
     after = receiver.snapshot()
     deliveries, events, unique = (b - a for a, b in zip(before[:3], after[:3], strict=True))
     drain = max(0.0, after[3] - stopped)
@@ -204,7 +252,14 @@ def phase(
         f"{'':<34} delivered {during / result.seconds:8.0f} events/s during the load;"
         f" all {unique} of {published} after {drain:.2f} s more: {unique / total:.0f} events/s"
         f" end to end; {deliveries} deliveries ({events / max(1, deliveries):.1f} events each),"
-        f" {events - unique} repeats; worker CPU {worker_cpu / total:.2f} cores",
+        f" {events - unique} repeats; worker CPU {worker_cpu / total:.2f} cores,"
+        f" {worker_cpu / max(1, events) * 1e6:.0f} us/event",
+        flush=True,
+    )
+    print(
+        f"{'':<34} dispatcher: {behind} messages not yet queued when the load stopped, all"
+        f" queued {queued_after:.2f} s later: {published / (result.seconds + queued_after):.0f}"
+        " events/s queued",
         flush=True,
     )
     return result
@@ -215,6 +270,7 @@ def main() -> int:
     parser.add_argument("--seconds", type=float, default=10, help="length of each phase")
     parser.add_argument("--connections", type=int, default=32)
     parser.add_argument("--batch", type=int, default=50, help="messages per batch publish")
+    parser.add_argument("--batch-max", type=int, default=None, help="[webhooks] batch_max")
     parser.add_argument("--receive", type=int, default=0, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.receive:
@@ -224,7 +280,10 @@ def main() -> int:
     tag = secrets.token_hex(3)
     print(f"machine: {machine()}; api, worker, flusher, Redis, PostgreSQL, moto, the load")
     print("generator and the receiver on one box", flush=True)
-    with bench_api(tag, {"APPLIANCE_WEBHOOKS__ALLOW_PRIVATE": "true"}) as api:
+    extra = {"APPLIANCE_WEBHOOKS__ALLOW_PRIVATE": "true"}
+    if args.batch_max:
+        extra["APPLIANCE_WEBHOOKS__BATCH_MAX"] = str(args.batch_max)
+    with bench_api(tag, extra) as api:
         config = load_config()
         print(
             f"[webhooks] batch_max {config.webhooks.batch_max}; [worker] concurrency"
@@ -254,6 +313,11 @@ def main() -> int:
                       for p in phases]  # fmt: skip
         for p, ref, hook in zip(phases, reference, hooked, strict=True):
             print(f"{p.name}: publish rate with the endpoint / without {hook.rate / ref.rate:.2f}")
+        # The dispatcher alone (the worker stopped): a backlog read and queued in this process.
+        backlog = run_python(
+            api.port, api.admin_key, phases[1], args.seconds, args.connections, None
+        )
+        asyncio.run(dispatch_alone(backlog.requests * phases[1].messages))
     print(f"load average at the end: {load_average()}")
     return 0
 
