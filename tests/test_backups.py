@@ -30,6 +30,7 @@ from tests.messaging import unique
 from tests.support import free_port, migrated_db, write_toml
 from tests.test_cli import cli
 from tests.test_history_tiers import isolate, opened
+from tests.test_image import parse_dockerfile
 
 
 @pytest.fixture
@@ -207,3 +208,30 @@ async def test_the_backup_command(res: Resources, settings: dict[str, Any], tmp_
     assert len(listed) == 1 and listed[0][0] in done.stdout
     refused = await asyncio.to_thread(cli, config, "backup", "--keep", "0")
     assert refused.returncode == 2
+
+
+async def test_the_job_takes_a_backup_with_the_keep_it_is_given(res: Resources) -> None:
+    start = datetime(2026, 3, 1, tzinfo=UTC)
+    for n in range(3):
+        await take(res.config, res.storage, keep=5, at=start + timedelta(hours=n))
+    await backup_jobs.run(res, msgspec.json.encode(backup_jobs.Job(keep=2)))
+    found = [k for k, _ in await backups(res.storage)]
+    assert len(found) == 2 and found[0] == backup_key(start + timedelta(hours=2))
+    await backup_jobs.run(res, b"")  # no payload: the schedule's keep (7) deletes none
+    assert set(found) <= {k for k, _ in await backups(res.storage)}
+
+
+def test_the_image_installs_the_pg_dump_the_docs_name() -> None:
+    """pg_dump refuses a newer server: the image's client version is the one the docs state."""
+    root = Path(__file__).resolve().parent.parent
+    final = parse_dockerfile((root / "image" / "Dockerfile").read_text())[-1]
+    args = [i.args for i in final if i.keyword == "ARG" and i.args.startswith("POSTGRES_CLIENT=")]
+    assert len(args) == 1
+    version = args[0].split("=", 1)[1]
+    runs = " ".join(i.args for i in final if i.keyword == "RUN")
+    assert "apt.postgresql.org.sh -y" in runs
+    assert '"postgresql-client-${POSTGRES_CLIENT}"' in runs
+    readme = (root / "README.md").read_text()
+    assert f"PostgreSQL {version}'s" in readme and f"servers 9.2 to {version}" in readme
+    operations = (root / "docs" / "operations.md").read_text()
+    assert f"PostgreSQL {version}'s" in operations
