@@ -9,8 +9,10 @@ import asyncio
 import dataclasses
 import hashlib
 import hmac
+import ipaddress
 import json
 import re
+import ssl
 import time
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
@@ -78,7 +80,8 @@ class Receiver:
     """A small HTTP/1.1 server: each request gets the next behaviour of `script` ("ok" once it
     is empty) and is recorded with its headers and raw body."""
 
-    def __init__(self) -> None:
+    def __init__(self, tls: ssl.SSLContext | None = None) -> None:
+        self.tls = tls
         self.script: list[str] = []
         self.requests: list[tuple[str, httpx.Headers, bytes]] = []
         self.flooded: list[int] = []  # bytes a "huge" answer got out before the client left
@@ -86,7 +89,7 @@ class Receiver:
         self.port = 0
 
     async def __aenter__(self) -> Receiver:
-        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0, ssl=self.tls)
         self.port = self.server.sockets[0].getsockname()[1]
         return self
 
@@ -131,7 +134,7 @@ class Receiver:
                     pass
                 self.flooded.append(sent)
             await writer.drain()
-        except (OSError, asyncio.IncompleteReadError, TimeoutError):
+        except (OSError, asyncio.IncompleteReadError, TimeoutError, ssl.SSLError):
             pass
         finally:
             writer.close()
@@ -635,15 +638,98 @@ async def test_private_addresses_are_refused_at_delivery(
 async def test_delivery_connects_to_the_address_it_checked() -> None:
     """The Host header and TLS name are the URL's; the connection goes to the vetted address."""
     target = await addresses.resolve("https://localhost:8443/p?q=1", allow_private=True)
-    assert target.ip.is_loopback
-    assert target.url() in ("https://127.0.0.1:8443/p?q=1", "https://[::1]:8443/p?q=1")
+    assert target.ips and all(ip.is_loopback for ip in target.ips)
+    assert target.url(target.ips[0]) in ("https://127.0.0.1:8443/p?q=1", "https://[::1]:8443/p?q=1")
     assert target.host_header() == "localhost:8443"
+    v6 = await addresses.resolve("http://[::1]/", allow_private=True)
+    assert (v6.url(v6.ips[0]), v6.host_header()) == ("http://[::1]:80/", "[::1]")
     with pytest.raises(addresses.Unreachable, match="did not resolve"):
         await addresses.resolve("http://no-such-host.invalid/", allow_private=True)
     with pytest.raises(addresses.Unreachable, match="loopback"):
         await addresses.resolve("http://localhost/", allow_private=False)
     public = await addresses.resolve("http://8.8.8.8/", allow_private=False)
-    assert (str(public.ip), public.port, public.path) == ("8.8.8.8", 80, "/")
+    assert (public.ips, public.port, public.path) == ((ipaddress.ip_address("8.8.8.8"),), 80, "/")
+
+
+async def test_the_next_vetted_address_is_tried_when_connecting_fails(
+    receiver: Receiver,
+) -> None:
+    """A host with several addresses (IPv6 first, say) and a receiver on one of them."""
+    ips = (ipaddress.ip_address("127.0.0.2"), ipaddress.ip_address("127.0.0.1"))
+    target = addresses.Target("http", "localhost", ips, receiver.port, "/hook")
+    async with asyncio.timeout(30):
+        status, _, _ = await client.exchange(target, b"{}", {"Host": "localhost"}, MAX_BODY, 10)
+    assert status == 200 and len(receiver.requests) == 1
+    nowhere = addresses.Target("http", "localhost", ips[:1], receiver.port, "/hook")
+    with pytest.raises(httpx.ConnectError):
+        async with asyncio.timeout(30):
+            await client.exchange(nowhere, b"{}", {"Host": "localhost"}, MAX_BODY, 10)
+
+
+def _certificates(tmp_path: Path) -> tuple[ssl.SSLContext, ssl.SSLContext]:
+    """A CA of the test's own and a server certificate from it for `localhost` only: the
+    server's TLS context and a client context trusting that CA (and nothing else)."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    def name(cn: str) -> x509.Name:
+        return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
+
+    now = datetime.now(UTC)
+    ca_key, key = ec.generate_private_key(ec.SECP256R1()), ec.generate_private_key(ec.SECP256R1())
+    ca = (
+        x509.CertificateBuilder().subject_name(name("test ca")).issuer_name(name("test ca"))
+        .public_key(ca_key.public_key()).serial_number(1)
+        .not_valid_before(now - timedelta(hours=1)).not_valid_after(now + timedelta(hours=1))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(ca_key, hashes.SHA256())
+    )  # fmt: skip
+    leaf = (
+        x509.CertificateBuilder().subject_name(name("localhost")).issuer_name(ca.subject)
+        .public_key(key.public_key()).serial_number(2)
+        .not_valid_before(now - timedelta(hours=1)).not_valid_after(now + timedelta(hours=1))
+        .add_extension(x509.SubjectAlternativeName([x509.DNSName("localhost")]), critical=False)
+        .sign(ca_key, hashes.SHA256())
+    )  # fmt: skip
+    chain, key_file = tmp_path / "server.pem", tmp_path / "server.key"
+    chain.write_bytes(leaf.public_bytes(serialization.Encoding.PEM))
+    key_file.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    server = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    server.load_cert_chain(chain, key_file)
+    trusting = ssl.create_default_context(
+        cadata=ca.public_bytes(serialization.Encoding.PEM).decode()
+    )
+    return server, trusting
+
+
+async def test_https_delivery_verifies_the_certificate_against_the_url_host(
+    config: Config, tmp_path: Path
+) -> None:
+    """The connection goes to the vetted IP, but TLS names and verifies the URL's host."""
+    server, trusting = _certificates(tmp_path)
+    async with Receiver(tls=server) as receiver:
+        url = f"https://localhost:{receiver.port}/hook"
+        ok = await client.post(url, "d1", "whsec_x", b"{}", config.webhooks, tls=trusting)
+        assert (ok.outcome, ok.status) == ("delivered", 200), ok.error
+        ((_, headers, _),) = receiver.requests
+        assert headers["host"] == f"localhost:{receiver.port}"
+        # the same server by its IP: the certificate names localhost only
+        by_ip = f"https://127.0.0.1:{receiver.port}/hook"
+        mismatch = await client.post(by_ip, "d2", "whsec_x", b"{}", config.webhooks, tls=trusting)
+        assert mismatch.outcome == "connection" and "certificate" in (mismatch.error or "").lower()
+        # a CA nobody trusts (the system's CAs do not include the test's)
+        untrusted = await client.post(url, "d3", "whsec_x", b"{}", config.webhooks)
+        assert untrusted.outcome == "connection"
+        assert "certificate" in (untrusted.error or "").lower()
+        assert len(receiver.requests) == 1
 
 
 async def test_a_refused_connection_is_a_failed_attempt(config: Config) -> None:

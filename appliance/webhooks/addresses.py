@@ -34,16 +34,16 @@ class Unreachable(ApplianceError):
 
 @dataclass(frozen=True)
 class Target:
-    """A vetted delivery target: connect to `ip`, speak to `host`."""
+    """A vetted delivery target: connect to one of `ips` (in order), speak to `host`."""
 
     scheme: str
     host: str  # as in the URL (the Host header and TLS server name)
-    ip: IP
+    ips: tuple[IP, ...]  # every address the host resolved to, all checked
     port: int
     path: str  # path and query, at least "/"
 
-    def url(self) -> str:
-        literal = f"[{self.ip}]" if self.ip.version == 6 else str(self.ip)
+    def url(self, ip: IP) -> str:
+        literal = f"[{ip}]" if ip.version == 6 else str(ip)
         return f"{self.scheme}://{literal}:{self.port}{self.path}"
 
     def host_header(self) -> str:
@@ -125,7 +125,9 @@ async def resolve(url: str, *, allow_private: bool) -> Target:
             )
         except (socket.gaierror, UnicodeError) as exc:
             raise Unreachable(f"host {host!r} did not resolve: {exc}") from None
-        addresses = [ipaddress.ip_address(str(info[4][0]).partition("%")[0]) for info in infos]
+        # In the resolver's order, without repeats (one per socket type and protocol).
+        found = [ipaddress.ip_address(str(info[4][0]).partition("%")[0]) for info in infos]
+        addresses = list(dict.fromkeys(found))
         if not addresses:
             raise Unreachable(f"host {host!r} resolved to no address")
     if not allow_private:
@@ -139,7 +141,7 @@ async def resolve(url: str, *, allow_private: bool) -> Target:
     path = parts.path or "/"
     if parts.query:
         path = f"{path}?{parts.query}"
-    return Target(parts.scheme, host, addresses[0], port, path)
+    return Target(parts.scheme, host, tuple(addresses), port, path)
 
 
 def _literal(host: str) -> IP | None:

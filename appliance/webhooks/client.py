@@ -24,7 +24,7 @@ import httpx
 from appliance import __version__
 from appliance.config.model import WebhooksSection
 from appliance.errors import Invalid
-from appliance.webhooks.addresses import Unreachable, resolve
+from appliance.webhooks.addresses import Target, Unreachable, resolve
 
 Outcome = Literal["delivered", "http_error", "redirect", "timeout", "connection", "refused"]
 USER_AGENT = f"appliance-webhooks/{__version__}"
@@ -66,8 +66,18 @@ def _tls() -> ssl.SSLContext:
     return ssl.create_default_context()
 
 
-async def post(url: str, delivery: str, secret: str, body: bytes, cfg: WebhooksSection) -> Result:
-    """POST `body` to `url` once; never raises for what the receiver or the network does."""
+async def post(
+    url: str,
+    delivery: str,
+    secret: str,
+    body: bytes,
+    cfg: WebhooksSection,
+    *,
+    tls: ssl.SSLContext | None = None,
+) -> Result:
+    """POST `body` to `url` once, within `[webhooks] timeout` from resolution to the answer;
+    never raises for what the receiver or the network does. `tls` verifies certificates
+    (default: the system's CAs)."""
     start = time.monotonic()
     outcome: Outcome
     status: int | None = None
@@ -78,29 +88,14 @@ async def post(url: str, delivery: str, secret: str, body: bytes, cfg: WebhooksS
             target = await resolve(url, allow_private=cfg.allow_private)
             sent = headers(delivery, secret, body)
             sent["Host"] = target.host_header()
-            extensions = {"sni_hostname": target.host} if target.scheme == "https" else {}
-            async with (
-                httpx.AsyncClient(
-                    verify=_tls(),
-                    timeout=cfg.timeout,
-                    follow_redirects=False,
-                    trust_env=False,  # no proxy from the environment: connect to the vetted address
-                ) as http,
-                http.stream(
-                    "POST", target.url(), content=body, headers=sent, extensions=extensions
-                ) as response,
-            ):
-                status = response.status_code
-                async for chunk in response.aiter_raw():
-                    read += len(chunk)
-                    if read >= cfg.max_response_bytes:
-                        break  # the rest is never read; closing drops the connection
+            status, location, read = await exchange(
+                target, body, sent, cfg.max_response_bytes, cfg.timeout, tls
+            )
         if 200 <= status < 300:
             outcome = "delivered"
         elif 300 <= status < 400:
             outcome = "redirect"
-            location = response.headers.get("location", "")[:200]
-            error = f"HTTP {status} redirect to {location!r} (redirects are not followed)"
+            error = f"HTTP {status} redirect to {location[:200]!r} (redirects are not followed)"
         else:
             outcome = "http_error"
             error = f"HTTP {status}"
@@ -113,3 +108,53 @@ async def post(url: str, delivery: str, secret: str, body: bytes, cfg: WebhooksS
     except (httpx.HTTPError, OSError, ssl.SSLError) as exc:
         outcome, error = "connection", f"{type(exc).__name__}: {exc}"[:500]
     return Result(outcome, status, error, time.monotonic() - start, read)
+
+
+async def exchange(
+    target: Target,
+    body: bytes,
+    headers: dict[str, str],
+    max_bytes: int,
+    timeout: float,
+    tls: ssl.SSLContext | None = None,
+) -> tuple[int, str, int]:
+    """POST `body` to `target`, trying its addresses in order while connecting fails (an IPv6
+    address first with an IPv4-only receiver): the status, the Location header, and the bytes
+    of the answer's body read (at most `max_bytes` and one network read more; none kept).
+    Raises httpx's errors. `timeout` bounds each step (connect, write, read); the caller bounds
+    the whole."""
+    extensions = {"sni_hostname": target.host} if target.scheme == "https" else {}
+    async with httpx.AsyncClient(
+        verify=tls or _tls(),
+        timeout=timeout,
+        follow_redirects=False,
+        trust_env=False,  # no proxy from the environment: connect to the vetted address
+    ) as http:
+        for n, ip in enumerate(target.ips, 1):
+            try:
+                return await _send(http, target.url(ip), body, headers, extensions, max_bytes)
+            except httpx.ConnectError:
+                if n == len(target.ips):
+                    raise
+    raise ValueError(f"no address to connect to for {target.host!r}")  # resolve() gives one
+
+
+async def _send(
+    http: httpx.AsyncClient,
+    url: str,
+    body: bytes,
+    headers: dict[str, str],
+    extensions: dict[str, str],
+    max_bytes: int,
+) -> tuple[int, str, int]:
+    """One POST: the status, the Location header, and the bytes of the body read (at most
+    `max_bytes` and one network read more; none are kept)."""
+    read = 0
+    async with http.stream(
+        "POST", url, content=body, headers=headers, extensions=extensions
+    ) as response:
+        async for chunk in response.aiter_raw():
+            read += len(chunk)
+            if read >= max_bytes:
+                break  # the rest is never read; closing drops the connection
+        return response.status_code, response.headers.get("location", ""), read
