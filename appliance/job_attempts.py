@@ -25,7 +25,6 @@ from psycopg import sql
 
 from appliance.config import Config
 from appliance.config import scrub as scrub_secrets
-from appliance.jobs import ENTRYPOINTS, enqueue
 from appliance.resources import Conn
 
 ERROR_MAX = 2000  # characters of an error kept; a traceback's last line is what an operator needs
@@ -211,6 +210,10 @@ async def requeue(conn: Conn, job_id: int | None) -> list[Requeued]:
     """Enqueue parked job `job_id` (None: every parked job) again with its payload, as a new job
     with a fresh count, and forget the parked row; one transaction. A job whose entrypoint this
     version no longer serves stays parked and is reported as skipped."""
+    # Here, not at the top: appliance.jobs imports every feature's handlers, which the CLI's
+    # other job commands and `appliance status` do not need.
+    from appliance.jobs import ENTRYPOINTS, enqueue
+
     out = []
     async with conn.transaction():
         cur = await conn.execute(
