@@ -209,6 +209,15 @@ async def test_the_backup_command(res: Resources, settings: dict[str, Any], tmp_
     refused = await asyncio.to_thread(cli, config, "backup", "--keep", "0")
     assert refused.returncode == 2
 
+    port = free_port()
+    settings["postgres"]["dsn"] = f"postgresql://appliance:s3cret-pw@127.0.0.1:{port}/appliance"
+    broken = write_toml(tmp_path / "broken.toml", settings)
+    failed = await asyncio.to_thread(cli, broken, "backup")
+    assert failed.returncode == 1
+    assert "pg_dump exited with status 1" in failed.stderr and str(port) in failed.stderr
+    assert "s3cret-pw" not in failed.stderr + failed.stdout
+    assert await backups(res.storage) == listed
+
 
 async def test_the_job_takes_a_backup_with_the_keep_it_is_given(res: Resources) -> None:
     start = datetime(2026, 3, 1, tzinfo=UTC)
