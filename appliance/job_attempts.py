@@ -1,13 +1,13 @@
 """Job attempts and parked jobs (table `job_attempts`, migration 0005): what pgqueuer does not keep.
 
-- An attempt is counted before its handler runs (`begin`), in its own committed statement, so an
-  attempt that kills its worker is counted too. pgqueuer re-picks such a job with its own count
-  unchanged; `begin` then finds the attempt still marked running, and the worker treats it as a
-  failed attempt ("lost"): parked if it was the last, else run again (at once for a first
+- An attempt is counted before its handler runs (`begin`, committed before the handler starts),
+  so an attempt that kills its worker is counted too. pgqueuer re-picks such a job with its own
+  count unchanged; `begin` then finds the attempt still marked running, and the worker treats it
+  as a failed attempt ("lost"): parked if it was the last, else run again (at once for a first
   attempt, after a back-off for a later one), never run again uncounted.
 - A job that has used its attempts is parked: its row keeps entrypoint, payload, attempts, the
   last error, the first and last attempt times. `requeue` enqueues the payload again as a new job
-  and forgets the parked row, in one transaction.
+  and forgets the parked row, in one transaction; `discard` forgets it.
 - Back-off before attempt n+1: `retry_delay * 2^(n-1)`, capped at `retry_max_delay`, times a
   random factor of 0.5-1 (jobs that failed together, say in an outage, do not retry together).
 """
