@@ -175,6 +175,12 @@ async def attempts(api: Client, admin: str, hook: str) -> list[dict[str, Any]]:
     return found
 
 
+def sample(name: str, labels: dict[str, str]) -> float:
+    from prometheus_client import REGISTRY
+
+    return REGISTRY.get_sample_value(name, labels) or 0.0
+
+
 def docs_verify() -> Any:
     """`verify` from the Python snippet in docs/api.md, run as a reader would copy it."""
     blocks = re.findall(r"```python\n(.*?)```", API_DOC.read_text(), re.DOTALL)
@@ -448,6 +454,8 @@ async def test_failed_attempts_are_retried_and_logged_until_one_succeeds(
     created = await create_hook(api, admin, receiver.url, ["member.added"])
     hook = created["id"]
     receiver.script = ["fail", "hang", "redirect", "huge", "ok"]
+    outcomes = ("delivered", "http_error", "redirect", "timeout")
+    counted = {o: sample("appliance_webhook_deliveries_total", {"outcome": o}) for o in outcomes}
     async with resources.connection() as conn:
         await emit(conn, [event("member.added", {"principal": "user:b"}, conversation="c")])
     before = datetime.now(UTC)
@@ -481,6 +489,9 @@ async def test_failed_attempts_are_retried_and_logged_until_one_succeeds(
     assert "not followed" in logged[2]["error"]
     assert "1 s" in logged[1]["error"]
     assert [a["retry_at"] is None for a in logged] == [False] * 4 + [True]
+    for outcome, more in (("delivered", 1), ("http_error", 2), ("redirect", 1), ("timeout", 1)):
+        now_counted = sample("appliance_webhook_deliveries_total", {"outcome": outcome})
+        assert now_counted - counted[outcome] == more, outcome
     endpoint = (await api.get(f"/v1/webhooks/{hook}", headers=bearer(admin))).json()
     assert endpoint["failures"] == 0 and endpoint["enabled"] is True
 
