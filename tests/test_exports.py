@@ -315,6 +315,32 @@ async def test_s3_failing_mid_export_fails_it_and_leaves_no_object(
     assert error == f"gave up after 1 runs that did not finish; the last: {shown['error']}"
 
 
+async def test_an_upload_that_cannot_be_aborted_is_aborted_by_the_retry(
+    setup: Setup, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    res = setup.res
+    conversation = await setup.conversation()
+    messages = await layered(res, conversation)
+    export_id = (await setup.request(conversation, setup.admin))["id"]
+
+    async def refused(*args: Any) -> None:
+        raise StorageError("s3", "ServiceUnavailable", "ServiceUnavailable")
+
+    monkeypatch.setattr(res.storage, "complete_upload", refused)
+    monkeypatch.setattr(res.storage, "abort_upload", refused)
+    with pytest.raises(StorageError):
+        await setup.run(export_id)
+    state, _, upload_id, _ = await setup.row(export_id)
+    assert state == "failed" and upload_id is not None
+    assert await uploads_in_progress(res, object_key(export_id)) == [upload_id]
+
+    monkeypatch.undo()
+    await setup.run(export_id)  # the worker's retry
+    assert (await setup.row(export_id))[:3] == ("ready", 2, None)
+    assert await uploads_in_progress(res, object_key(export_id)) == []
+    assert lines(await res.storage.get(object_key(export_id))) == [p for _, p in messages]
+
+
 async def test_a_deleted_conversation_fails_its_export(setup: Setup) -> None:
     conversation = await setup.conversation()
     export_id = (await setup.request(conversation, setup.admin))["id"]

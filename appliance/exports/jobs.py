@@ -30,6 +30,7 @@ from appliance.messages.blocks import BlockCache
 from appliance.messages.history import History
 from appliance.multipart import Upload, abort
 from appliance.resources import Resources
+from appliance.storage import StorageError
 from appliance.webhooks import events
 
 log = structlog.get_logger()
@@ -82,10 +83,15 @@ async def run(res: Resources, payload: bytes) -> None:
         messages = await _write(res, export_id, attempt, conversation, upload)
         await upload.complete()
     except Exception as exc:
+        left = None  # an upload that could not be aborted: the row keeps it for the retry
         if upload is not None:
-            await upload.abort()
+            try:
+                await upload.abort()
+            except StorageError as failed:
+                left = upload.upload_id
+                log.warning("export_abort_failed", export=export_id, error=failed.message)
         reason = exc.message if isinstance(exc, ApplianceError) else "internal error"
-        await _fail(res, export_id, attempt, reason)
+        await _fail(res, export_id, attempt, reason, left)
         raise
     if not await _ready(res, export_id, attempt, conversation, messages, upload.size):
         log.warning("export_superseded", export=export_id, attempt=attempt)
@@ -156,11 +162,13 @@ async def _ready(
     return True
 
 
-async def _fail(res: Resources, export_id: str, attempt: int, reason: str) -> None:
+async def _fail(
+    res: Resources, export_id: str, attempt: int, reason: str, upload_id: str | None = None
+) -> None:
     log.error("export_failed", export=export_id, attempt=attempt, reason=reason)
     async with res.connection() as conn:
         await conn.execute(
-            "UPDATE exports SET state = 'failed', upload_id = NULL, error = %s,"
+            "UPDATE exports SET state = 'failed', upload_id = %s, error = %s,"
             " finished_at = now()" + _GUARD,
-            (reason, export_id, attempt),
+            (upload_id, reason, export_id, attempt),
         )
