@@ -808,6 +808,10 @@ def test_cli_manages_endpoints(settings: dict[str, Any], migrated: str, tmp_path
     assert all("secret" not in w for w in listed)
     disabled = json.loads(cli(config, "webhooks", "disable", hook, "--json").stdout)
     assert (disabled["enabled"], disabled["disabled_reason"]) == (False, "admin")
+    status = cli(config, "status", "--json")
+    assert json.loads(status.stdout)["webhooks"] == {
+        "enabled": 0, "failing": 0, "disabled_admin": 1, "disabled_failures": 0
+    }  # fmt: skip
     enabled = json.loads(cli(config, "webhooks", "enable", hook, "--json").stdout)
     assert (enabled["enabled"], enabled["failures"]) == (True, 0)
     page = json.loads(cli(config, "webhooks", "deliveries", hook, "--json").stdout)

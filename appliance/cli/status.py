@@ -28,6 +28,7 @@ from appliance.redis_keys import client
 from appliance.resources import ConnFactory, direct_connection, keys_for, open_resources
 from appliance.segments import backlog, index
 from appliance.storage import Storage
+from appliance.webhooks import endpoints as webhook_endpoints
 
 # The config keys to look at, by dependency: (where it is, who we are); the cause (the start of
 # the detail) says what to look for there.
@@ -135,6 +136,7 @@ async def _status(config: Config) -> dict[str, Any]:
             {"entrypoint": e, "status": s, "jobs": n} for e, s, n in await cur.fetchall()
         ]
         out["jobs_failed"] = await job_attempts.parked_count(conn)  # `appliance jobs failed`
+        out["webhooks"] = await webhook_endpoints.summary(conn)  # `appliance webhooks list`
         # Each schedule's last run (the scheduler's or `appliance retention run`'s), its age,
         # and how long ago the schedule last succeeded.
         cur = await conn.execute(
@@ -224,6 +226,13 @@ def _print_status(data: dict[str, Any]) -> None:
     )
     if "jobs_failed" in data:
         click.echo(f"failed jobs (parked): {data['jobs_failed']}  (`appliance jobs failed`)")
+    if "webhooks" in data:
+        w = data["webhooks"]
+        click.echo(
+            f"webhooks: {w['enabled']} enabled ({w['failing']} failing), disabled: "
+            f"{w['disabled_failures']} after failures, {w['disabled_admin']} by an admin"
+            "  (`appliance webhooks list`)"
+        )
     _section(
         "schedules (last run)",
         [_schedule_line(s) for s in data.get("schedules", [])],

@@ -197,3 +197,18 @@ async def failed(conn: Conn, webhook_id: str, disable_after: int) -> bool:
     )
     row = await cur.fetchone()
     return row is not None and row[0] == disable_after and row[1] == "failures"
+
+
+async def summary(conn: Conn) -> dict[str, int]:
+    """Endpoint counts for `appliance status`: enabled, failing (enabled with failed deliveries
+    since the last success), disabled by an admin, disabled after failures."""
+    cur = await conn.execute(
+        "SELECT count(*) FILTER (WHERE enabled),"
+        " count(*) FILTER (WHERE enabled AND failures > 0),"
+        " count(*) FILTER (WHERE disabled_reason = 'admin'),"
+        " count(*) FILTER (WHERE disabled_reason = 'failures')"
+        " FROM webhook_endpoints"
+    )
+    row = await cur.fetchone()
+    names = ("enabled", "failing", "disabled_admin", "disabled_failures")
+    return dict(zip(names, row or (0, 0, 0, 0), strict=True))
