@@ -9,10 +9,15 @@ nothing asserts timing.
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
+import subprocess
+import sys
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Any
 
 import msgspec
@@ -29,9 +34,9 @@ from appliance.programs.worker import run_worker
 from appliance.resources import Resources, open_resources
 from appliance.segments.flush import GroupFloor, flush_pending, trim_plan
 from appliance.webhooks import endpoints
-from appliance.webhooks.dispatch import GROUP, Dispatcher
+from appliance.webhooks.dispatch import CRASH_ENV, GROUP, Dispatcher
 from appliance.webhooks.service import DELIVER, Delivery
-from tests.support import migrated_db
+from tests.support import migrated_db, write_toml
 
 SENDER = Principal("key:webhook-events", frozenset({"admin"}))
 WAIT = 30.0
@@ -574,3 +579,43 @@ async def test_the_dispatcher_rides_out_postgresql_being_down(
                 await asyncio.wait_for(task, WAIT)
         assert {e.id for d in await queued(res) for e in d.events} == set(sent)
         assert await res.redis.get(res.keys.webhooks_dispatcher()) is None  # released at stop
+
+
+@pytest.mark.process
+async def test_a_worker_sigkilled_between_emit_and_ack_loses_no_event(
+    env: Resources, receiver: Receiver, settings: dict[str, Any], tmp_path: Path
+) -> None:
+    """The real worker program, told to SIGKILL itself after its first emit commits (before
+    the XACK); then a worker in this process takes the lease over once it runs out, re-emits
+    the dead one's pending entries, and delivers both emissions: every event arrives, some
+    twice, and deduplicating by id leaves exactly the messages published."""
+    await add_endpoint(env, receiver.url, ["message.created"])
+    settings["appliance"]["run_dir"] = str(tmp_path / "run")
+    config = write_toml(tmp_path / "config.toml", settings)
+    log = tmp_path / "worker.log"
+    with log.open("wb") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "appliance", "run", "worker"],
+            env={**os.environ, "APPLIANCE_CONFIG": str(config), CRASH_ENV: "after_emit"},
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+    try:
+        await eventually(_has_groups(env), "the dying worker's groups")
+        sent = await publish(env, "sierra", 40) + await publish(env, "tango", 10)
+        await eventually(lambda: _true(proc.poll() is not None), "the worker to kill itself")
+        assert proc.returncode == -signal.SIGKILL
+        assert "webhooks_dispatch_crash_injected" in log.read_text()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()
+    assert await queued(env)  # committed before the kill, never acknowledged
+    async with worker(env):
+        await eventually(
+            lambda: _true(receiver.message_ids() >= set(sent)), "every event", timeout=60
+        )
+        await eventually(_no_pending(env), "the acknowledgement")
+    delivered = [e["id"] for e in receiver.events()]
+    assert len(delivered) > len(set(delivered))
+    assert set(delivered) == set(sent)

@@ -18,13 +18,19 @@ A new holder first takes over what the group holds pending (a dead holder's entr
 and emits it before anything newer. So delivery is at least once: a crash between the commit
 and the XACK emits those events again. A message event's id is the message's id: receivers
 drop the repeat by id.
+
+Test-only: the environment variable `WEBHOOKS_CRASH_AT=after_emit` makes the process SIGKILL
+itself after an emit commits, before its XACK (the crash test uses it). It is not configuration
+and is never set in production.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import random
+import signal
 import time
 import uuid
 from collections.abc import Callable
@@ -43,6 +49,7 @@ from appliance.webhooks.service import emit
 
 log = structlog.get_logger()
 
+CRASH_ENV = "WEBHOOKS_CRASH_AT"
 GROUP = "webhooks"
 READ_COUNT = 1000  # entries per stream per read
 READ_BLOCK = 1.0  # seconds a read waits for new entries at most
@@ -114,6 +121,7 @@ class Dispatcher:
         self.lease_ttl = lease_ttl
         self.check_interval = check_interval
         self.on_step: Callable[[str], None] | None = None
+        self._crash_at = os.environ.get(CRASH_ENV)
         self.stats = DispatchStats()
         self.subscribed = False
         self._checked_at: float | None = None
@@ -299,6 +307,9 @@ class Dispatcher:
             self.stats.events += len(events)
             self.stats.jobs += jobs
             metrics.WEBHOOK_DISPATCHED.inc(len(events))
+        if self._crash_at == "after_emit" and events:
+            log.warning("webhooks_dispatch_crash_injected", step="after_emit")
+            os.kill(os.getpid(), signal.SIGKILL)
         if self.on_step is not None:
             self.on_step("after_emit")
         keys = self.res.keys
