@@ -141,17 +141,22 @@ async def test_failing_job_is_retried_with_backoff_then_parked(
     async with open_resources(Config.model_validate(worker_settings), "test") as res, worker(res):
         job_id = await enqueue(res, "test.broken", b"order-7")
 
-        async def first_waits() -> tuple[dict[str, Any], datetime] | None:
-            row = await attempts_row(res, job_id)
-            queued = await queue_row(res, job_id)
-            if row and row["attempts"] == 1 and queued and queued[0] == "queued":
-                return row, queued[1]
-            return None
+        async def first_waits() -> tuple[Any, ...] | None:
+            """Both tables in one snapshot, once attempt 1 failed and the job waits again."""
+            async with res.connection() as conn:
+                cur = await conn.execute(
+                    "SELECT a.attempts, a.running, a.last_error, a.parked_at, a.last_attempt_at,"
+                    " q.execute_after FROM job_attempts a JOIN pgqueuer q ON q.id = a.job_id"
+                    " WHERE a.job_id = %s AND q.status = 'queued'",
+                    (job_id,),
+                )
+                return await cur.fetchone()
 
-        row, execute_after = await until(first_waits, 15, "the first attempt's back-off")
-        assert row["last_error"] == "RuntimeError: receiver said no to order-7"
-        assert (row["running"], row["parked_at"]) == (False, None)
-        assert execute_after - row["last"] >= timedelta(seconds=0.5)
+        waiting = await until(first_waits, 15, "the first attempt's back-off")
+        attempts, running, last_error, parked_at, last_attempt, execute_after = waiting
+        assert (attempts, running, parked_at) == (1, False, None)
+        assert last_error == "RuntimeError: receiver said no to order-7"
+        assert execute_after - last_attempt >= timedelta(seconds=0.5)
 
         async def parked() -> dict[str, Any] | None:
             row = await attempts_row(res, job_id)
