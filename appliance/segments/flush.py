@@ -597,8 +597,9 @@ class Flusher:
 
     async def _acknowledge(self, taken: dict[int, _Buffer], flushed: dict[str, int]) -> None:
         """XACK what was cut, trim each ingest stream below what is still pending (ours or a
-        previous owner's) or else just above the last acknowledged entry, and trim the tails.
-        Idempotent: a retry after a partial run does no harm."""
+        previous owner's) or else just above the last acknowledged entry, and below what every
+        other consumer group still needs unless it lags past `[webhooks] max_lag` (`trim_plan`),
+        and trim the tails. Idempotent: a retry after a partial run does no harm."""
         redis, keys = self.res.redis, self.res.keys
         acked = {s: b.ids for s, b in taken.items() if b.ids}
         # Pipelines as context managers: one whose scripts could not be loaded (Redis away)
