@@ -214,6 +214,8 @@ SCHEMA.config.phases.stateful.inference.algorithms = []
 _CONVERSATION_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 _ATTACHMENT_ID = re.compile(r"^[0-9A-HJKMNP-TV-Z]{26}$")
 _KEY_NAME = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
+_KEY_ID = re.compile(r"^[a-z0-9]{12}$")
+_WEBHOOK_ID = re.compile(r"^wh_[a-z0-9]{12}$")
 _URL_LENGTH = re.compile(r"^[^\x00]{1,2048}$", re.DOTALL)
 
 
@@ -267,6 +269,18 @@ def map_path_parameters(context: Any, path_parameters: dict[str, Any] | None) ->
     export = SEEDED.get("export")
     if export is not None and _valid(path_parameters.get("export"), _ATTACHMENT_ID):
         mapped["export"] = export  # export ids are ULIDs too
+    # A key of its own for rotation and one for revocation (revoking is idempotent; rotating a
+    # revoked key is a 404): reached without depending on the stateful runs' links alone.
+    key = SEEDED.get("key_revoke" if operation.method.upper() == "DELETE" else "key_rotate")
+    if key is not None and _valid(path_parameters.get("key_id"), _KEY_ID):
+        mapped["key_id"] = key
+    webhook = SEEDED.get("webhook")
+    if (
+        webhook is not None
+        and (operation.method.upper(), operation.path) != ("DELETE", "/v1/webhooks/{webhook}")
+        and _valid(path_parameters.get("webhook"), _WEBHOOK_ID)
+    ):
+        mapped["webhook"] = webhook
     return mapped
 
 
@@ -325,6 +339,23 @@ def target(running_api: tuple[ApiProcess, str]) -> tuple[str, dict[str, str]]:
     )
     assert exported.status_code == 202, exported.text
     SEEDED["export"] = exported.json()["id"]
+    hook = httpx.post(
+        f"{api.url}/v1/webhooks",
+        json={"url": "https://hooks.example.com/seeded", "events": ["export.ready"]},
+        headers=headers,
+        timeout=10,
+    )
+    assert hook.status_code == 201, hook.text
+    SEEDED["webhook"] = hook.json()["id"]
+    for use in ("key_rotate", "key_revoke"):
+        key = httpx.post(
+            f"{api.url}/v1/keys",
+            json={"name": f"st-{use}-{uuid.uuid4().hex}", "scopes": []},
+            headers=headers,
+            timeout=10,
+        )
+        assert key.status_code == 201, key.text
+        SEEDED[use] = key.json()["id"]
     return api.url, headers
 
 
