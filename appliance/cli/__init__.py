@@ -24,7 +24,6 @@ COMMANDS = {
     "doctor": "status:doctor",
     "keys": "keys_cmd:keys_group",
     "retention": "retention_cmd:retention",
-    "retention": "retention_cmd:retention",
     "export": "export_cmd:export",
     "backup": "backup_cmd:backup",
     "jobs": "jobs_cmd:jobs_group",
