@@ -18,12 +18,20 @@ Celery runs twice: "durable" (persistent messages in a durable queue, publisher 
 after the task: what pgqueuer gives, durable in PostgreSQL, a job deleted only once it ran) and
 "default" (persistent messages, no confirms, acks on receipt: Celery's defaults).
 
-It uses the config's PostgreSQL and Redis (a database of its own, `appliance_bench_jobs_<tag>`,
-created, migrated and dropped; a Redis key prefix of its own) and RabbitMQ at `--broker`:
+Measuring starts once each appliance worker has outlived its first listener probe (`settle`).
+Printed per system: CPU of the worker, its PostgreSQL backends (or RabbitMQ) and Redis while
+draining, in cores and in milliseconds per job; `--count-commits` adds transactions per job,
+`--profile` a py-spy CPU profile of each worker. `--variant NAME ENV=VALUE...` adds an appliance
+worker with other settings (or another tree of the code on PYTHONPATH, e.g. a `git archive` of
+an older commit), measured beside the others on a database of its own.
+
+It uses the config's PostgreSQL and Redis (databases of its own, `appliance_bench_jobs_<tag>`,
+created, migrated and dropped; a Redis key prefix of its own) and RabbitMQ at `--broker`. Run by
+hand (not part of `make bench`: it needs RabbitMQ and the bench extra):
 
     .venv/bin/pip install -e '.[bench]'
-    APPLIANCE_CONFIG=config.example.toml .venv/bin/python bench/jobs.py
-    APPLIANCE_CONFIG=config.example.toml .venv/bin/python bench/jobs.py --rounds 3 --profile
+    APPLIANCE_CONFIG=config.example.toml .venv/bin/python bench/jobs.py --rounds 3
+    .venv/bin/python bench/jobs.py --profile --variant c20 APPLIANCE_WORKER__CONCURRENCY=20
 """
 
 from __future__ import annotations
