@@ -17,8 +17,11 @@ install: $(BIN)/appliance
 
 # Tests need PostgreSQL and Redis (TEST_PG_DSN, TEST_REDIS_URL; default 127.0.0.1); they start
 # their own S3-compatible server (moto) on a free port.
+# Test runs in TEST_WORKERS processes (pytest-xdist), each with its own database, Redis prefix,
+# bucket and S3 server; the `process` tests (whole stacks) share one of them, in turn.
+TEST_WORKERS ?= 3
 test: install lint
-	$(BIN)/pytest
+	$(BIN)/pytest -n $(TEST_WORKERS) --dist loadgroup
 
 test-fast: install
 	$(BIN)/pytest -m "not process"

@@ -56,10 +56,14 @@ PROCESS_TEST_TIMEOUT = 300  # seconds; pytest-timeout's backstop for the `proces
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """Process tests start and stop whole stacks: give them a longer backstop than the
-    ini's `timeout`, unless a test names its own."""
+    ini's `timeout`, unless a test names its own. Under pytest-xdist (`make test` runs
+    `--dist loadgroup`) they all run one after another on one worker, so that two stacks never
+    compete for the CPU while the other workers run the in-process tests."""
     for item in items:
-        if item.get_closest_marker("process") and not item.get_closest_marker("timeout"):
-            item.add_marker(pytest.mark.timeout(PROCESS_TEST_TIMEOUT))
+        if item.get_closest_marker("process"):
+            item.add_marker(pytest.mark.xdist_group("process"))
+            if not item.get_closest_marker("timeout"):
+                item.add_marker(pytest.mark.timeout(PROCESS_TEST_TIMEOUT))
 
 
 @pytest.fixture(scope="session")
