@@ -1,21 +1,28 @@
-"""The scheduler over real PostgreSQL: several schedulers never run one tick twice, and a run
-cut off with its owner (the owner's session ends without closing the row) is closed as failed
-while a run whose owner lives is left alone."""
+"""The scheduler over real PostgreSQL: several schedulers never run one tick twice, a schedule
+never runs twice at once (a tick that comes while it runs is skipped, for the scheduler and for
+`appliance retention run` alike), and a run cut off with its owner (the owner's session ends
+without closing the row) is closed as failed while a run whose owner lives is left alone."""
 
 from __future__ import annotations
 
 import asyncio
+import time
 import uuid
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 
 import pytest
+import structlog
 from prometheus_client import REGISTRY
 
+from appliance.cli import retention_cmd
 from appliance.config.model import Schedule
 from appliance.programs import scheduler
 from appliance.programs.scheduler import (
+    BUSY,
     OWNER_GONE,
     claim,
+    execute,
     housekeeping,
     reconcile_runs,
     run_scheduler,
@@ -23,6 +30,16 @@ from appliance.programs.scheduler import (
 )
 from appliance.resources import Resources
 from appliance.schedules import Entry, Run
+
+WITHIN = 30.0  # seconds a polled condition gets before the test fails saying what it waited for
+
+
+async def until(check: Callable[[], Awaitable[bool]], what: str) -> None:
+    deadline = time.monotonic() + WITHIN
+    while not await check():
+        if time.monotonic() > deadline:
+            pytest.fail(f"{what}: not within {WITHIN:.0f} s")
+        await asyncio.sleep(0.1)
 
 
 def counting_entry(name: str, calls: list[str], cron: str = "* * * * *") -> Entry:
@@ -51,10 +68,15 @@ async def test_two_schedulers_on_the_same_ticks_run_each_once(resources: Resourc
     entry = counting_entry(name, calls, "* * * * * *")  # every second
     stop = asyncio.Event()
     schedulers = [asyncio.create_task(run_scheduler(resources, stop, [entry])) for _ in range(2)]
-    while len(await rows(resources, name)) < 3:
-        await asyncio.sleep(0.2)
-    stop.set()
-    await asyncio.gather(*schedulers)
+    try:
+
+        async def three() -> bool:
+            return len(await rows(resources, name)) >= 3
+
+        await until(three, "three ticks recorded by two schedulers ticking every second")
+    finally:
+        stop.set()
+        await asyncio.gather(*schedulers)
     recorded = await rows(resources, name)
     assert len(calls) == len(recorded), "a tick ran in both schedulers"
     assert all(status == "ok" and counts == {"ran": 1} for status, counts, _ in recorded)
@@ -66,17 +88,22 @@ async def test_concurrent_claims_of_the_same_ticks_run_each_once(resources: Reso
     entry = counting_entry(name, calls)
     base = datetime(2026, 3, 1, tzinfo=UTC)
     ticks = [base + timedelta(minutes=m) for m in range(4)]
-    await asyncio.gather(*(run_tick(resources, entry, t) for t in ticks for _ in range(3)))
+    for t in ticks:  # (two ticks of one schedule at once: test_a_tick_while_..._is_skipped)
+        await asyncio.gather(*(run_tick(resources, entry, t) for _ in range(3)))
     assert len(calls) == 4
     assert [status for status, _, _ in await rows(resources, name)] == ["ok"] * 4
+    # A tick another claimer has is taken, not a skip of a busy schedule.
+    labels = {"schedule": name, "status": "skipped"}
+    assert REGISTRY.get_sample_value("appliance_schedule_runs_total", labels) is None
 
 
 async def test_a_run_whose_owner_is_gone_is_closed_as_failed(resources: Resources) -> None:
-    name = f"test_crash_{uuid.uuid4().hex[:6]}"
-    dead_tick = datetime(2026, 4, 1, 3, 0, tzinfo=UTC)
-    live_tick = dead_tick + timedelta(hours=1)
-    dead = await claim(resources, name, dead_tick)
-    live = await claim(resources, name, live_tick)
+    # Two schedules: one schedule never has two runs going at once.
+    dead_name = f"test_crash_{uuid.uuid4().hex[:6]}"
+    live_name = f"test_alive_{uuid.uuid4().hex[:6]}"
+    tick = datetime(2026, 4, 1, 3, 0, tzinfo=UTC)
+    dead = await claim(resources, dead_name, tick)
+    live = await claim(resources, live_name, tick)
     assert dead is not None and live is not None
     # The owner dies: its session ends without the row being closed.
     await dead.close()
@@ -84,21 +111,21 @@ async def test_a_run_whose_owner_is_gone_is_closed_as_failed(resources: Resource
         assert await reconcile_runs(resources) >= 1
         async with resources.connection() as conn:
             cur = await conn.execute(
-                "SELECT tick, status, error, finished_at IS NOT NULL FROM schedule_runs"
-                " WHERE name = %s ORDER BY tick",
-                (name,),
+                "SELECT name, status, error, finished_at IS NOT NULL FROM schedule_runs"
+                " WHERE name = ANY(%s) ORDER BY name = %s DESC",
+                ([dead_name, live_name], dead_name),
             )
             found = await cur.fetchall()
-        assert [(t, s, e, f) for t, s, e, f in found] == [
-            (dead_tick, "failed", OWNER_GONE, True),
-            (live_tick, "running", None, False),  # its owner holds the lock: still going
+        assert [(n, s, e, f) for n, s, e, f in found] == [
+            (dead_name, "failed", OWNER_GONE, True),
+            (live_name, "running", None, False),  # its owner holds the lock: still going
         ]
         # The tick stays taken: nobody runs it again.
-        assert await claim(resources, name, dead_tick) is None
+        assert await claim(resources, dead_name, tick) is None
     finally:
         await live.close()
-    await housekeeping(resources, [name])
-    assert [status for status, _, _ in await rows(resources, name)] == ["failed", "failed"]
+    await housekeeping(resources, [live_name])
+    assert [status for status, _, _ in await rows(resources, live_name)] == ["failed"]
 
 
 async def test_last_success_gauge_is_loaded_from_the_runs(resources: Resources) -> None:
@@ -129,18 +156,73 @@ async def test_a_running_scheduler_closes_runs_cut_off_meanwhile(
     """Reconciliation happens between runs too, however close together the ticks are."""
     monkeypatch.setattr(scheduler, "RECONCILE_EVERY", 0.3)
     name = f"test_loop_{uuid.uuid4().hex[:6]}"
+    cut_off = f"test_cut_{uuid.uuid4().hex[:6]}"  # not the running schedule: its lock is free
     stop = asyncio.Event()
     task = asyncio.create_task(
         run_scheduler(resources, stop, [counting_entry(name, [], "* * * * * *")])
     )
-    await asyncio.sleep(0.5)  # started: its first reconciliation is behind it
-    dead = await claim(resources, name, datetime(2026, 6, 1, tzinfo=UTC))
-    assert dead is not None
-    await dead.close()
     try:
-        while (await rows(resources, name))[0][0] == "running":
-            await asyncio.sleep(0.1)
+
+        async def ticked() -> bool:
+            return bool(await rows(resources, name))  # past its first reconciliation
+
+        await until(ticked, "a first tick of a scheduler ticking every second")
+        dead = await claim(resources, cut_off, datetime(2026, 6, 1, tzinfo=UTC))
+        assert dead is not None
+        await dead.close()
+
+        async def closed() -> bool:
+            return (await rows(resources, cut_off))[0][0] != "running"
+
+        await until(closed, "the running scheduler closing a run whose owner is gone")
     finally:
         stop.set()
         await task
-    assert (await rows(resources, name))[0] == ("failed", {}, OWNER_GONE)
+    assert (await rows(resources, cut_off))[0] == ("failed", {}, OWNER_GONE)
+
+
+async def test_a_tick_while_the_schedule_still_runs_is_skipped(
+    resources: Resources, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A run outlasting its period: the next tick (another scheduler's) and an operator's
+    `appliance retention run` are skipped, not run alongside; once it ends, ticks run again."""
+    name = f"test_long_{uuid.uuid4().hex[:6]}"
+    calls: list[datetime] = []
+    started, release = asyncio.Event(), asyncio.Event()
+
+    async def long_run(res: Resources, run: Run) -> dict[str, int]:
+        calls.append(datetime.now(UTC))
+        if len(calls) == 1:  # the first run is the long one
+            started.set()
+            await release.wait()
+        return {"ran": 1}
+
+    entry = Entry(
+        name, lambda c: Schedule.model_construct(enabled=True, cron="* * * * *"), long_run
+    )
+    tick = datetime(2026, 7, 1, 3, 0, tzinfo=UTC)
+    first = asyncio.create_task(execute(resources, entry, tick, Run()))
+    try:
+        await asyncio.wait_for(started.wait(), WITHIN)
+        labels = {"schedule": name, "status": "skipped"}
+        with structlog.testing.capture_logs() as logs:
+            # Another scheduler process at the next tick.
+            skipped = await execute(resources, entry, tick + timedelta(minutes=1), Run())
+        assert skipped is not None and (skipped.status, skipped.error) == ("skipped", BUSY)
+        assert [e["event"] for e in logs if e.get("schedule") == name] == ["schedule_busy"]
+        assert REGISTRY.get_sample_value("appliance_schedule_runs_total", labels) == 1
+        # The operator's command: skipped too, and it exits non-zero.
+        assert await retention_cmd._run(resources.config, [entry], False, tty=False) is False
+        assert f"{name}: already running (skipped)" in capsys.readouterr().out
+        # The running tick itself, claimed again by another scheduler: taken, not skipped.
+        assert await execute(resources, entry, tick, Run()) is None
+        assert REGISTRY.get_sample_value("appliance_schedule_runs_total", labels) == 2
+        assert len(calls) == 1, "a second run started while the first was going"
+    finally:
+        release.set()
+        outcome = await first
+    assert outcome is not None and outcome.status == "ok"
+    # Skipped ticks leave no row: only the run that happened is recorded.
+    assert await rows(resources, name) == [("ok", {"ran": 1}, None)]
+    after = await execute(resources, entry, tick + timedelta(minutes=2), Run())
+    assert after is not None and after.status == "ok" and len(calls) == 2

@@ -2,10 +2,12 @@
 
 Runs every schedule registered with `retention=True` (appliance/schedules), in the registry's
 order, as the scheduler runs it: a real run claims its own tick (now) in `schedule_runs`
-(source `cli`), so it shows in `appliance status` and never overlaps a run of the same tick; a
-dry run counts what would go and records nothing. A disabled schedule is skipped unless named
-with --only. On a terminal each schedule shows a progress bar; otherwise one plain line each.
-Exit 1 when a schedule failed.
+(source `cli`), so it shows in `appliance status`, and takes the schedule's lock as the
+scheduler does: a schedule whose run (the scheduler's or another operator's) is still going is
+skipped (`<name>: already running (skipped)`) and the others still run. A dry run counts what
+would go, records nothing and takes no lock. A disabled schedule is skipped unless named with
+--only. On a terminal each schedule shows a progress bar; otherwise one plain line each. Exit 1
+when a schedule failed or was already running.
 """
 
 from __future__ import annotations
@@ -91,9 +93,10 @@ async def _run(config: Config, entries: list[Entry], dry_run: bool, tty: bool) -
 
 
 def _report(name: str, outcome: Outcome | None, dry_run: bool) -> bool:
-    if outcome is None:  # another run claimed this very tick
-        click.echo(f"{name}: already running")
-        return True
+    if outcome is None or outcome.status == "skipped":
+        # Another run of the schedule is going (or took this very tick): this one did nothing.
+        click.echo(f"{name}: already running (skipped)")
+        return False
     counts = " ".join(f"{k}={v}" for k, v in outcome.counts.items())
     what = "would delete" if dry_run else "deleted"
     if outcome.status == "ok":

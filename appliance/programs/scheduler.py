@@ -1,8 +1,17 @@
-"""The scheduler: cron schedules (UTC), each tick run once across all containers.
+"""The scheduler: cron schedules (UTC), each tick run once across all containers, and never
+two runs of one schedule at once.
 
 Exactly once: a tick is claimed by inserting `(name, tick)` into `schedule_runs`; the primary
 key makes one claimer win, the others skip the tick. Missed ticks (the scheduler was down) are
 not replayed: the next tick runs.
+
+One at a time: the claimer also takes a session advisory lock on the schedule's name (the
+two-key form, a key space apart from the run's lock) and holds it for the whole run. A tick
+whose schedule is still running an earlier tick (a run longer than its period, or an
+operator's `appliance retention run`) is skipped: no row, a `schedule_busy` log line and
+`appliance_schedule_runs_total{status="skipped"}`. Order: the tick's lock, then the schedule's,
+then the row; so a claimer that finds the schedule busy while another container runs this very
+tick sees that tick taken (its lock or its row), not skipped.
 
 Owners: before inserting, the claimer takes a session advisory lock keyed by (name, tick) on a
 connection of its own, and holds it until the run's row is closed. So a `running` row whose lock
@@ -38,6 +47,10 @@ Source = Literal["scheduler", "cli"]
 
 RECONCILE_EVERY = 60.0  # seconds between looks for runs whose owner is gone, while waiting
 OWNER_GONE = "owner gone"
+BUSY = "already running"  # the error of a skipped tick's outcome (no row is written)
+# First key of a schedule's own lock (the second is hashtext of its name); compaction's days
+# use another namespace, and the one-key form of the run's lock is a key space of its own.
+SCHEDULE_LOCK_NAMESPACE = 0x5C4ED
 # The run's advisory lock key, computed by PostgreSQL for owners and reconcilers alike (one
 # text form of the tick, whatever the session's time zone).
 _LOCK_KEY = (
@@ -47,7 +60,7 @@ _LOCK_KEY = (
 
 @dataclass
 class Outcome:
-    status: str  # ok | failed
+    status: str  # ok | failed | skipped (another run of the schedule was going)
     counts: dict[str, int] = field(default_factory=dict)
     error: str | None = None
     seconds: float = 0.0
@@ -58,43 +71,79 @@ def next_tick(cron: str, after: datetime) -> datetime:
     return tick
 
 
-async def claim(
+@dataclass
+class Claim:
+    """A claim's result: the owner's connection (holding the run's and the schedule's locks)
+    when this caller won the tick; `busy` when the tick was free but the schedule is still
+    running an earlier one (the tick is skipped)."""
+
+    owner: Conn | None = None
+    busy: bool = False
+
+
+async def try_claim(
     res: Resources, name: str, tick: datetime, source: Source = "scheduler"
-) -> Conn | None:
-    """The owner's connection (holding the run's lock) when this caller won the tick, else
-    None. The caller closes the connection once the run's row is closed."""
+) -> Claim:
+    """Claim `tick` of schedule `name` (see the module docstring for the locks' order). The
+    caller closes the owner's connection once the run's row is closed."""
     conn = await connect(res.config.postgres, "schedule")
     try:
         cur = await conn.execute(f"SELECT pg_try_advisory_lock({_LOCK_KEY})", (name, tick))
         row = await cur.fetchone()
-        if row is not None and row[0]:
+        if row is None or not row[0]:
+            await conn.close()
+            return Claim()  # another claimer is on this tick
+        cur = await conn.execute(
+            "SELECT pg_try_advisory_lock(%s, hashtext(%s))", (SCHEDULE_LOCK_NAMESPACE, name)
+        )
+        row = await cur.fetchone()
+        if row is None or not row[0]:
             cur = await conn.execute(
-                "INSERT INTO schedule_runs (name, tick, instance, source) VALUES (%s, %s, %s, %s)"
-                " ON CONFLICT (name, tick) DO NOTHING",
-                (name, tick, res.config.appliance.instance, source),
+                "SELECT 1 FROM schedule_runs WHERE name = %s AND tick = %s", (name, tick)
             )
-            if cur.rowcount == 1:
-                return conn
+            taken = await cur.fetchone() is not None  # ran already; the busy run is another
+            await conn.close()
+            return Claim(busy=not taken)
+        cur = await conn.execute(
+            "INSERT INTO schedule_runs (name, tick, instance, source) VALUES (%s, %s, %s, %s)"
+            " ON CONFLICT (name, tick) DO NOTHING",
+            (name, tick, res.config.appliance.instance, source),
+        )
+        if cur.rowcount == 1:
+            return Claim(owner=conn)
     except BaseException:
         await conn.close()
         raise
     await conn.close()
-    return None
+    return Claim()
+
+
+async def claim(
+    res: Resources, name: str, tick: datetime, source: Source = "scheduler"
+) -> Conn | None:
+    """The owner's connection when this caller won the tick, else None (taken or busy)."""
+    return (await try_claim(res, name, tick, source)).owner
 
 
 async def execute(
     res: Resources, entry: Entry, tick: datetime, run: Run, source: Source = "scheduler"
 ) -> Outcome | None:
-    """Claim `tick` and run `entry`, recording the run; None when another claimer has it."""
-    owner = await claim(res, entry.name, tick, source)
-    if owner is None:
+    """Claim `tick` and run `entry`, recording the run; None when another claimer has the
+    tick; a `skipped` outcome (nothing recorded) when another run of `entry` is going."""
+    claimed = await try_claim(res, entry.name, tick, source)
+    if claimed.busy:
+        metrics.SCHEDULE_RUNS.labels(entry.name, "skipped").inc()
+        log.warning("schedule_busy", schedule=entry.name, tick=tick.isoformat(), source=source)
+        return Outcome("skipped", error=BUSY)
+    if claimed.owner is None:
         log.debug("schedule_tick_taken", schedule=entry.name, tick=tick.isoformat())
         return None
     try:
         return await _run_owned(res, entry, tick, run)
     finally:
-        # Closing the session releases the run's lock (after its row is closed).
-        await owner.close()
+        # Closing the session releases the run's and the schedule's locks (after its row is
+        # closed).
+        await claimed.owner.close()
 
 
 async def _run_owned(res: Resources, entry: Entry, tick: datetime, run: Run) -> Outcome:
