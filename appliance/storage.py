@@ -23,8 +23,18 @@ if TYPE_CHECKING:
     from mypy_boto3_s3 import S3Client
 
 
-# S3's answers that are not failures of S3 (asked for something that is not there).
-_ANSWERS = frozenset({"404", "NoSuchKey", "NotFound", "NoSuchBucket", "BucketAlreadyOwnedByYou"})
+# S3's answers that are not failures of S3 (asked for something that is not there, or on a
+# condition that no longer holds).
+_ANSWERS = frozenset(
+    {
+        "404",
+        "NoSuchKey",
+        "NotFound",
+        "NoSuchBucket",
+        "BucketAlreadyOwnedByYou",
+        "PreconditionFailed",
+    }
+)
 
 
 @dataclass(frozen=True)
@@ -138,6 +148,19 @@ class Storage:
         response = await self._call("get_object", self.s3.get_object, **kwargs)
         body: bytes = await asyncio.to_thread(response["Body"].read)
         return body
+
+    async def copy(self, source: str, target: str, if_match: str | None = None) -> None:
+        """Copy `source` to `target` inside the bucket, Content-Type and all, with one CopyObject
+        (S3 copies at most 5 GiB so). With `if_match`, S3 refuses (StorageError, s3_code
+        PreconditionFailed) if the source's ETag is no longer that one."""
+        kwargs: dict[str, Any] = {
+            "Bucket": self.bucket,
+            "Key": target,
+            "CopySource": {"Bucket": self.bucket, "Key": source},
+        }
+        if if_match is not None:
+            kwargs["CopySourceIfMatch"] = if_match
+        await self._call("copy_object", self.s3.copy_object, **kwargs)
 
     async def delete(self, key: str) -> None:
         await self._call("delete_object", self.s3.delete_object, Bucket=self.bucket, Key=key)

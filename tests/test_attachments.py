@@ -7,6 +7,9 @@ bytes or another type than the policy allows is stored all the same. So the poli
 read and checked here as S3 would be told it, and what our code enforces whatever S3 does (the
 verification job) is tested with the uploads moto lets through. Against a real S3 such an upload
 is refused with 403 before it is stored; the tests accept either answer and check what follows.
+moto also ignores CopyObject's x-amz-copy-source-if-match (5.2.6 checks only if-none-match), so
+an upload written again between the check's HEAD and its copy is copied all the same: the check
+of the copy is what keeps it out, and that is what is tested here.
 """
 
 from __future__ import annotations
@@ -15,7 +18,8 @@ import asyncio
 import base64
 import dataclasses
 import json
-from collections.abc import AsyncIterator, Callable
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -35,7 +39,7 @@ from appliance.config import Config
 from appliance.programs.worker import run_worker
 from appliance.resources import Resources
 from appliance.schedules import SCHEDULES, Run
-from appliance.storage import Storage, StorageError
+from appliance.storage import Head, Storage, StorageError
 from tests.messaging import bearer, issue_key, unique
 from tests.support import free_port, migrated_db
 from tests.test_history_tiers import isolate, migrated_database, opened
@@ -79,6 +83,16 @@ class Room:
     async def verify(self, attachment: str) -> None:
         """Run the job that `complete` queued (its payload as queued) through its handler."""
         await attachment_jobs.verify(self.res, await queued(self.res, attachment))
+
+    async def keys(self, attachment: str) -> tuple[str, str]:
+        """(upload key, file key)."""
+        async with self.res.connection() as conn:
+            cur = await conn.execute(
+                "SELECT upload_key, key FROM attachments WHERE id = %s", (attachment,)
+            )
+            row = await cur.fetchone()
+        assert row is not None
+        return row[0], row[1]
 
     async def state(self, attachment: str) -> tuple[str, str | None]:
         async with self.res.connection() as conn:
@@ -164,7 +178,7 @@ async def test_upload_verify_publish_download(room: Room) -> None:
     created = await room.created()
     attachment, form = created["id"], created["upload"]
     key = form["fields"]["key"]
-    assert key.startswith("attachments/") and key.endswith(f"/{attachment}")
+    assert key.startswith("attachments/uploads/") and key.endswith(f"/{attachment}")
     assert room.conversation not in key  # a hash of it
     assert form["url"].startswith(room.res.config.s3.endpoint_url)
     assert form["fields"]["x-amz-algorithm"] == "AWS4-HMAC-SHA256"  # SigV4, not SigV2
@@ -191,6 +205,14 @@ async def test_upload_verify_publish_download(room: Room) -> None:
     await room.verify(attachment)
     assert checks("verified") == verified + 1
     assert await room.state(attachment) == ("verified", None)
+    upload_key, file_key = await room.keys(attachment)
+    assert upload_key == key and file_key.startswith("attachments/files/")
+    assert await room.res.storage.head(key) is None  # copied to the file key, then deleted
+    # The form is valid until it expires: other bytes of the same size and type land on the
+    # upload key again, and downloads never read it.
+    other = b"X" * len(TEXT)
+    assert (await upload(created, other)).status_code == 204
+    assert await room.res.storage.get(key) == other
     again = await room.complete(attachment)
     assert again.status_code == 200 and again.json()["state"] == "verified"
 
@@ -217,7 +239,7 @@ async def test_upload_verify_publish_download(room: Room) -> None:
     assert info["state"] == "verified" and info["uploader"].startswith("key:member-")
     async with httpx.AsyncClient(timeout=10) as http:
         downloaded = await http.get(info["download"]["url"])
-    assert downloaded.status_code == 200 and downloaded.content == TEXT
+    assert downloaded.status_code == 200 and downloaded.content == TEXT  # what was verified
     assert downloaded.headers["content-disposition"] == (
         "attachment; filename=\"notes.txt\"; filename*=UTF-8''notes.txt"
     )
@@ -372,8 +394,10 @@ async def test_publish_refuses_references_it_may_not_make(
 async def own_database(
     settings: dict[str, Any], fresh_database: Callable[[], str]
 ) -> AsyncIterator[tuple[Client, Resources]]:
-    """The app and resources on a database of this test's own (exact counts, a worker)."""
+    """The app and resources on a database and a bucket of this test's own (exact counts, a
+    worker, and no other test's uploads in the listing of the upload prefix)."""
     isolate(settings, await migrated_database(fresh_database))
+    settings["s3"]["bucket"] += f"-{uuid.uuid4().hex[:8]}"
     async with (
         opened(settings) as res,
         AsyncTestClient(app=create_app(Config.model_validate(settings))) as api,
@@ -402,12 +426,14 @@ async def test_verification_through_the_worker(own_database: tuple[Client, Resou
 
 
 async def _count(res: Resources, ids: list[str]) -> tuple[int, int]:
-    """(rows, objects) of these uploads."""
+    """(rows, objects under their upload and file keys) of these uploads."""
     async with res.connection() as conn:
-        cur = await conn.execute("SELECT key FROM attachments WHERE id = ANY(%s)", (ids,))
-        keys = [key for (key,) in await cur.fetchall()]
-    objects = [key for key in keys if await res.storage.head(key) is not None]
-    return len(keys), len(objects)
+        cur = await conn.execute(
+            "SELECT upload_key, key FROM attachments WHERE id = ANY(%s)", (ids,)
+        )
+        rows = await cur.fetchall()
+    objects = [key for row in rows for key in row if await res.storage.head(key) is not None]
+    return len(rows), len(objects)
 
 
 async def test_expire_uploads_deletes_old_unverified_and_orphaned_only(
@@ -427,8 +453,9 @@ async def test_expire_uploads_deletes_old_unverified_and_orphaned_only(
         await room.verify(ids[name])
     assert (await room.state(ids["old_rejected"]))[0] == "rejected"
     assert (await room.state(ids["orphan"]))[0] == "verified"
-    # A rejected upload's form is still valid until it expires: its object may come back.
+    # A settled upload's form is still valid until it expires: its object may come back.
     assert (await upload(made["old_rejected"], TEXT)).status_code == 204
+    assert (await upload(made["old_verified"], b"Y" * len(TEXT))).status_code == 204
     old = [ids[n] for n in ("old_pending", "old_rejected", "old_verified", "old_never")]
     async with res.connection() as conn:
         await conn.execute(
@@ -457,24 +484,27 @@ async def test_expire_uploads_deletes_old_unverified_and_orphaned_only(
     expired = [ids[n] for n in ("old_pending", "old_rejected", "old_never", "orphan")]
     kept = [ids[n] for n in ("old_verified", "new_pending")]
     assert await _count(res, expired) == (4, 3)
-    assert await _count(res, kept) == (2, 2)
+    assert await _count(res, kept) == (2, 3)  # old_verified's file and its upload written again
 
     entry = next(e for e in SCHEDULES if e.name == "expire_uploads")
     assert entry.retention and entry.run is retention.run
     progress: list[tuple[int, int | None]] = []
     dry = await entry.run(res, Run(dry_run=True, progress=lambda d, t: progress.append((d, t))))
-    assert dry == {"uploads": 3, "orphaned": 1, "objects": 4}
-    assert await _count(res, expired) == (4, 3) and await _count(res, kept) == (2, 2)
+    # Two keys a row, upload and file, asked to be deleted whether they hold anything or not.
+    assert dry == {"uploads": 3, "orphaned": 1, "objects": 8, "staging": 1}
+    assert await _count(res, expired) == (4, 3) and await _count(res, kept) == (2, 3)
 
     counts = await entry.run(res, Run(progress=lambda d, t: progress.append((d, t))))
-    assert counts == {"uploads": 3, "orphaned": 1, "objects": 4}
+    assert counts == {"uploads": 3, "orphaned": 1, "objects": 8, "staging": 1}
     assert await _count(res, expired) == (0, 0)
-    assert await _count(res, kept) == (2, 2)
-    assert progress[-1] == (4, 4)
-    assert await entry.run(res, Run()) == {"uploads": 0, "orphaned": 0, "objects": 0}
-    # The kept ones still work: the verified one downloads.
+    assert await _count(res, kept) == (2, 2)  # new_pending's upload, old_verified's file
+    assert progress[-1] == (5, 5)
+    assert await entry.run(res, Run()) == {"uploads": 0, "orphaned": 0, "objects": 0, "staging": 0}
+    # The kept ones still work: the verified one downloads what was verified.
     shown = await api.get(f"/v1/attachments/{ids['old_verified']}", headers=room.member)
     assert shown.status_code == 200, shown.text
+    async with httpx.AsyncClient(timeout=10) as http:
+        assert (await http.get(shown.json()["download"]["url"])).content == TEXT
 
 
 async def test_only_publishes_with_attachments_need_postgresql(
@@ -542,13 +572,16 @@ async def test_complete_queues_one_check_at_a_time(room: Room) -> None:
     await requested("1 minute")  # asked long ago: that check may have failed, ask again
     assert (await room.complete(attachment)).status_code == 202
     assert await _jobs(room.res, attachment) == 2
-    # Two jobs for one upload: the first settles it, the second finds nothing to do.
+    # Two jobs for one upload at once: the row's lock makes the second wait, then it finds the
+    # upload settled and does nothing (no second copy over the verified file).
     payload = attachment_jobs.payload(attachment)
-    await attachment_jobs.verify(room.res, payload)
+    verified = checks("verified")
+    await asyncio.gather(*(attachment_jobs.verify(room.res, payload) for _ in range(2)))
     assert await room.state(attachment) == ("verified", None)
-    await attachment_jobs.verify(room.res, payload)
-    assert await room.state(attachment) == ("verified", None)
-    assert await room.res.storage.head(created["upload"]["fields"]["key"]) is not None
+    assert checks("verified") == verified + 1
+    upload_key, file_key = await room.keys(attachment)
+    assert await room.res.storage.head(upload_key) is None
+    assert await room.res.storage.get(file_key) == TEXT
     # A job for an upload that no longer exists does nothing either.
     await attachment_jobs.verify(room.res, attachment_jobs.payload(str(ULID())))
 
@@ -568,3 +601,97 @@ async def test_a_check_that_meets_s3_down_leaves_the_upload_pending(room: Room) 
     assert await room.res.storage.head(created["upload"]["fields"]["key"]) is not None
     await room.verify(attachment)  # the retry, S3 back
     assert await room.state(attachment) == ("verified", None)
+
+
+@dataclass
+class Meddling(Storage):
+    """The run's S3, but the first HEAD of `key` is followed at once by `meddle`: what the
+    uploader writing again, or the object going, between the check's HEAD and its copy does."""
+
+    key: str = ""
+    meddle: Callable[[], Awaitable[object]] | None = None
+
+    async def head(self, key: str) -> Head | None:
+        found = await super().head(key)
+        if key == self.key and self.meddle is not None:
+            meddle, self.meddle = self.meddle, None
+            await meddle()
+        return found
+
+
+async def test_an_upload_changed_during_its_check_is_never_what_downloads_serve(
+    room: Room,
+) -> None:
+    """Whatever lands on the upload key between the HEAD and the copy, the row is settled from
+    the copy (or not at all) and downloads serve exactly what was checked."""
+    storage = room.res.storage
+
+    async def check(
+        created: dict[str, Any], meddle: Callable[[], Awaitable[object]]
+    ) -> StorageError | None:
+        """Run the check with `meddle` between its HEAD and its copy; S3's refusal, if any."""
+        key = created["upload"]["fields"]["key"]
+        meddling = Meddling(storage.section, storage.s3, key=key, meddle=meddle)
+        assert (await room.complete(created["id"])).status_code == 202
+        payload = await queued(room.res, created["id"])
+        try:
+            await attachment_jobs.verify(dataclasses.replace(room.res, storage=meddling), payload)
+        except StorageError as exc:
+            return exc
+        return None
+
+    async def refused_then_retried(created: dict[str, Any], refusal: StorageError) -> None:
+        """S3 refused the copy: nothing is settled or copied, and the worker's retry (run here)
+        checks what the upload key holds now."""
+        assert refusal.operation == "copy_object", refusal
+        assert await room.state(created["id"]) == ("pending", None)
+        assert await storage.head((await room.keys(created["id"]))[1]) is None
+        await room.verify(created["id"])
+
+    # Same size and type, other bytes: moto copies them (S3 refuses the copy, 412, and the
+    # retry copies them); either way the row is verified from the copy and serves the copy.
+    same = await room.created()
+    other = b"Z" * len(TEXT)
+    assert (await upload(same, TEXT)).status_code == 204
+    refusal = await check(same, lambda: upload(same, other))
+    if refusal is not None:
+        assert refusal.s3_code == "PreconditionFailed", refusal
+        await refused_then_retried(same, refusal)
+    assert await room.state(same["id"]) == ("verified", None)
+    upload_key, file_key = await room.keys(same["id"])
+    async with room.res.connection() as conn:
+        cur = await conn.execute("SELECT etag FROM attachments WHERE id = %s", (same["id"],))
+        row = await cur.fetchone()
+    copied = await storage.head(file_key)
+    assert row is not None and copied is not None and row[0] == copied.etag
+    assert await storage.head(upload_key) is None
+    shown = await room.api.get(f"/v1/attachments/{same['id']}", headers=room.member)
+    async with httpx.AsyncClient(timeout=10) as http:
+        downloaded = (await http.get(shown.json()["download"]["url"])).content
+    assert downloaded == await storage.get(file_key) == other
+
+    # Another size, stored by moto (S3 refuses the POST): the check of the copy rejects it.
+    longer = await room.created()
+    assert (await upload(longer, TEXT)).status_code == 204
+    posted: list[httpx.Response] = []
+
+    async def post_longer() -> None:
+        posted.append(await upload(longer, TEXT + b"!"))
+
+    refusal = await check(longer, post_longer)
+    if refusal is not None:
+        await refused_then_retried(longer, refusal)
+    if posted[0].status_code == 204:
+        reason = f"the upload is {len(TEXT) + 1} bytes, {len(TEXT)} were declared"
+        assert await room.state(longer["id"]) == ("rejected", reason)
+        assert [await storage.head(k) for k in await room.keys(longer["id"])] == [None, None]
+    else:
+        assert await room.state(longer["id"]) == ("verified", None)
+
+    # Gone before the copy: the copy fails, nothing is settled, the retry rejects it.
+    gone = await room.created()
+    assert (await upload(gone, TEXT)).status_code == 204
+    refusal = await check(gone, lambda: storage.delete(gone["upload"]["fields"]["key"]))
+    assert refusal is not None and refusal.s3_code == "NoSuchKey", refusal
+    await refused_then_retried(gone, refusal)
+    assert await room.state(gone["id"]) == ("rejected", "nothing was uploaded")

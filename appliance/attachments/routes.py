@@ -12,7 +12,7 @@ from datetime import UTC, datetime, timedelta
 from litestar import Response, get, post
 from litestar.params import FromPath
 
-from appliance import jobs
+from appliance import queue
 from appliance.api.body import decode
 from appliance.api.deps import DEPENDENCIES, Req, Who, services
 from appliance.api.json import json_response
@@ -99,7 +99,7 @@ async def complete_attachment(
         service.require_verified(row, "attachment")  # 409 attachment_rejected, with the reason
     async with svc.connection() as conn, conn.transaction():
         if await service.request_check(conn, row.id):
-            await jobs.enqueue(conn, VERIFY, payload(row.id))
+            await queue.enqueue(conn, VERIFY, payload(row.id))
     return json_response(service.Status(row.id, "pending"), 202)
 
 
@@ -115,7 +115,8 @@ async def complete_attachment(
 async def get_attachment(
     request: Req, attachment: FromPath[str], principal: Who
 ) -> Response[bytes]:
-    """A verified attachment's metadata and a presigned download link (`download_expires`)."""
+    """A verified attachment's metadata and a presigned download link (`download_expires`) to
+    its file key: the copy that was checked, which no upload form can write."""
     svc = services(request)
     row = await _reachable(svc, principal, attachment, "read")
     service.require_verified(row, "attachment")

@@ -2,10 +2,14 @@
 reference.
 
 An upload is a row (pending) plus a presigned POST of exactly its declared size and content
-type to its own key, `attachments/<conversation hash>/<id>`. Only the verification job moves the
-row on, once: to verified when the stored object is what was declared, else to rejected (and
-the object is deleted). A message may reference only a verified upload of its own conversation,
-and it carries the upload's recorded name, size and type, never values the client restates.
+type to its own upload key, `attachments/uploads/<conversation hash>/<id>`. Only the
+verification job moves the row on, once: to verified when the upload, copied by S3 to its file
+key `attachments/files/<conversation hash>/<id>`, is what was declared, else to rejected (and
+the objects are deleted). The form stays valid until it expires and may write the upload key
+again after verification; no form can write a file key, and downloads read only that, so what
+was verified is what is downloaded. A message may reference only a verified upload of its own
+conversation, and it carries the upload's recorded name, size and type, never values the client
+restates.
 """
 
 from __future__ import annotations
@@ -26,7 +30,8 @@ from appliance.errors import Conflict, Invalid
 from appliance.resources import Conn
 from appliance.storage import Head, Storage
 
-PREFIX = "attachments/"
+UPLOADS = "attachments/uploads/"  # written by presigned POSTs, read by verification only
+FILES = "attachments/files/"  # written by verification's copy only, read by downloads
 State = Literal["pending", "verified", "rejected"]
 MAX_SIZE = 5 * 1_073_741_824  # S3's largest single POST upload
 # Attachment ids are ULIDs (Crockford base32); anything else is no attachment.
@@ -126,6 +131,7 @@ class Row:
     filename: str
     content_type: str
     size: int
+    upload_key: str
     key: str
     state: State
     reason: str | None
@@ -136,8 +142,8 @@ class Row:
 
 
 _COLUMNS = (
-    "a.id, a.conversation, a.uploader, a.filename, a.content_type, a.size, a.key, a.state,"
-    " a.reason, a.etag, a.created_at, a.completed_at, a.verified_at"
+    "a.id, a.conversation, a.uploader, a.filename, a.content_type, a.size, a.upload_key,"
+    " a.key, a.state, a.reason, a.etag, a.created_at, a.completed_at, a.verified_at"
 )
 # Uploads of the conversation as it now exists: once a deleted conversation is purged its id
 # may be created again, and the earlier one's uploads (until expire_uploads deletes them) must
@@ -151,11 +157,11 @@ def valid_id(text: str) -> bool:
     return bool(_ID.match(text))
 
 
-def object_key(conversation: str, attachment_id: str) -> str:
-    """A hash, not the id: conversation ids may hold `.` runs and `:` that some S3 APIs treat
-    as path syntax."""
+def object_keys(conversation: str, attachment_id: str) -> tuple[str, str]:
+    """(upload key, file key). A hash, not the id: conversation ids may hold `.` runs and `:`
+    that some S3 APIs treat as path syntax."""
     digest = hashlib.sha256(conversation.encode()).hexdigest()[:32]
-    return f"{PREFIX}{digest}/{attachment_id}"
+    return f"{UPLOADS}{digest}/{attachment_id}", f"{FILES}{digest}/{attachment_id}"
 
 
 def allowed_type(content_type: str, allowlist: list[str]) -> bool:
@@ -199,15 +205,16 @@ async def create(
     possible for a key the expiry schedule does not know)."""
     request = check(request, section)
     attachment_id = str(ULID())
-    key = object_key(conversation, attachment_id)
+    upload_key, key = object_keys(conversation, attachment_id)
     await conn.execute(
-        """INSERT INTO attachments (id, conversation, uploader, filename, content_type, size, key)
-           VALUES (%s, %s, %s, %s, %s, %s, %s)""",
+        """INSERT INTO attachments
+               (id, conversation, uploader, filename, content_type, size, upload_key, key)
+           VALUES (%s, %s, %s, %s, %s, %s, %s, %s)""",
         (attachment_id, conversation, uploader, request.filename, request.content_type,
-         request.size, key),
+         request.size, upload_key, key),
     )  # fmt: skip
     expires = int(section.upload_expires)
-    post = await storage.presign_post(key, request.content_type, request.size, expires)
+    post = await storage.presign_post(upload_key, request.content_type, request.size, expires)
     expires_at = datetime.now(UTC) + timedelta(seconds=expires)
     return Created(attachment_id, Upload("POST", post.url, post.fields, expires_at))
 
@@ -215,6 +222,15 @@ async def create(
 async def find(conn: Conn, attachment_id: str) -> Row | None:
     async with conn.cursor(row_factory=class_row(Row)) as cur:
         await cur.execute(f"SELECT {_COLUMNS} FROM {_LIVE} WHERE a.id = %s", (attachment_id,))
+        return await cur.fetchone()
+
+
+async def lock(conn: Conn, attachment_id: str) -> Row | None:
+    """The upload, its row locked until `conn`'s transaction ends (run it in one)."""
+    async with conn.cursor(row_factory=class_row(Row)) as cur:
+        await cur.execute(
+            f"SELECT {_COLUMNS} FROM {_LIVE} WHERE a.id = %s FOR UPDATE OF a", (attachment_id,)
+        )
         return await cur.fetchone()
 
 
@@ -243,21 +259,21 @@ def problem(row: Row, head: Head | None) -> str | None:
     return None
 
 
-async def settle(conn: Conn, attachment_id: str, head: Head | None, reason: str | None) -> bool:
-    """Verified (reason None) or rejected, once: False if the row was no longer pending."""
+async def settle(conn: Conn, attachment_id: str, head: Head | None, reason: str | None) -> None:
+    """Verified (reason None, `head` the file's) or rejected; a row no longer pending is left
+    as it is."""
     if reason is None:
-        cur = await conn.execute(
+        await conn.execute(
             """UPDATE attachments SET state = 'verified', verified_at = now(), etag = %s
-               WHERE id = %s AND state = 'pending' RETURNING id""",
+               WHERE id = %s AND state = 'pending'""",
             (head.etag if head else None, attachment_id),
         )
     else:
-        cur = await conn.execute(
+        await conn.execute(
             """UPDATE attachments SET state = 'rejected', reason = %s
-               WHERE id = %s AND state = 'pending' RETURNING id""",
+               WHERE id = %s AND state = 'pending'""",
             (reason, attachment_id),
         )
-    return await cur.fetchone() is not None
 
 
 def require_verified(row: Row, field: str) -> None:

@@ -2,8 +2,9 @@
 -- reference them.
 
 -- One row per presigned upload. `size` and `content_type` are what the uploader declared (and
--- what the presigned POST policy makes S3 enforce); the verification job checks the stored
--- object against them and moves the row from pending to verified or rejected, once. No foreign
+-- what the presigned POST policy makes S3 enforce); the verification job copies the upload to
+-- the file key, checks the copy against them and moves the row from pending to verified or
+-- rejected, once. Downloads read the file key, which no presigned POST can write. No foreign
 -- key to conversations: a conversation's row outlives its deletion (deleted_at), and the purge
 -- that removes it must delete the attachments' objects first, which a cascade would not.
 CREATE TABLE attachments (
@@ -13,11 +14,12 @@ CREATE TABLE attachments (
     filename     text        NOT NULL,
     content_type text        NOT NULL,
     size         bigint      NOT NULL CHECK (size >= 1),
-    key          text        NOT NULL UNIQUE,      -- the S3 object key
+    upload_key   text        NOT NULL UNIQUE,      -- the S3 key the presigned POST writes
+    key          text        NOT NULL UNIQUE,      -- the S3 key of the verified copy
     state        text        NOT NULL DEFAULT 'pending'
                              CHECK (state IN ('pending', 'verified', 'rejected')),
     reason       text,                             -- why it was rejected
-    etag         text,                             -- the verified object's ETag
+    etag         text,                             -- the verified copy's ETag
     created_at   timestamptz NOT NULL DEFAULT now(),
     completed_at timestamptz,                      -- the last POST .../complete
     verified_at  timestamptz,
