@@ -1,15 +1,19 @@
 """Partition maintenance against real PostgreSQL, with `today` given (never the clock patched):
 months created ahead across a month boundary, rows that sat in a DEFAULT partition moved into
-the partition made for them, months past retention dropped, and a dry run that changes nothing."""
+the partition made for them, months past retention dropped, a dry run that changes nothing, and
+a partition another session creates or drops at the same moment (no error)."""
 
 from __future__ import annotations
 
+import asyncio
+import time
 from collections.abc import AsyncIterator, Callable
 from datetime import UTC, date, datetime
 from typing import Any
 
 import psycopg
 import pytest
+from psycopg import sql
 
 from appliance.config import Config
 from appliance.db import partitions
@@ -137,3 +141,67 @@ async def test_the_schedule_makes_this_month_and_the_next(
         assert done["created"] == would["created"]
         async with res.connection() as conn:
             assert name in await children(conn, "api_activity")
+
+
+async def blocked(watcher: psycopg.AsyncConnection[Any], pid: int, what: str) -> None:
+    """Wait until session `pid` waits for a lock (it reached the statement under test)."""
+    deadline = time.monotonic() + 30
+    while True:
+        cur = await watcher.execute(
+            "SELECT wait_event_type FROM pg_stat_activity WHERE pid = %s", (pid,)
+        )
+        row = await cur.fetchone()
+        if row is not None and row[0] == "Lock":
+            return
+        if time.monotonic() > deadline:
+            pytest.fail(f"maintenance never waited for {what}'s lock")
+        await asyncio.sleep(0.05)
+
+
+async def test_a_partition_made_or_dropped_meanwhile_by_another_session(
+    conn: psycopg.AsyncConnection[Any], config: Config, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Another session (the flusher making its day, an operator) creates a partition while
+    maintenance creates it too, or drops one between maintenance listing it and dropping it:
+    maintenance goes on, without an error or a deferral."""
+    monkeypatch.setattr(partitions, "LOCK_TIMEOUT", "60s")  # it waits for the other session
+    # A monthly table without a DEFAULT partition: nothing there serialises the two creators
+    # before both reach CREATE TABLE.
+    await conn.execute("CREATE TABLE race_log (at timestamptz NOT NULL) PARTITION BY RANGE (at)")
+    race: tuple[tuple[str, Callable[[Config], int]], ...] = (("race_log", lambda c: 90),)
+    other = await psycopg.AsyncConnection.connect(conn.info.dsn)
+    watcher = await psycopg.AsyncConnection.connect(conn.info.dsn, autocommit=True)
+    try:
+        # March's partition, made by the other session and not yet committed.
+        await other.execute("SELECT appliance_ensure_month_partition('race_log', '2031-03-01')")
+        task = asyncio.create_task(
+            partitions.maintain(conn, config, date(2031, 3, 1), monthly=race)
+        )
+        await blocked(watcher, conn.info.backend_pid, "March's creation")
+        await other.commit()
+        done = await task
+        # April and the two flush days are its own; March is the other session's.
+        assert (done["created"], done["deferred"]) == (3, 0)
+        assert set(await children(conn, "race_log")) == {"race_log_y2031m03", "race_log_y2031m04"}
+
+        # Two months past retention; the other session drops the first right after maintenance
+        # listed them.
+        for month in ("2030-06-01", "2030-07-01"):
+            await conn.execute("SELECT appliance_ensure_month_partition('race_log', %s)", (month,))
+        listed = partitions._month_partitions
+
+        async def listed_then_dropped(
+            c: psycopg.AsyncConnection[Any], parent: str
+        ) -> list[tuple[str, datetime]]:
+            months = await listed(c, parent)
+            await other.execute(sql.SQL("DROP TABLE {}").format(sql.Identifier(months[0][0])))
+            await other.commit()
+            return months
+
+        monkeypatch.setattr(partitions, "_month_partitions", listed_then_dropped)
+        done = await partitions.maintain(conn, config, date(2031, 3, 2), monthly=race)
+        assert done["deferred"] == 0 and done["dropped"] == 2  # gone, as the run meant
+        assert set(await children(conn, "race_log")) == {"race_log_y2031m03", "race_log_y2031m04"}
+    finally:
+        await other.close()
+        await watcher.close()

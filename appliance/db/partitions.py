@@ -12,6 +12,11 @@ late maintenance run lets rows land there). Those rows are moved in the same tra
 from the default into a temporary table, the partition created, then inserted through the parent
 (so into the new partition). Readers of the table wait for the commit, writers too.
 
+Idempotent under a race: a partition another session creates meanwhile (the flusher makes its
+own days' partitions) makes ours roll back (DuplicateTable), counted as nothing; a month another
+session drops meanwhile is dropped with IF EXISTS. Two runs of the schedule never overlap (the
+scheduler's per-schedule lock), so this is the exception, not the rule.
+
 `today` is a parameter (PostgreSQL's UTC date in production), so a test can cross a month.
 """
 
@@ -42,6 +47,9 @@ FLUSH_PARENT = "segment_blocks_flush"
 FLUSH_DAYS_AHEAD = 1  # today and tomorrow, as the flusher itself makes them
 # A DROP or CREATE waits this long for its locks at most; a busy table is done next run.
 LOCK_TIMEOUT = "2s"
+# What defers a CREATE or DROP to the next run: a lock not had in time, or a deadlock with a
+# session creating a partition of the same table (it locks the parent, then the default).
+_DEFERRED = (psycopg.errors.LockNotAvailable, psycopg.errors.DeadlockDetected)
 _MONTH_NAME = re.compile(r"_y(\d{4})m(\d{2})$")
 
 
@@ -121,9 +129,19 @@ class Table:
 
     async def create(
         self, conn: Conn, name: str, lo: object, hi: object, make: sql.Composed
-    ) -> int:
+    ) -> int | None:
         """Create partition `name` of [lo, hi) with `make`, moving the default's rows of that
-        range into it (one transaction); the rows moved."""
+        range into it (one transaction); the rows moved, None when another session created
+        it meanwhile (the transaction rolls back: the rows stay in the default)."""
+        try:
+            return await self._create(conn, name, lo, hi, make)
+        except psycopg.errors.DuplicateTable:
+            log.info("partition_exists", partition=name, reason="created concurrently")
+            return None
+
+    async def _create(
+        self, conn: Conn, name: str, lo: object, hi: object, make: sql.Composed
+    ) -> int:
         moved = 0
         async with conn.transaction():
             await conn.execute(f"SET LOCAL lock_timeout = '{LOCK_TIMEOUT}'")
@@ -170,8 +188,8 @@ async def maintain(
     monthly: tuple[tuple[str, Callable[[Config], int]], ...] = MONTHLY,
 ) -> Counts:
     """Maintain every partitioned table as of `today` (see the module docstring); counts:
-    created, dropped, rows_moved, default_rows_deleted, deferred (lock timeouts: next run).
-    A dry run counts what would be done and changes nothing."""
+    created, dropped, rows_moved, default_rows_deleted, deferred (lock timeouts and deadlocks:
+    next run). A dry run counts what would be done and changes nothing."""
     totals = counts()
     ahead = config.schedules.maintain_partitions.months_ahead
     for parent, keep_days in monthly:
@@ -216,11 +234,14 @@ async def _create(
         totals["rows_moved"] += await table.waiting(conn, lo, hi)
         return
     try:
-        totals["rows_moved"] += await table.create(conn, name, lo, hi, make)
-    except psycopg.errors.LockNotAvailable:
-        log.warning("partition_deferred", partition=name, reason="lock timeout")
+        moved = await table.create(conn, name, lo, hi, make)
+    except _DEFERRED as exc:
+        log.warning("partition_deferred", partition=name, reason=type(exc).__name__)
         totals["deferred"] += 1
         return
+    if moved is None:
+        return  # another session made it
+    totals["rows_moved"] += moved
     totals["created"] += 1
 
 
@@ -237,11 +258,12 @@ async def _drop_past(
         try:
             async with conn.transaction():
                 await conn.execute(f"SET LOCAL lock_timeout = '{LOCK_TIMEOUT}'")
-                await conn.execute(sql.SQL("DROP TABLE {}").format(sql.Identifier(name)))
-        except psycopg.errors.LockNotAvailable:
+                # IF EXISTS: a session that dropped it meanwhile did this run's work.
+                await conn.execute(sql.SQL("DROP TABLE IF EXISTS {}").format(sql.Identifier(name)))
+        except _DEFERRED as exc:
             totals["dropped"] -= 1
             totals["deferred"] += 1
-            log.warning("partition_deferred", partition=name, reason="lock timeout")
+            log.warning("partition_deferred", partition=name, reason=type(exc).__name__)
             continue
         metrics.RETENTION_DELETED.labels("partitions").inc()
         log.info("partition_dropped", partition=name)
