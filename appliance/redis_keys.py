@@ -19,6 +19,7 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from appliance.config.model import RedisSection
 
@@ -85,6 +86,15 @@ def client(section: RedisSection, name: str, *, reconnect: bool = True) -> aiore
     base = options.pop("connection_class", aioredis.Connection)
     pool = aioredis.ConnectionPool(connection_class=_CONNECTIONS[base], **options)
     return aioredis.Redis.from_pool(pool)
+
+
+def raise_outage(replies: Iterable[Any]) -> None:
+    """Raise the first of a pipeline's replies (run with `raise_on_error=False`) that says Redis
+    did not answer (lost connection, timeout); its other errors (NOGROUP, BUSYGROUP...) are
+    the caller's to read."""
+    for reply in replies:
+        if isinstance(reply, RedisConnectionError | RedisTimeoutError):
+            raise reply
 
 
 def shard_of(conversation: str, shards: int) -> int:

@@ -35,6 +35,7 @@ from appliance.resources import Resources, open_resources
 from appliance.segments.flush import GroupFloor, flush_pending, trim_plan
 from appliance.webhooks import endpoints
 from appliance.webhooks.dispatch import CRASH_ENV, GROUP, Dispatcher
+from appliance.webhooks.events import Event
 from appliance.webhooks.service import DELIVER, Delivery
 from tests.support import migrated_db, write_toml
 
@@ -96,6 +97,11 @@ async def queued(res: Resources) -> list[Delivery]:
         )
         rows = await cur.fetchall()
     return [msgspec.json.decode(bytes(row[0]), type=Delivery) for row in rows]
+
+
+def data(event: Event) -> Any:
+    """An event's data, decoded (events carry it as JSON bytes)."""
+    return msgspec.json.decode(event.data)
 
 
 def publisher(res: Resources) -> Publisher:
@@ -235,13 +241,13 @@ async def test_conversation_and_member_events_are_queued_with_each_change(
     assert len({e.id for e in events}) == len(events)
     # The data is what the API returns for each.
     wire = msgspec.to_builtins
-    assert events[0].data == {**wire(created), "members": wire(listed)}
-    assert {m["principal"] for m in events[0].data["members"]} == {"user:alice", "user:bob"}
-    assert events[1].data == wire(updated)
-    assert events[2].data == wire(carol)
-    assert events[3].data == wire(promoted) and promoted.role == "member"
-    assert events[4].data["principal"] == "user:bob" and events[4].data["role"] == "member"
-    assert events[5].data == {**wire(updated), "updated_at": events[5].data["updated_at"]}
+    assert data(events[0]) == {**wire(created), "members": wire(listed)}
+    assert {m["principal"] for m in data(events[0])["members"]} == {"user:alice", "user:bob"}
+    assert data(events[1]) == wire(updated)
+    assert data(events[2]) == wire(carol)
+    assert data(events[3]) == wire(promoted) and promoted.role == "member"
+    assert data(events[4])["principal"] == "user:bob" and data(events[4])["role"] == "member"
+    assert data(events[5]) == {**wire(updated), "updated_at": data(events[5])["updated_at"]}
 
 
 async def test_a_rolled_back_change_queues_no_job(env: Resources) -> None:
@@ -328,7 +334,7 @@ async def test_a_burst_of_messages_is_emitted_in_batches_in_seq_order(env: Resou
     assert await dispatcher.step() == 90
     deliveries = await queued(env)
     assert len(deliveries) == 90 // env.config.webhooks.batch_max + 1  # 20 a job, in one emit
-    events = [msgspec.to_builtins(e) for d in deliveries for e in d.events]
+    events = [msgspec.json.decode(msgspec.json.encode(e)) for d in deliveries for e in d.events]
     assert in_order_per_conversation(events)
     for conversation, sent in ids.items():
         mine = [e for e in events if e["conversation"] == conversation]
@@ -527,7 +533,7 @@ async def test_one_dispatcher_reads_at_a_time_and_a_released_lease_passes_at_onc
     await publish(env, "papa", 2)
     assert await second.step() == 2  # nothing pending: straight to what is new
     assert await first.step() == -1
-    assert [e.data["seq"] for d in await queued(env) for e in d.events] == [1, 2, 3, 4, 5]
+    assert [data(e)["seq"] for d in await queued(env) for e in d.events] == [1, 2, 3, 4, 5]
 
 
 async def test_a_group_destroyed_under_the_dispatcher_is_made_again(env: Resources) -> None:

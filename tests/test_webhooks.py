@@ -12,7 +12,10 @@ import hmac
 import ipaddress
 import json
 import re
+import socket
 import ssl
+import subprocess
+import threading
 import time
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
@@ -23,14 +26,16 @@ import httpx
 import msgspec
 import psycopg
 import pytest
+from click.testing import CliRunner
 from litestar.testing import AsyncTestClient
 from pgqueuer.domain.settings import db_settings
 
+from appliance.cli import main
 from appliance.config import Config
 from appliance.programs.worker import run_worker
 from appliance.resources import Resources
 from appliance.schedules import SCHEDULES, Run
-from appliance.webhooks import addresses, client, retention
+from appliance.webhooks import addresses, client, retention, service
 from appliance.webhooks.events import Event, event
 from appliance.webhooks.jobs import deliver
 from appliance.webhooks.service import DELIVER, Delivery, emit
@@ -58,6 +63,13 @@ def webhook_settings(settings: dict[str, Any]) -> None:
 
 
 @pytest.fixture(autouse=True)
+async def kept_clients() -> AsyncIterator[None]:
+    """Deliveries keep their connections open per event loop: closed with the test's loop."""
+    yield
+    await client.close_clients()
+
+
+@pytest.fixture(autouse=True)
 def no_endpoints(migrated: str) -> None:
     """Each test starts without endpoints or queued deliveries (the run shares one database)."""
     with psycopg.connect(migrated, autocommit=True) as conn:
@@ -77,8 +89,9 @@ async def until(condition: Any, what: str, timeout: float = 10.0) -> None:
 
 
 class Receiver:
-    """A small HTTP/1.1 server: each request gets the next behaviour of `script` ("ok" once it
-    is empty) and is recorded with its headers and raw body."""
+    """A small HTTP/1.1 server with keep-alive: each request gets the next behaviour of `script`
+    ("ok" once it is empty) and is recorded with its headers and raw body; `connections` counts
+    the connections accepted, `closed` those the client closed."""
 
     def __init__(self, tls: ssl.SSLContext | None = None) -> None:
         self.tls = tls
@@ -87,6 +100,8 @@ class Receiver:
         self.flooded: list[int] = []  # bytes a "huge" answer got out before the client left
         self.arrived = asyncio.Event()
         self.port = 0
+        self.connections = 0
+        self.closed = 0
 
     async def __aenter__(self) -> Receiver:
         self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0, ssl=self.tls)
@@ -102,42 +117,56 @@ class Receiver:
         return f"http://127.0.0.1:{self.port}/hook?x=1"
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.connections += 1
         try:
-            head = (await reader.readuntil(b"\r\n\r\n")).decode("latin-1").split("\r\n")
-            target = head[0].split(" ")[1]
-            headers = httpx.Headers([tuple(h.split(": ", 1)) for h in head[1:] if h])
-            raw = await reader.readexactly(int(headers["content-length"]))
-            self.requests.append((target, headers, raw))
-            self.arrived.set()
-            behaviour = self.script.pop(0) if self.script else "ok"
-            if behaviour == "ok":
-                writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
-            elif behaviour == "fail":
-                writer.write(b"HTTP/1.1 500 Oops\r\nContent-Length: 4\r\n\r\nnope")
-            elif behaviour == "redirect":
-                writer.write(
-                    b"HTTP/1.1 302 Found\r\nLocation: http://127.0.0.1:9/elsewhere\r\n"
-                    b"Content-Length: 0\r\n\r\n"
-                )
-            elif behaviour == "hang":
-                await asyncio.wait_for(reader.read(), 30)  # until the client gives up
-            elif behaviour in ("huge", "huge_ok"):
-                status = b"200 OK" if behaviour == "huge_ok" else b"500 Oops"
-                writer.write(b"HTTP/1.1 " + status + b"\r\nConnection: close\r\n\r\n")
-                sent, chunk = 0, b"x" * 65536
-                try:
-                    while sent < HUGE_CAP:  # an endless body, as far as the client can tell
-                        writer.write(chunk)
-                        await writer.drain()
-                        sent += len(chunk)
-                except OSError:
-                    pass
-                self.flooded.append(sent)
-            await writer.drain()
+            while await self._answer(reader, writer):
+                pass
         except (OSError, asyncio.IncompleteReadError, TimeoutError, ssl.SSLError):
             pass
         finally:
             writer.close()
+
+    async def _answer(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> bool:
+        """One request and its answer; whether the connection stays open for another."""
+        try:
+            head = (await reader.readuntil(b"\r\n\r\n")).decode("latin-1").split("\r\n")
+        except asyncio.IncompleteReadError as exc:
+            if not exc.partial:
+                self.closed += 1  # the client closed an idle connection
+            return False
+        target = head[0].split(" ")[1]
+        headers = httpx.Headers([tuple(h.split(": ", 1)) for h in head[1:] if h])
+        raw = await reader.readexactly(int(headers["content-length"]))
+        self.requests.append((target, headers, raw))
+        self.arrived.set()
+        behaviour = self.script.pop(0) if self.script else "ok"
+        if behaviour == "ok":
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+        elif behaviour == "fail":
+            writer.write(b"HTTP/1.1 500 Oops\r\nContent-Length: 4\r\n\r\nnope")
+        elif behaviour == "redirect":
+            writer.write(
+                b"HTTP/1.1 302 Found\r\nLocation: http://127.0.0.1:9/elsewhere\r\n"
+                b"Content-Length: 0\r\n\r\n"
+            )
+        elif behaviour == "hang":
+            await asyncio.wait_for(reader.read(), 30)  # until the client gives up
+            return False
+        elif behaviour in ("huge", "huge_ok"):
+            status = b"200 OK" if behaviour == "huge_ok" else b"500 Oops"
+            writer.write(b"HTTP/1.1 " + status + b"\r\nConnection: close\r\n\r\n")
+            sent, chunk = 0, b"x" * 65536
+            try:
+                while sent < HUGE_CAP:  # an endless body, as far as the client can tell
+                    writer.write(chunk)
+                    await writer.drain()
+                    sent += len(chunk)
+            except OSError:
+                pass
+            self.flooded.append(sent)
+            return False
+        await writer.drain()
+        return True
 
 
 @pytest.fixture
@@ -391,6 +420,44 @@ async def test_a_job_larger_than_batch_max_is_split(
     assert [len(d.events) for d, _ in parts] == [3, 3, 1]
     assert [e.id for d, _ in parts for e in d.events] == [e.id for e in events]
     assert receiver.requests == []  # split, not sent
+
+
+async def test_a_delivery_holds_at_most_batch_bytes_and_a_larger_event_goes_alone(
+    api: Client, resources: Resources, receiver: Receiver
+) -> None:
+    """batch_max is 3 here: 400 KB events go two to a delivery (three pass 1 MiB), a 2 MB one
+    alone; a job queued before the cap (over 1 MiB) is split by bytes when it runs."""
+    admin = await issue_key(resources, ["admin"])
+    hook = (await create_hook(api, admin, receiver.url, ["member.added"]))["id"]
+    big = [event("member.added", {"n": n, "pad": "x" * 400_000}) for n in range(5)]
+    huge = event("member.added", {"pad": "y" * 2_000_000})
+    small = event("member.added", {"n": 9})
+    sent = [*big[:3], huge, small, *big[3:]]
+    async with resources.connection() as conn:
+        assert await emit(conn, sent, batch_max=3) == 4
+    jobs = [d for d, _ in await queued(resources, hook)]
+    assert [[e.id for e in d.events] for d in jobs] == [
+        [big[0].id, big[1].id], [big[2].id], [huge.id], [small.id, big[3].id, big[4].id]
+    ]  # fmt: skip
+    for d in jobs:
+        body = msgspec.json.encode({"events": d.events})
+        assert len(d.events) == 1 or len(body) <= service.BATCH_BYTES
+    assert sum(e.size() for e in big[:2]) <= service.BATCH_BYTES < sum(e.size() for e in big[:3])
+    old = Delivery(hook, "d-old", 1, big[:3])  # 1.2 MB in one job, as emit queued it before
+    await deliver(resources, msgspec.json.encode(old))
+    parts = [d for d, _ in await queued(resources, hook)]
+    assert [[e.id for e in d.events] for d in parts] == [[big[0].id, big[1].id], [big[2].id]]
+    assert receiver.requests == []
+
+
+def test_event_size_counts_at_least_the_encoded_bytes() -> None:
+    samples = [
+        event("member.added", {}),
+        event("conversation.updated", {"a": "é" * 100}, conversation="c" * 200),
+        event("export.ready", {"n": 1}, conversation=None),
+    ]
+    for e in samples:
+        assert len(msgspec.json.encode(e)) <= e.size() <= len(msgspec.json.encode(e)) + 100
 
 
 # -- delivery --------------------------------------------------------------------------------
@@ -662,6 +729,149 @@ async def test_delivery_connects_to_the_address_it_checked() -> None:
     assert (public.ips, public.port, public.path) == ((ipaddress.ip_address("8.8.8.8"),), 80, "/")
 
 
+# Python 3.11's ipaddress calls fec0::1 (site-local) global; the rest is listed as a table so
+# that a Python upgrade changing is_private/is_global cannot open a range silently.
+REFUSED = {
+    "0.1.2.3": "this-network", "10.0.0.1": "private", "100.64.0.1": "shared (CGNAT)",
+    "100.127.255.255": "shared (CGNAT)", "127.0.0.1": "loopback", "169.254.169.254": "link-local",
+    "172.16.0.1": "private", "192.0.0.1": "private", "192.0.2.1": "private",
+    "192.168.1.1": "private", "198.18.0.1": "benchmarking", "198.19.255.255": "benchmarking",
+    "198.51.100.1": "private", "203.0.113.1": "private", "224.0.0.1": "multicast",
+    "240.0.0.1": "reserved", "255.255.255.255": "reserved", "0.0.0.0": "unspecified",
+    "::": "unspecified", "::1": "loopback", "fe80::1": "link-local", "fec0::1": "site-local",
+    "feff::1": "site-local", "fc00::1": "private", "fd12:3456::1": "private",
+    "ff02::1": "multicast", "2001:db8::1": "private", "100::1": "reserved",
+    "::8.8.8.8": "IPv4-compatible", "::127.0.0.1": "IPv4-compatible",
+    "::ffff:127.0.0.1": "loopback (embedded in IPv6)",
+    "::ffff:10.0.0.1": "private (embedded in IPv6)",
+    "::ffff:0:a00:1": "reserved",  # IPv4-translated ::ffff:0:a.b.c.d (inside ::/8)
+    "2002:a9fe:a9fe::1": "link-local (embedded in IPv6)",  # 6to4 of 169.254.169.254
+    "2002:c612::1": "benchmarking (embedded in IPv6)",
+    # Teredo: server 65.54.227.120 (public), client 10.0.0.1 (obfuscated as f5ff:fffe)
+    "2001:0:4136:e378:8000:63bf:f5ff:fffe": "private (embedded in IPv6)",
+    # Teredo: server 10.0.0.1 (private), client 8.8.8.8
+    "2001:0:a00:1:0:0:f7f7:f7f7": "private (embedded in IPv6)",
+    "64:ff9b::a9fe:a9fe": "link-local (embedded in IPv6)",
+    "64:ff9b::c612:1": "benchmarking (embedded in IPv6)",
+    "64:ff9b::6440:1": "shared (CGNAT) (embedded in IPv6)", "64:ff9b:1::a00:1": "reserved",
+}  # fmt: skip
+PUBLIC = ["8.8.8.8", "1.1.1.1", "2606:4700:4700::1111", "::ffff:8.8.8.8", "2002:808:808::1",
+          "64:ff9b::808:808", "2001:0:4136:e378:8000:63bf:f7f7:f7f7"]  # fmt: skip
+
+
+def test_refused_addresses_table() -> None:
+    for address, reason in REFUSED.items():
+        assert addresses.refused(ipaddress.ip_address(address)) == reason, address
+    for address in PUBLIC:
+        assert addresses.refused(ipaddress.ip_address(address)) is None, address
+
+
+class Lookups:
+    """A DNS stand-in for the resolver's threads: answers 127.0.0.1 for every name, counts the
+    lookups, and for names starting "slow" blocks until `release` is set (a hung resolver)."""
+
+    def __init__(self) -> None:
+        self.calls: list[str] = []
+        self.release = threading.Event()
+
+    def __call__(self, host: str, port: int) -> list[tuple[Any, ...]]:
+        self.calls.append(host)
+        if host.startswith("slow"):
+            self.release.wait(30)
+        return socket.getaddrinfo("127.0.0.1", port, type=socket.SOCK_STREAM)
+
+
+async def test_dns_answers_are_kept_and_checked_on_every_use() -> None:
+    lookups = Lookups()
+    dns = addresses.Resolver(lookups, ttl=3600)
+    first = await addresses.resolve("http://a.example/x", allow_private=True, dns=dns)
+    again = await addresses.resolve("http://a.example/y", allow_private=True, dns=dns)
+    assert first.ips == again.ips == (ipaddress.ip_address("127.0.0.1"),)
+    assert lookups.calls == ["a.example"]  # the second came from the cache
+    with pytest.raises(addresses.Unreachable, match="loopback"):  # a kept answer is still vetted
+        await addresses.resolve("http://a.example/", allow_private=False, dns=dns)
+    await addresses.resolve("http://a.example:8080/", allow_private=True, dns=dns)
+    assert lookups.calls == ["a.example", "a.example"]  # another port, another lookup
+    expiring = addresses.Resolver(lookups, ttl=0)
+    for _ in range(2):
+        await addresses.resolve("http://b.example/", allow_private=True, dns=expiring)
+    assert lookups.calls.count("b.example") == 2
+    bounded = addresses.Resolver(lookups, ttl=3600, size=2)
+    for name in ("c1", "c2", "c3", "c1"):
+        await bounded.addresses(name, 80)
+    assert lookups.calls.count("c1") == 2  # the oldest answer went when a third came
+
+
+async def test_hung_dns_holds_only_the_resolvers_own_threads() -> None:
+    """Lookups that never return time out, keep at most `threads` threads of the resolver's own
+    busy, and leave the loop's default executor (asyncio.to_thread) and kept answers alone."""
+    lookups = Lookups()
+    dns = addresses.Resolver(lookups, threads=2)
+    await dns.addresses("kept.example", 80)
+
+    async def slow(n: int) -> None:
+        with pytest.raises(TimeoutError):
+            async with asyncio.timeout(0.3):
+                await dns.addresses(f"slow{n}.example", 80)
+
+    try:
+        await asyncio.gather(*(slow(n) for n in range(40)))
+        assert dns.busy == 2  # two threads stuck; the other 38 waited for one and gave up
+        assert sum(1 for h in lookups.calls if h.startswith("slow")) == 2
+        assert await asyncio.to_thread(lambda: "free") == "free"
+        assert await dns.addresses("kept.example", 80) == (ipaddress.ip_address("127.0.0.1"),)
+        names = [t.name for t in threading.enumerate() if t.name.startswith("webhook-dns")]
+        assert len(names) == 2
+    finally:
+        lookups.release.set()
+    await until(lambda: dns.busy == 0, "the hung lookups to return")
+    assert await dns.addresses("after.example", 80)  # the threads serve again
+
+
+async def test_deliveries_reuse_a_connection_per_host_and_address(config: Config) -> None:
+    """Two deliveries to one URL share a connection; another host name on the same address
+    gets its own (a TLS connection is verified for one name); closing the clients closes them."""
+    cfg = config.webhooks
+    async with Receiver() as receiver:
+        for n in range(3):
+            done = await client.post(receiver.url, f"d{n}", "whsec_x", b"{}", cfg)
+            assert done.ok, done.error
+        assert (len(receiver.requests), receiver.connections) == (3, 1)
+        by_name = f"http://localhost:{receiver.port}/hook"
+        target = await addresses.resolve(by_name, allow_private=True)
+        if ipaddress.ip_address("127.0.0.1") in target.ips:  # localhost may be ::1 first
+            target = dataclasses.replace(target, ips=(ipaddress.ip_address("127.0.0.1"),))
+            status, _, _ = await client.exchange(target, b"{}", {}, MAX_BODY, 5)
+            assert status == 200 and receiver.connections == 2
+        assert len(client.clients()) == receiver.connections
+        await client.close_clients()
+        await until(lambda: receiver.closed == receiver.connections, "the clients to close")
+        assert len(client.clients()) == 0  # a fresh set for the loop
+
+
+async def test_kept_clients_idle_out_and_are_bounded() -> None:
+    async with Receiver() as receiver:
+        pool = client.Clients(idle=0.0, size=2)
+        target = await addresses.resolve(receiver.url, allow_private=True)
+        ip = target.ips[0]
+        tls = ssl.create_default_context()
+        async with pool.lease(target, ip, tls) as http:
+            assert (await http.post(target.url(ip), content=b"{}")).status_code == 200
+        assert len(pool) == 1
+        async with pool.lease(target, ip, tls):  # the idle one was closed first
+            assert len(pool) == 1
+        await until(lambda: receiver.closed == 1, "the idle client to close")
+        pool = client.Clients(size=1)
+        other = dataclasses.replace(target, host="other.example")
+        async with pool.lease(target, ip, tls), pool.lease(other, ip, tls) as once:
+            assert len(pool) == 1  # full and in use: a client of its own, closed after
+            assert (await once.post(target.url(ip), content=b"{}")).status_code == 200
+        async with pool.lease(other, ip, tls):  # full, the other idle: it makes room
+            assert len(pool) == 1
+        await pool.aclose()
+        assert len(pool) == 0
+
+
 async def test_the_next_vetted_address_is_tried_when_connecting_fails(
     receiver: Receiver,
 ) -> None:
@@ -793,37 +1003,44 @@ async def test_prune_deletes_exactly_the_rows_past_keep_days(resources: Resource
 # -- CLI -------------------------------------------------------------------------------------
 
 
+def run_cli(config: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    """`appliance <args>` in-process (CliRunner), answered as `tests.test_cli.cli`."""
+    done = CliRunner().invoke(main, list(args), env={"APPLIANCE_CONFIG": str(config)})
+    return subprocess.CompletedProcess(list(args), done.exit_code, done.stdout, done.stderr)
+
+
 def test_cli_manages_endpoints(settings: dict[str, Any], migrated: str, tmp_path: Path) -> None:
     config = write_toml(tmp_path / "c.toml", settings)
-    done = cli(config, "webhooks", "create", "--url", "https://h.example.com/in",
-               "--event", "member.added", "--event", "export.ready", "--json")  # fmt: skip
+    done = run_cli(config, "webhooks", "create", "--url", "https://h.example.com/in",
+                   "--event", "member.added", "--event", "export.ready", "--json")  # fmt: skip
     assert done.returncode == 0, done.stderr
     created = json.loads(done.stdout)
     hook = created["id"]
     assert created["secret"].startswith("whsec_")
     assert created["events"] == ["export.ready", "member.added"]
 
+    # One real subprocess: the installed entry point wires the command.
     listed = json.loads(cli(config, "webhooks", "list", "--json").stdout)
     assert next(w for w in listed if w["id"] == hook)["url"] == "https://h.example.com/in"
     assert all("secret" not in w for w in listed)
-    disabled = json.loads(cli(config, "webhooks", "disable", hook, "--json").stdout)
+    disabled = json.loads(run_cli(config, "webhooks", "disable", hook, "--json").stdout)
     assert (disabled["enabled"], disabled["disabled_reason"]) == (False, "admin")
-    status = cli(config, "status", "--json")
+    status = run_cli(config, "status", "--json")
     assert json.loads(status.stdout)["webhooks"] == {
         "enabled": 0, "failing": 0, "disabled_admin": 1, "disabled_failures": 0
     }  # fmt: skip
-    enabled = json.loads(cli(config, "webhooks", "enable", hook, "--json").stdout)
+    enabled = json.loads(run_cli(config, "webhooks", "enable", hook, "--json").stdout)
     assert (enabled["enabled"], enabled["failures"]) == (True, 0)
-    page = json.loads(cli(config, "webhooks", "deliveries", hook, "--json").stdout)
+    page = json.loads(run_cli(config, "webhooks", "deliveries", hook, "--json").stdout)
     assert page == {"deliveries": [], "next_cursor": None}
-    human = cli(config, "webhooks", "list")
+    human = run_cli(config, "webhooks", "list")
     assert hook in human.stdout and "enabled" in human.stdout
-    deleted = cli(config, "webhooks", "delete", hook, "--json")
+    deleted = run_cli(config, "webhooks", "delete", hook, "--json")
     assert deleted.returncode == 0 and json.loads(deleted.stdout)["id"] == hook
 
-    gone = cli(config, "webhooks", "delete", hook)
+    gone = run_cli(config, "webhooks", "delete", hook)
     assert gone.returncode == 1 and "webhook" in gone.stderr
-    bad = cli(config, "webhooks", "create", "--url", "ftp://x/", "--event", "member.added")
+    bad = run_cli(config, "webhooks", "create", "--url", "ftp://x/", "--event", "member.added")
     assert bad.returncode == 1 and "http or https" in bad.stderr
-    bad_event = cli(config, "webhooks", "create", "--url", "https://x/", "--event", "nope")
+    bad_event = run_cli(config, "webhooks", "create", "--url", "https://x/", "--event", "nope")
     assert bad_event.returncode == 2 and "nope" in bad_event.stderr

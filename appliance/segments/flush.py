@@ -50,6 +50,7 @@ from redis.exceptions import ResponseError
 
 from appliance import metrics
 from appliance.errors import OUTAGES
+from appliance.redis_keys import raise_outage
 from appliance.resources import Conn, Resources
 from appliance.segments import index, store
 from appliance.segments.format import BlockEntry, Record, SegmentWriter
@@ -610,7 +611,7 @@ class Flusher:
                 pipe.xpending(keys.ingest(shard), GROUP)
                 pipe.xinfo_groups(keys.ingest(shard))
             replies = await pipe.execute(raise_on_error=False)
-        _raise_outage(replies)
+        raise_outage(replies)
         others = await self._other_groups(list(acked), replies[2::3])
         now_ms = int(time.time() * 1000)
         max_lag_ms = self.config.webhooks.max_lag * 1000
@@ -681,7 +682,7 @@ class Flusher:
                 pipe.xpending(keys.ingest(shard), name)
                 pipe.xrange(keys.ingest(shard), min=after, count=1)
             replies = await pipe.execute(raise_on_error=False)
-        _raise_outage(replies)
+        raise_outage(replies)
         floors: dict[int, list[GroupFloor]] = {}
         for (shard, name, after), pending, unread in zip(
             found, replies[::2], replies[1::2], strict=True
@@ -792,12 +793,6 @@ def _drop_upto(items: dict[str, dict[int, _Item]], conversation: str, head: int)
     if records:
         for seq in [s for s in records if s <= head]:
             del records[seq]
-
-
-def _raise_outage(replies: list[Any]) -> None:
-    for reply in replies:
-        if isinstance(reply, _FAILURES):
-            raise reply
 
 
 async def flush_pending(res: Resources) -> FlushStats:

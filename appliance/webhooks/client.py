@@ -6,6 +6,14 @@ redirects are never followed (a 3xx is a failure: a receiver that moved must be 
 and following it would send the events, signed, to a host nobody vetted). The connection goes to
 the address addresses.resolve() checked, with the URL's host in the Host header and as the TLS
 server name, so certificates are verified against the host the admin registered.
+
+Connections are kept open between deliveries (a new TCP connection and TLS handshake per
+delivery cost most of its CPU): each event loop keeps up to `MAX_CLIENTS` httpx clients, one per
+(scheme, host, vetted address, port), each closed after `IDLE` seconds unused. The host is part
+of the key because httpx pools connections by the address it connects to: two hosts on one
+address must not share a TLS connection verified for the other's name. A client whose address
+the host no longer resolves to is simply not used again and idles out. The worker closes them
+when it stops (`close_clients`).
 """
 
 from __future__ import annotations
@@ -15,6 +23,9 @@ import hashlib
 import hmac
 import ssl
 import time
+import weakref
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from functools import cache
 from typing import Literal
@@ -24,10 +35,13 @@ import httpx
 from appliance import __version__
 from appliance.config.model import WebhooksSection
 from appliance.errors import Invalid
-from appliance.webhooks.addresses import Target, Unreachable, resolve
+from appliance.webhooks.addresses import IP, Target, Unreachable, resolve
 
 Outcome = Literal["delivered", "http_error", "redirect", "timeout", "connection", "refused"]
 USER_AGENT = f"appliance-webhooks/{__version__}"
+IDLE = 30.0  # seconds an unused client (and its kept-alive connections) stays open
+MAX_CLIENTS = 32  # open clients per event loop at most (past it, the least recently used goes)
+KEEP_ALIVE = 4  # idle connections a client keeps (one per concurrent delivery to it)
 
 
 @dataclass(frozen=True)
@@ -124,18 +138,16 @@ async def exchange(
     Raises httpx's errors. `timeout` bounds each step (connect, write, read); the caller bounds
     the whole."""
     extensions = {"sni_hostname": target.host} if target.scheme == "https" else {}
-    async with httpx.AsyncClient(
-        verify=tls or _tls(),
-        timeout=timeout,
-        follow_redirects=False,
-        trust_env=False,  # no proxy from the environment: connect to the vetted address
-    ) as http:
-        for n, ip in enumerate(target.ips, 1):
-            try:
-                return await _send(http, target.url(ip), body, headers, extensions, max_bytes)
-            except httpx.ConnectError:
-                if n == len(target.ips):
-                    raise
+    pool = clients()
+    for n, ip in enumerate(target.ips, 1):
+        try:
+            async with pool.lease(target, ip, tls or _tls()) as http:
+                return await _send(
+                    http, target.url(ip), body, headers, extensions, max_bytes, timeout
+                )
+        except httpx.ConnectError:
+            if n == len(target.ips):
+                raise
     raise ValueError(f"no address to connect to for {target.host!r}")  # resolve() gives one
 
 
@@ -146,15 +158,119 @@ async def _send(
     headers: dict[str, str],
     extensions: dict[str, str],
     max_bytes: int,
+    timeout: float,
 ) -> tuple[int, str, int]:
     """One POST: the status, the Location header, and the bytes of the body read (at most
     `max_bytes` and one network read more; none are kept)."""
     read = 0
     async with http.stream(
-        "POST", url, content=body, headers=headers, extensions=extensions
+        "POST", url, content=body, headers=headers, extensions=extensions, timeout=timeout
     ) as response:
         async for chunk in response.aiter_raw():
             read += len(chunk)
             if read >= max_bytes:
                 break  # the rest is never read; closing drops the connection
         return response.status_code, response.headers.get("location", ""), read
+
+
+ClientKey = tuple[str, str, str, int, ssl.SSLContext]  # scheme, host, address, port, TLS
+
+
+@dataclass
+class _Open:
+    http: httpx.AsyncClient
+    users: int = 0  # deliveries using it now
+    used: float = 0.0  # time.monotonic() its last user finished
+
+
+def _client(tls: ssl.SSLContext) -> httpx.AsyncClient:
+    return httpx.AsyncClient(
+        verify=tls,
+        follow_redirects=False,
+        trust_env=False,  # no proxy from the environment: connect to the vetted address
+        limits=httpx.Limits(max_keepalive_connections=KEEP_ALIVE, keepalive_expiry=IDLE),
+    )
+
+
+class Clients:
+    """The open clients of one event loop, kept between deliveries (see the module's doc)."""
+
+    def __init__(self, *, idle: float = IDLE, size: int = MAX_CLIENTS) -> None:
+        self._idle = idle
+        self._size = size
+        self._open: dict[ClientKey, _Open] = {}
+        self._closing = False
+
+    def __len__(self) -> int:
+        return len(self._open)
+
+    @asynccontextmanager
+    async def lease(
+        self, target: Target, ip: IP, tls: ssl.SSLContext
+    ) -> AsyncIterator[httpx.AsyncClient]:
+        """The client for `target` at `ip`; a client of its own, closed after use, while
+        closing or when every kept client is in use."""
+        await self._sweep()
+        key = (target.scheme, target.host, str(ip), target.port, tls)
+        entry = self._open.get(key)
+        if entry is None and not self._closing and await self._room():
+            entry = self._open[key] = _Open(_client(tls))
+        if entry is None:
+            async with _client(tls) as once:
+                yield once
+            return
+        entry.users += 1
+        try:
+            yield entry.http
+        finally:
+            entry.users -= 1
+            entry.used = time.monotonic()
+            if self._closing and not entry.users:
+                self._open.pop(key, None)
+                await entry.http.aclose()
+
+    async def _sweep(self) -> None:
+        """Close the clients unused for `idle` seconds."""
+        now = time.monotonic()
+        stale = [k for k, e in self._open.items() if not e.users and now - e.used >= self._idle]
+        for key in stale:
+            await self._open.pop(key).http.aclose()
+
+    async def _room(self) -> bool:
+        """Whether a client may be added (closing the least recently used idle one if full)."""
+        if len(self._open) < self._size:
+            return True
+        idle = [(e.used, k) for k, e in self._open.items() if not e.users]
+        if not idle:
+            return False
+        await self._open.pop(min(idle)[1]).http.aclose()
+        return True
+
+    async def aclose(self) -> None:
+        """Close the idle clients now, and those in use when their delivery ends."""
+        self._closing = True
+        for key in [k for k, e in self._open.items() if not e.users]:
+            await self._open.pop(key).http.aclose()
+
+
+# Each event loop's clients (a connection belongs to the loop that opened it). Filled at the
+# first delivery, emptied by close_clients; a loop that is collected takes its entry with it.
+_CLIENTS: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, Clients] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def clients() -> Clients:
+    """The running event loop's clients."""
+    loop = asyncio.get_running_loop()
+    found = _CLIENTS.get(loop)
+    if found is None:
+        found = _CLIENTS[loop] = Clients()
+    return found
+
+
+async def close_clients() -> None:
+    """Close the running loop's kept clients (the worker, when it stops; tests)."""
+    found = _CLIENTS.pop(asyncio.get_running_loop(), None)
+    if found is not None:
+        await found.aclose()

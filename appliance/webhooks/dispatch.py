@@ -14,6 +14,13 @@ transaction that emits all its events (`emit` groups them per endpoint into jobs
 
     XREADGROUP -> emit + COMMIT -> XACK
 
+A read is bounded in entries and bytes: `READ_TOTAL` entries across all shards, and fewer when
+`[messages] max_body_bytes` is large, so that a read never holds more than `READ_BYTES` even if
+every entry is as large as a message may be. The budget is shared by need: after a read in which
+some shards filled their count, those shards are asked for most of the next one (the others for
+a little), so that one busy conversation still reads in large batches. Messages are carried as
+the bytes the ingest stream holds (`msgspec.Raw`): only their id and time are decoded.
+
 A new holder first takes over what the group holds pending (a dead holder's entries: XAUTOCLAIM)
 and emits it before anything newer. So delivery is at least once: a crash between the commit
 and the XACK emits those events again. A message event's id is the message's id: receivers
@@ -43,7 +50,9 @@ from redis.exceptions import ResponseError
 
 from appliance import metrics
 from appliance.errors import OUTAGES
+from appliance.redis_keys import raise_outage
 from appliance.resources import Resources
+from appliance.webhooks.client import close_clients
 from appliance.webhooks.events import Event
 from appliance.webhooks.service import emit
 
@@ -51,7 +60,9 @@ log = structlog.get_logger()
 
 CRASH_ENV = "WEBHOOKS_CRASH_AT"
 GROUP = "webhooks"
-READ_COUNT = 1000  # entries per stream per read
+READ_TOTAL = 1000  # entries per read, across all shards
+READ_BYTES = 32 * 1_048_576  # bytes per read at most, every entry counted at its largest
+ENTRY_OVERHEAD = 8192  # an entry's bytes besides the body at most (metadata, attachment refs)
 READ_BLOCK = 1.0  # seconds a read waits for new entries at most
 # While the streams keep up, a read at most about this often, so that a burst gathers into
 # batches instead of one delivery per message (a blocking read returns at the first entry).
@@ -81,6 +92,34 @@ return 0
 Entries = dict[int, list[tuple[bytes, dict[bytes, bytes] | None]]]  # shard -> (id, fields)
 
 
+class _Head(msgspec.Struct):
+    """What the dispatcher decodes of a stored message (the rest is carried as bytes)."""
+
+    id: str
+    ts: str
+
+
+_head = msgspec.json.Decoder(_Head)
+
+
+def read_budget(max_body_bytes: int) -> int:
+    """Entries per read across all shards: `READ_TOTAL`, fewer when entries may be so large
+    that as many would pass `READ_BYTES`."""
+    return max(1, min(READ_TOTAL, READ_BYTES // (max_body_bytes + ENTRY_OVERHEAD)))
+
+
+def shares(shards: range, budget: int, full: set[int]) -> dict[int, int]:
+    """Entries to ask of each shard: equal shares, or (after a read in which the shards in
+    `full` returned all they were asked) a quarter share for the others and the rest of
+    `budget` split among those. The counts add up to `budget` at most (one each at least)."""
+    share = max(1, budget // len(shards))
+    if not full:
+        return dict.fromkeys(shards, share)
+    small = max(1, share // 4)
+    rest = max(1, (budget - small * (len(shards) - len(full))) // len(full))
+    return {s: rest if s in full else small for s in shards}
+
+
 @dataclass
 class DispatchStats:
     """What a Dispatcher did since it was made."""
@@ -91,15 +130,15 @@ class DispatchStats:
 
 
 def message_event(conversation: str, message: bytes) -> Event:
-    """The message.created event of one ingest entry: the message as readers get it, under
-    the message's own id and time."""
-    data: dict[str, Any] = msgspec.json.decode(message)
+    """The message.created event of one ingest entry: the message as readers get it (its
+    bytes, not decoded), under the message's own id and time."""
+    head = _head.decode(message)
     return Event(
-        id=data["id"],
+        id=head.id,
         type="message.created",
-        created=data["ts"],
+        created=head.ts,
         conversation=conversation,
-        data=data,
+        data=msgspec.Raw(message),
     )
 
 
@@ -131,6 +170,8 @@ class Dispatcher:
         self._claimed = False  # the group's pending entries were taken over since we won
         self._more = False  # the last read returned all it asked of a stream
         self._shards = range(res.config.segments.shards)
+        self._budget = read_budget(res.config.messages.max_body_bytes)
+        self._full: set[int] = set()  # shards that returned all they were asked last time
         self._hold = res.redis.register_script(_HOLD)
         self._release = res.redis.register_script(_RELEASE)
 
@@ -161,7 +202,7 @@ class Dispatcher:
             for shard in self._shards:
                 pipe.xgroup_destroy(keys.ingest(shard), GROUP)
             replies = await pipe.execute(raise_on_error=False)
-        _raise_outage(replies)  # a missing stream is an error too, and nothing to undo
+        raise_outage(replies)  # a missing stream is an error too, and nothing to undo
         dropped = sum(1 for r in replies if r == 1)
         if dropped:
             log.info("webhooks_groups_destroyed", streams=dropped)
@@ -204,7 +245,7 @@ class Dispatcher:
             for shard in self._shards:
                 pipe.xgroup_create(keys.ingest(shard), GROUP, id="$", mkstream=True)
             replies = await pipe.execute(raise_on_error=False)
-        _raise_outage(replies)
+        raise_outage(replies)
         for reply in replies:
             if isinstance(reply, ResponseError) and "BUSYGROUP" not in str(reply):
                 raise reply
@@ -236,10 +277,11 @@ class Dispatcher:
         restart, a dead holder's), taken over oldest first. Entries trimmed meanwhile are
         dropped from the pending lists by XAUTOCLAIM itself."""
         keys = self.res.keys
+        counts = shares(self._shards, self._budget, set())
         async with self.res.redis.pipeline(transaction=False) as pipe:
             for shard in self._shards:
                 pipe.xautoclaim(
-                    keys.ingest(shard), GROUP, self.consumer, 0, start_id="0-0", count=READ_COUNT
+                    keys.ingest(shard), GROUP, self.consumer, 0, start_id="0-0", count=counts[shard]
                 )
             replies = await pipe.execute(raise_on_error=False)
         if self._lost_group(replies):
@@ -264,6 +306,14 @@ class Dispatcher:
             await pipe.execute(raise_on_error=False)
 
     async def _read(self, block: float | None) -> Entries:
+        """New entries within the read budget: after a read that found some, one read per
+        shard without waiting, sized by `shares`; else one read of every stream that waits up
+        to `block` seconds for the first entry."""
+        if self._full or self._more:
+            got = await self._read_shards(shares(self._shards, self._budget, self._full))
+            if got:
+                return got
+        counts = shares(self._shards, self._budget, set())
         keys = self.res.keys
         streams: dict[Any, Any] = {keys.ingest(s): ">" for s in self._shards}
         try:
@@ -271,7 +321,7 @@ class Dispatcher:
                 GROUP,
                 self.consumer,
                 streams,
-                count=READ_COUNT,
+                count=counts[0],
                 block=max(1, int(block * 1000)) if block else None,
             )
         except ResponseError as exc:
@@ -282,8 +332,23 @@ class Dispatcher:
             self._ready = False
             return {}
         named = {keys.ingest(s).encode(): s for s in self._shards}
-        got: Entries = {named[name]: entries for name, entries in reply or []}
-        self._more = any(len(entries) >= READ_COUNT for entries in got.values())
+        return self._note({named[name]: entries for name, entries in reply or []}, counts)
+
+    async def _read_shards(self, counts: dict[int, int]) -> Entries:
+        keys = self.res.keys
+        async with self.res.redis.pipeline(transaction=False) as pipe:
+            for shard, count in counts.items():
+                pipe.xreadgroup(GROUP, self.consumer, {keys.ingest(shard): ">"}, count=count)
+            replies = await pipe.execute(raise_on_error=False)
+        if self._lost_group(replies):
+            return {}
+        got = {s: r[0][1] for s, r in zip(counts, replies, strict=True) if r and r[0][1]}
+        return self._note(got, counts)
+
+    def _note(self, got: Entries, counts: dict[int, int]) -> Entries:
+        """Remember which shards filled their count (they get most of the next read)."""
+        self._full = {s for s, entries in got.items() if len(entries) >= counts[s]}
+        self._more = bool(self._full)
         return got
 
     async def _handle(self, got: Entries) -> int:
@@ -323,7 +388,7 @@ class Dispatcher:
     def _lost_group(self, replies: list[Any]) -> bool:
         """Raise the outage among `replies`; whether a group is gone (NOGROUP), in which case it
         is made again at the next step."""
-        _raise_outage(replies)
+        raise_outage(replies)
         for reply in replies:
             if isinstance(reply, ResponseError):
                 if "NOGROUP" not in str(reply) and "no such key" not in str(reply):
@@ -367,17 +432,15 @@ class Dispatcher:
 
 
 async def run_dispatcher(res: Resources, stop: asyncio.Event) -> None:
-    """The worker's background task."""
-    await Dispatcher(res).run(stop)
+    """The worker's background task. When it stops, so does the worker: it closes the kept
+    delivery clients then (those in use when their delivery ends)."""
+    try:
+        await Dispatcher(res).run(stop)
+    finally:
+        await close_clients()
 
 
 async def _sleep(stop: asyncio.Event, seconds: float) -> None:
     if seconds > 0:
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(stop.wait(), seconds)
-
-
-def _raise_outage(replies: list[Any]) -> None:
-    for reply in replies:
-        if isinstance(reply, OUTAGES):
-            raise reply

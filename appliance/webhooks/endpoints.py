@@ -177,25 +177,36 @@ async def target(conn: Conn, webhook_id: str) -> Target | None:
     return None if row is None else Target(*row)
 
 
+# The endpoint's side of an attempt's outcome, as statements that log.record() runs in the same
+# statement as the attempt's row (parameters: endpoint, disable_after).
+RESET_FAILURES = (
+    "UPDATE webhook_endpoints SET failures = 0 WHERE id = %(endpoint)s AND failures <> 0"
+)
+COUNT_FAILURE = (
+    "UPDATE webhook_endpoints SET failures = failures + 1,"
+    " enabled = CASE WHEN failures + 1 >= %(disable_after)s THEN false ELSE enabled END,"
+    " disabled_reason = CASE WHEN enabled AND failures + 1 >= %(disable_after)s THEN 'failures'"
+    "                        ELSE disabled_reason END,"
+    " updated_at = now()"
+    " WHERE id = %(endpoint)s RETURNING failures, disabled_reason"
+)
+
+
 async def delivered(conn: Conn, webhook_id: str) -> None:
     """A delivery succeeded: the consecutive-failure count starts again."""
-    await conn.execute(
-        "UPDATE webhook_endpoints SET failures = 0 WHERE id = %s AND failures <> 0", (webhook_id,)
-    )
+    await conn.execute(RESET_FAILURES, {"endpoint": webhook_id})
 
 
 async def failed(conn: Conn, webhook_id: str, disable_after: int) -> bool:
     """A delivery failed for good (its last attempt); True if that disabled the endpoint."""
     cur = await conn.execute(
-        "UPDATE webhook_endpoints SET failures = failures + 1,"
-        " enabled = CASE WHEN failures + 1 >= %(n)s THEN false ELSE enabled END,"
-        " disabled_reason = CASE WHEN enabled AND failures + 1 >= %(n)s THEN 'failures'"
-        "                        ELSE disabled_reason END,"
-        " updated_at = now()"
-        " WHERE id = %(id)s RETURNING failures, disabled_reason",
-        {"id": webhook_id, "n": disable_after},
+        COUNT_FAILURE, {"endpoint": webhook_id, "disable_after": disable_after}
     )
-    row = await cur.fetchone()
+    return disabled_now(await cur.fetchone(), disable_after)
+
+
+def disabled_now(row: tuple[Any, ...] | None, disable_after: int) -> bool:
+    """Whether COUNT_FAILURE's row says that this failure disabled the endpoint."""
     return row is not None and row[0] == disable_after and row[1] == "failures"
 
 

@@ -2,7 +2,8 @@
 
 An event's `id` is a ULID that stays the same across retries and batches, so a receiver
 deduplicates on it; `created` is RFC 3339 in UTC. `data` carries the type's own fields (see
-docs/api.md, "Webhooks").
+docs/api.md, "Webhooks") as encoded JSON (`msgspec.Raw`): a message event's data is the stored
+message's bytes, carried from the ingest stream to the receiver without being decoded.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ EventType = Literal[
     "export.ready",
 ]
 EVENT_TYPES: tuple[EventType, ...] = get_args(EventType)
+SIZE_OVERHEAD = 96  # {"id":"","type":"conversation.updated","created":"","conversation":"","data":}
 
 
 class Event(msgspec.Struct, forbid_unknown_fields=True):
@@ -30,7 +32,18 @@ class Event(msgspec.Struct, forbid_unknown_fields=True):
     type: EventType
     created: str  # RFC 3339, UTC, e.g. 2026-12-06T11:22:49.123Z
     conversation: str | None
-    data: dict[str, Any]
+    data: msgspec.Raw  # a JSON object
+
+    def size(self) -> int:
+        """Bytes of this event as JSON, about (the fixed fields' names and punctuation fit in
+        `SIZE_OVERHEAD`)."""
+        return (
+            SIZE_OVERHEAD
+            + len(self.id)
+            + len(self.created)
+            + len(self.conversation or "")
+            + len(self.data)
+        )
 
 
 def rfc3339(at: datetime) -> str:
@@ -52,5 +65,5 @@ def event(
         type=type,
         created=rfc3339(when),
         conversation=conversation,
-        data=data,
+        data=msgspec.Raw(msgspec.json.encode(data)),
     )

@@ -1,18 +1,20 @@
 """The delivery log: one row per attempt in the monthly-partitioned `webhook_deliveries`, read
-newest first in pages (a cursor names the last row shown)."""
+newest first in pages (a cursor names the last row shown). An attempt's row and its effect on
+the endpoint's failure count are one statement: one round trip, atomic without a transaction."""
 
 from __future__ import annotations
 
 import base64
 import binascii
 from datetime import datetime
-from typing import Annotated
+from typing import Annotated, Literal
 
 import msgspec
 
 from appliance.errors import Invalid
 from appliance.resources import Conn
 from appliance.webhooks.client import Result
+from appliance.webhooks.endpoints import COUNT_FAILURE, RESET_FAILURES, disabled_now
 from appliance.webhooks.events import Event
 
 DEFAULT_LIMIT = 50
@@ -46,6 +48,21 @@ class _Cursor(msgspec.Struct, array_like=True):
 Cursor = Annotated[str, msgspec.Meta(max_length=200)]
 
 
+_INSERT = (
+    "INSERT INTO webhook_deliveries (at, endpoint, delivery, attempt, event_count, event_types,"
+    " outcome, status, error, duration_ms, retry_at)"
+    " VALUES (now(), %(endpoint)s, %(delivery)s, %(attempt)s, %(event_count)s, %(event_types)s,"
+    " %(outcome)s, %(status)s, %(error)s, %(duration_ms)s, %(retry_at)s)"
+)
+_RECORD = {
+    "logged": _INSERT,
+    "delivered": f"WITH reset AS ({RESET_FAILURES}) {_INSERT}",
+    # Data-modifying WITH clauses run to completion whether or not the outer query reads them.
+    "failed": f"WITH counted AS ({COUNT_FAILURE}), logged AS ({_INSERT})"
+    " SELECT failures, disabled_reason FROM counted",
+}
+
+
 async def record(
     conn: Conn,
     endpoint: str,
@@ -54,24 +71,30 @@ async def record(
     events: list[Event],
     result: Result,
     retry_at: datetime | None,
-) -> None:
-    await conn.execute(
-        "INSERT INTO webhook_deliveries (at, endpoint, delivery, attempt, event_count,"
-        " event_types, outcome, status, error, duration_ms, retry_at)"
-        " VALUES (now(), %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)",
-        (
-            endpoint,
-            delivery,
-            attempt,
-            len(events),
-            sorted({e.type for e in events}),
-            result.outcome,
-            result.status,
-            result.error,
-            result.duration * 1000,
-            retry_at,
-        ),
+    *,
+    then: Literal["logged", "delivered", "failed"] = "logged",
+    disable_after: int = 0,
+) -> bool:
+    """Log one attempt; with then="delivered" also reset the endpoint's failure count, with
+    "failed" (the delivery's last attempt failed) count one more, disabling the endpoint at
+    `disable_after`. Returns whether this disabled the endpoint."""
+    cur = await conn.execute(
+        _RECORD[then],
+        {
+            "endpoint": endpoint,
+            "delivery": delivery,
+            "attempt": attempt,
+            "event_count": len(events),
+            "event_types": sorted({e.type for e in events}),
+            "outcome": result.outcome,
+            "status": result.status,
+            "error": result.error,
+            "duration_ms": result.duration * 1000,
+            "retry_at": retry_at,
+            "disable_after": disable_after,
+        },
     )
+    return then == "failed" and disabled_now(await cur.fetchone(), disable_after)
 
 
 def _encode(last: Attempt) -> str:

@@ -2,22 +2,26 @@
 
 `emit` runs on the caller's connection, inside the caller's transaction: an event whose change
 rolls back is never delivered, and one that commits has its jobs queued with it. It costs one
-indexed query when no enabled endpoint takes the events' types.
+indexed query when no enabled endpoint takes the events' types. A delivery holds at most
+`[webhooks] batch_max` events and `BATCH_BYTES` of them (an event larger than that goes alone),
+so that no job payload, and no POST body, grows with the batch size times the message size.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from datetime import timedelta
 
 import msgspec
 from ulid import ULID
 
+from appliance import queue
 from appliance.resources import Conn
 from appliance.webhooks.events import Event
 
 DELIVER = "webhooks.deliver"
 BATCH_MAX = 100  # [webhooks] batch_max's default; the job splits larger batches by the config
+BATCH_BYTES = 1_048_576  # bytes of events per delivery at most (one larger event goes alone)
 
 
 class Delivery(msgspec.Struct, forbid_unknown_fields=True):
@@ -35,9 +39,9 @@ SELECT id, events FROM webhook_endpoints WHERE enabled AND events && %s::text[] 
 
 
 async def emit(conn: Conn, events: Sequence[Event], *, batch_max: int = BATCH_MAX) -> int:
-    """Queue delivery jobs for every enabled endpoint subscribed to each event's type, at most
-    `batch_max` events a job (pass `[webhooks] batch_max`; the job splits larger ones by the
-    worker's config anyway), in the events' order. Returns the number of jobs queued."""
+    """Queue delivery jobs for every enabled endpoint subscribed to each event's type, in the
+    events' order, in batches (`batches`: pass `[webhooks] batch_max`; the job splits larger
+    ones by the worker's config anyway). Returns the number of jobs queued."""
     if not events:
         return 0
     types = sorted({e.type for e in events})
@@ -47,18 +51,32 @@ async def emit(conn: Conn, events: Sequence[Event], *, batch_max: int = BATCH_MA
     for endpoint, subscribed in endpoints:
         wanted = set(subscribed)
         mine = [e for e in events if e.type in wanted]
-        for start in range(0, len(mine), max(1, batch_max)):
-            batch = mine[start : start + batch_max]
+        for batch in batches(mine, batch_max):
             await enqueue(conn, Delivery(endpoint, new_delivery_id(), 1, batch))
             queued += 1
     return queued
 
 
+def batches(
+    events: Sequence[Event], batch_max: int, max_bytes: int = BATCH_BYTES
+) -> Iterator[list[Event]]:
+    """`events` in order, cut into runs of at most `batch_max` events and `max_bytes` (as
+    `Event.size` counts them); an event larger than `max_bytes` is a run of its own."""
+    batch: list[Event] = []
+    size = 0
+    for e in events:
+        grown = size + e.size()
+        if batch and (len(batch) >= batch_max or grown > max_bytes):
+            yield batch
+            batch, grown = [], e.size()
+        batch.append(e)
+        size = grown
+    if batch:
+        yield batch
+
+
 async def enqueue(conn: Conn, delivery: Delivery, *, after: float = 0.0) -> int:
     """Queue one attempt of `delivery`, `after` seconds from now (on `conn`'s transaction)."""
-    # Imported here: appliance.jobs imports this feature's job handler, which imports this.
-    from appliance import jobs as queue
-
     return await queue.enqueue(
         conn,
         DELIVER,
