@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 from appliance.storage import Storage, StorageError
 
-PART_BYTES = 8 * 1_048_576
+PART_BYTES = 8 * 1_048_576  # the one part size: every caller takes it from here
 
 
 @dataclass
@@ -20,14 +20,14 @@ class Upload:
     storage: Storage
     key: str
     upload_id: str
-    part_bytes: int = PART_BYTES
+    part_bytes: int
     pending: bytearray = field(default_factory=bytearray)
     etags: list[str] = field(default_factory=list)
     size: int = 0  # bytes written so far
 
     @classmethod
-    async def start(cls, storage: Storage, key: str, part_bytes: int = PART_BYTES) -> Upload:
-        return cls(storage, key, await storage.start_upload(key), part_bytes)
+    async def start(cls, storage: Storage, key: str) -> Upload:
+        return cls(storage, key, await storage.start_upload(key), PART_BYTES)
 
     async def write(self, data: bytes) -> None:
         self.pending += data

@@ -47,13 +47,13 @@ async def _export(config: Config, conversation: str, out: Path) -> service.Expor
                     bar.update(now.last_seq - bar.pos)
             await running
         async with res.connection() as conn:
-            done = await service.get(conn, export.id)
-        assert done is not None
+            found = await service.locate(conn, export.id)
+        assert found is not None
+        done = found.export
         if done.state != "ready":
             raise ApplianceError(f"export {export.id} {done.state}: {done.error}")
         s3 = res.storage.s3
-        key = service.object_key(export.id)
-        await asyncio.to_thread(s3.download_file, res.storage.bucket, key, str(out))
+        await asyncio.to_thread(s3.download_file, res.storage.bucket, found.key, str(out))
         return done
 
 

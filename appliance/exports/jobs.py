@@ -3,11 +3,16 @@
 The run reads every tier through `History.replay` (the Redis tail, flush segments, compacted
 history), oldest first, up to the newest seq when it started; each message is one line, the
 JSON the HTTP API shows. Memory stays bounded whatever the conversation's size: a page of
-messages at a time is compressed (in a thread) and the output goes up as multipart parts of
-PART_BYTES. Progress is written to the row after each page.
+messages at a time is compressed (in a thread) and the output goes up as multipart parts
+(appliance/multipart.py). Progress is written to the row after each page.
 
 A run always starts over: a worker that crashed mid-export has its job picked up again by
 pgqueuer, and the new run aborts the multipart upload the row names before it starts its own.
+Each run writes its own object (`object_key(id, attempt)`), recorded in the row with its
+upload, and changes the row only while it owns it (`_GUARD`: its attempt, still running). A run
+that finds it no longer owns the row (a later run took it over, retention expired it, the
+purge deleted it) stops; if its object is already complete it deletes it, and a job that finds
+its export expired or gone deletes whatever its runs left (a run that died before it could).
 A run that fails marks the row failed with the reason and raises, so the worker retries it.
 After MAX_ATTEMPTS runs that did not finish (failed, or died with their worker) the next one
 gives up: the job is registered with MAX_ATTEMPTS + 1 attempts, so that this last run always
@@ -25,29 +30,30 @@ import structlog
 import zstandard
 
 from appliance.errors import ApplianceError
-from appliance.exports.service import Job, object_key
+from appliance.exports.service import PREFIX, Job, object_key
 from appliance.messages.blocks import BlockCache
 from appliance.messages.history import History
 from appliance.multipart import Upload, abort
 from appliance.resources import Resources
 from appliance.storage import StorageError
 from appliance.webhooks import events
+from appliance.webhooks import service as webhooks
 
 log = structlog.get_logger()
 
 PAGE = 500  # messages read at once (up to [messages] max_body_bytes each)
-PART_BYTES = 8 * 1_048_576  # see appliance/multipart.py
 MAX_ATTEMPTS = 3
 CACHE_BYTES = 8 * 1_048_576  # an export reads each block once: a small cache suffices
 ZSTD_LEVEL = 3
 
-# upload_id stays: it names the upload of the run before, if one crashed (aborted below);
-# error too: what made the run before fail, until this one ends.
+# object_key, upload_id stay: they name the upload of the run before, if one crashed (aborted
+# below, before this run records its own); error too: what made the run before fail, until this
+# one ends.
 _CLAIM = """
 UPDATE exports SET state = 'running', attempts = attempts + 1, started_at = now(),
        messages = 0, last_seq = 0, head_seq = NULL, finished_at = NULL
  WHERE id = %s AND state IN ('queued', 'running', 'failed')
-RETURNING conversation, attempts, upload_id, error
+RETURNING conversation, attempts, object_key, upload_id, error
 """
 # The run's own attempt only: a later run (after a crash) owns the row from then on.
 _GUARD = " WHERE id = %s AND attempts = %s AND state = 'running'"
@@ -55,18 +61,18 @@ _GUARD = " WHERE id = %s AND attempts = %s AND state = 'running'"
 
 async def run(res: Resources, payload: bytes) -> None:
     export_id = msgspec.json.decode(payload, type=Job).export
-    key = object_key(export_id)
     async with res.connection() as conn:
         cur = await conn.execute(_CLAIM, (export_id,))
         claimed = await cur.fetchone()
     if claimed is None:
-        log.info("export_skipped", export=export_id, reason="no such export, or it is done")
+        await _leftovers(res, export_id)
         return
-    conversation, attempt, stale_upload, last_error = claimed
+    conversation, attempt, stale_key, stale_upload, last_error = claimed
+    key = object_key(export_id, attempt)
     upload: Upload | None = None
     try:
         if stale_upload is not None:
-            await abort(res.storage, key, stale_upload)
+            await abort(res.storage, stale_key, stale_upload)
         if attempt > MAX_ATTEMPTS:
             last = last_error or "its worker stopped"
             reason = f"gave up after {MAX_ATTEMPTS} runs that did not finish; the last: {last}"
@@ -75,16 +81,24 @@ async def run(res: Resources, payload: bytes) -> None:
         if not await _live(res, conversation):
             await _fail(res, export_id, attempt, "the conversation was deleted")
             return
-        upload = await Upload.start(res.storage, key, PART_BYTES)
+        upload = await Upload.start(res.storage, key)
         async with res.connection() as conn:
-            await conn.execute(
-                "UPDATE exports SET upload_id = %s" + _GUARD, (upload.upload_id, export_id, attempt)
+            cur = await conn.execute(
+                "UPDATE exports SET object_key = %s, upload_id = %s" + _GUARD,
+                (key, upload.upload_id, export_id, attempt),
             )
+        if cur.rowcount == 0:  # superseded (or expired) before it wrote anything
+            await upload.abort()
+            log.warning("export_superseded", export=export_id, attempt=attempt)
+            return
         messages = await _write(res, export_id, attempt, conversation, upload)
         await upload.complete()
     except Exception as exc:
-        left = None  # an upload that could not be aborted: the row keeps it for the retry
+        # An upload that may not be aborted yet (the run before's, or this run's if S3 refused):
+        # the row keeps it, with the key it still names, for the retry to abort.
+        left = stale_upload
         if upload is not None:
+            left = None
             try:
                 await upload.abort()
             except StorageError as failed:
@@ -95,8 +109,40 @@ async def run(res: Resources, payload: bytes) -> None:
         raise
     if not await _ready(res, export_id, attempt, conversation, messages, upload.size):
         log.warning("export_superseded", export=export_id, attempt=attempt)
+        await _discard(res, export_id, key)
         return
     log.info("export_ready", export=export_id, messages=messages, size=upload.size)
+
+
+async def _discard(res: Resources, export_id: str, key: str) -> None:
+    """Delete the object of a run that lost its row after completing it: nobody will show it.
+    If S3 refuses and the row is expired or gone, raise: the job's retry deletes it
+    (`_leftovers`). A row a later run owns is still retention's, which deletes every run's
+    object with it."""
+    try:
+        await res.storage.delete(key)
+    except StorageError as exc:
+        if await _state(res, export_id) in (None, "expired"):
+            raise
+        log.warning("export_discard_failed", export=export_id, key=key, error=exc.message)
+
+
+async def _leftovers(res: Resources, export_id: str) -> None:
+    """A job for an export no run may take: done (ready, failed for good), expired, or gone.
+    An expired or gone one may still have an object that a run completed after retention's
+    pass, then died or could not delete: every object of it goes."""
+    deleted = 0
+    if await _state(res, export_id) in (None, "expired"):
+        found = await res.storage.list_keys(f"{PREFIX}{export_id}.")
+        deleted = await res.storage.delete_many([k for k, _ in found])
+    log.info("export_skipped", export=export_id, reason="done, expired or gone", deleted=deleted)
+
+
+async def _state(res: Resources, export_id: str) -> str | None:
+    async with res.connection() as conn:
+        cur = await conn.execute("SELECT state FROM exports WHERE id = %s", (export_id,))
+        row = await cur.fetchone()
+    return None if row is None else str(row[0])
 
 
 async def _write(
@@ -144,9 +190,6 @@ async def _ready(
 ) -> bool:
     """The row ready and `export.ready` emitted, in one transaction; False if this run no
     longer owns the row (a later run took it over, or retention expired it)."""
-    # Imported here: webhooks.service imports appliance.jobs, which imports this module.
-    from appliance.webhooks import service as webhooks
-
     async with res.connection() as conn, conn.transaction():
         cur = await conn.execute(
             "UPDATE exports SET state = 'ready', upload_id = NULL, size = %s, messages = %s,"

@@ -2,7 +2,8 @@
 conversation's full history, then follow it to its presigned link.
 
 Who may read the conversation's history (a member, or a key with `read`) may export it and read
-its exports; to anyone else an export is 404, so its id tells nothing.
+its exports; to anyone else an export is 404, so its id tells nothing. So is an export of a
+conversation purged since (even if its id was created again).
 """
 
 from __future__ import annotations
@@ -74,12 +75,12 @@ async def get_export(request: Req, export: FromPath[str], principal: Who) -> Res
     found = None
     if service.valid_id(export):
         async with svc.connection() as conn:
-            found = await service.get(conn, export)
-    if found is None or not await svc.access.allowed(principal, found.conversation, "read"):
+            found = await service.locate(conn, export)
+    if found is None or not await svc.access.allowed(principal, found.export.conversation, "read"):
         raise NotFound(f"no export {export!r}", field="export")
     expires = svc.config.exports.link_expires
-    found = await service.with_link(found, svc.resources.storage, expires, datetime.now(UTC))
-    return json_response(found)
+    shown = await service.with_link(found, svc.resources.storage, expires, datetime.now(UTC))
+    return json_response(shown)
 
 
 ROUTER = router(
