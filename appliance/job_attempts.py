@@ -2,14 +2,20 @@
 
 - An attempt is counted before its handler runs (`begin`, committed before the handler starts),
   so an attempt that kills its worker is counted too. pgqueuer re-picks such a job with its own
-  count unchanged; `begin` then finds the attempt still marked running, and the worker treats it
-  as a failed attempt ("lost"): parked if it was the last, else run again (at once for a first
-  attempt, after a back-off for a later one), never run again uncounted.
+  count unchanged; `begin` then finds the attempt still marked running ("lost") and changes
+  nothing: the worker decides. If the worker that began it demonstrably still runs (a stalled
+  event loop or a lost connection let the job's heartbeat lapse), the job waits, uncounted;
+  else the worker records it as a failed attempt: parked if it was the last, else run again (at
+  once for a first attempt, after a back-off for a later one), never run again uncounted.
+- An `Attempt` is (job, number, worker). `succeeded` and `failed` change the row only while it
+  is still that attempt's: a worker whose attempt another worker has since counted as lost, or
+  replaced with a newer one, changes nothing of the newer attempt's row.
 - A job that has used its attempts is parked: its row keeps entrypoint, payload, attempts, the
   last error, the first and last attempt times. `requeue` enqueues the payload again as a new job
   and forgets the parked row, in one transaction; `discard` forgets it.
-- Back-off before attempt n+1: `retry_delay * 2^(n-1)`, capped at `retry_max_delay`, times a
-  random factor of 0.5-1 (jobs that failed together, say in an outage, do not retry together).
+- Back-off before attempt n+1 (`backoff`, also used by webhook deliveries): `first * 2^(n-1)`,
+  capped, times a random factor of 0.5-1 (jobs that failed together, say in an outage, do not
+  retry together).
 """
 
 from __future__ import annotations
@@ -23,7 +29,7 @@ from typing import Literal
 from pgqueuer.domain.settings import db_settings
 from psycopg import sql
 
-from appliance.config import Config
+from appliance import queue
 from appliance.config import scrub as scrub_secrets
 from appliance.resources import Conn
 
@@ -41,29 +47,44 @@ def error_text(exc: BaseException) -> str:
     return scrub_secrets(text)[:ERROR_MAX]
 
 
-def backoff(attempt: int, config: Config, rand: Callable[[], float] = random.random) -> float:
-    """Seconds to wait after failed attempt `attempt` (1-based) before the next."""
-    section = config.worker
-    ceiling = min(section.retry_max_delay, section.retry_delay * 2.0 ** min(attempt - 1, 32))
-    return float(ceiling * (0.5 + rand() / 2))
+def backoff(
+    attempt: int, first: float, ceiling: float, rand: Callable[[], float] = random.random
+) -> float:
+    """Seconds to wait after failed attempt `attempt` (1-based) before the next: `first`
+    doubled per attempt, at most `ceiling`, times a random 0.5-1."""
+    full = min(ceiling, first * 2.0 ** min(attempt - 1, 32))
+    return float(full * (0.5 + rand() / 2))
+
+
+@dataclass(frozen=True)
+class Attempt:
+    """Attempt `number` of job `job_id`, begun by `worker` ("<instance> pid <pid>")."""
+
+    job_id: int
+    number: int
+    worker: str
 
 
 @dataclass(frozen=True)
 class Start:
-    """What `begin` found. run: attempt `attempt` starts now. lost: attempt `attempt` was
-    running when its worker died (`error` says so); the handler must not run now. parked: the
-    job was parked already (its worker died before pgqueuer forgot it); nothing to do."""
+    """What `begin` found. run: `attempt` starts now. lost: `attempt` is still marked running
+    (since `started`), though pgqueuer gave its job out again (`error` says why, for the
+    record); the handler must not run now. parked: the job was parked already (its worker died
+    before pgqueuer forgot it); nothing to do."""
 
     action: Literal["run", "lost", "parked"]
-    attempt: int
+    attempt: Attempt
+    started: datetime | None = None
     error: str | None = None
 
 
 async def begin(conn: Conn, job_id: int, entrypoint: str, worker: str) -> Start:
+    """Start the next attempt of `job_id` for `worker`, unless the last one is still marked
+    running (lost: nothing is written) or the job is parked."""
     async with conn.transaction():
         cur = await conn.execute(
-            "SELECT attempts, running, parked_at IS NOT NULL, worker FROM job_attempts"
-            " WHERE job_id = %s FOR UPDATE",
+            "SELECT attempts, running, parked_at IS NOT NULL, worker, last_attempt_at"
+            " FROM job_attempts WHERE job_id = %s FOR UPDATE",
             (job_id,),
         )
         row = await cur.fetchone()
@@ -73,37 +94,47 @@ async def begin(conn: Conn, job_id: int, entrypoint: str, worker: str) -> Start:
                 " VALUES (%s, %s, 1, true, %s)",
                 (job_id, entrypoint, worker),
             )
-            return Start("run", 1)
-        attempts, running, parked, last_worker = row
+            return Start("run", Attempt(job_id, 1, worker))
+        attempts, running, parked, last_worker, last_attempt_at = row
         if parked:
-            return Start("parked", attempts)
+            return Start("parked", Attempt(job_id, attempts, last_worker))
         if running:
             error = f"the worker running it ({last_worker}) died or lost its heartbeat"
-            await conn.execute(
-                "UPDATE job_attempts SET running = false, last_error = %s WHERE job_id = %s",
-                (error, job_id),
-            )
-            return Start("lost", attempts, error)
+            return Start("lost", Attempt(job_id, attempts, last_worker), last_attempt_at, error)
         await conn.execute(
             "UPDATE job_attempts SET attempts = attempts + 1, running = true, worker = %s,"
             " last_attempt_at = now() WHERE job_id = %s",
             (worker, job_id),
         )
-        return Start("run", attempts + 1)
+        return Start("run", Attempt(job_id, attempts + 1, worker))
 
 
-async def succeeded(conn: Conn, job_id: int) -> None:
-    await conn.execute("DELETE FROM job_attempts WHERE job_id = %s", (job_id,))
+# Both match the attempt, not only the job: see the module docstring.
+_ATTEMPT = " WHERE job_id = %s AND attempts = %s AND worker = %s"
 
 
-async def failed(conn: Conn, job_id: int, error: str, *, park: bool, payload: bytes) -> None:
-    """Record a failed attempt; `park`: the job is out of attempts, keep it as failed."""
-    await conn.execute(
+async def succeeded(conn: Conn, attempt: Attempt) -> bool:
+    """Forget the job's count after `attempt` succeeded. It succeeded even if another worker
+    counted it as lost meanwhile (and parked the job, or queued a retry, which pgqueuer drops
+    with this success); but a newer attempt's row is left alone. False: nothing matched."""
+    cur = await conn.execute(
+        "DELETE FROM job_attempts" + _ATTEMPT, (attempt.job_id, attempt.number, attempt.worker)
+    )
+    return cur.rowcount == 1
+
+
+async def failed(conn: Conn, attempt: Attempt, error: str, *, park: bool, payload: bytes) -> bool:
+    """Record that `attempt` failed; `park`: the job is out of attempts, keep it as failed.
+    False: `attempt` is no longer the job's running attempt (another worker counted it as lost,
+    and its record stands); nothing was written."""
+    cur = await conn.execute(
         "UPDATE job_attempts SET running = false, last_error = %s,"
         " parked_at = CASE WHEN %s THEN now() END, payload = CASE WHEN %s THEN %s::bytea END"
-        " WHERE job_id = %s",
-        (error, park, park, payload, job_id),
+        + _ATTEMPT
+        + " AND running",
+        (error, park, park, payload, attempt.job_id, attempt.number, attempt.worker),
     )
+    return cur.rowcount == 1
 
 
 async def carry_over(conn: Conn, old_id: int, new_id: int) -> None:
@@ -210,10 +241,6 @@ async def requeue(conn: Conn, job_id: int | None) -> list[Requeued]:
     """Enqueue parked job `job_id` (None: every parked job) again with its payload, as a new job
     with a fresh count, and forget the parked row; one transaction. A job whose entrypoint this
     version no longer serves stays parked and is reported as skipped."""
-    # Here, not at the top: appliance.jobs imports every feature's handlers, which the CLI's
-    # other job commands and `appliance status` do not need.
-    from appliance.jobs import ENTRYPOINTS, enqueue
-
     out = []
     async with conn.transaction():
         cur = await conn.execute(
@@ -222,10 +249,10 @@ async def requeue(conn: Conn, job_id: int | None) -> list[Requeued]:
             (job_id, job_id),
         )
         for old_id, entrypoint, payload in await cur.fetchall():
-            if entrypoint not in ENTRYPOINTS:
+            if entrypoint not in queue.NAMES:
                 out.append(Requeued(old_id, None, entrypoint, "unknown entrypoint"))
                 continue
-            new_id = await enqueue(conn, entrypoint, bytes(payload))
+            new_id = await queue.enqueue(conn, entrypoint, bytes(payload))
             await conn.execute("DELETE FROM job_attempts WHERE job_id = %s", (old_id,))
             out.append(Requeued(old_id, new_id, entrypoint))
     return out

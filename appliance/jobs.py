@@ -1,17 +1,15 @@
-"""Job plumbing: the entrypoint registry the worker serves, and enqueueing from anywhere.
+"""The entrypoint registry the worker serves (enqueueing is appliance/queue.py, a leaf).
 
 Feature modules own their handlers (`appliance/<feature>/jobs.py`) and are listed in `ENTRYPOINTS`,
 either as a bare handler (which gets `[worker] max_attempts`) or as an `Entrypoint` carrying its
 own attempt limit; the worker wraps each with a timeout, attempt counting, metrics and log context.
+Only the worker (and tools that list entrypoints) import this module: it imports every feature.
 """
 
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from datetime import timedelta
-
-from pgqueuer.queries import Queries
 
 from appliance.attachments import jobs as attachments
 from appliance.backups import jobs as backups
@@ -19,7 +17,7 @@ from appliance.config import Config
 from appliance.diagnostics import jobs as diagnostics
 from appliance.exports import jobs as export_jobs
 from appliance.exports import service as exports
-from appliance.resources import Conn, Resources
+from appliance.resources import Resources
 from appliance.webhooks import jobs as webhooks
 
 Handler = Callable[[Resources, bytes], Awaitable[None]]
@@ -55,21 +53,3 @@ def entrypoint(name: str) -> Entrypoint:
     """The registry entry for `name` as an `Entrypoint` (a bare handler gets the default limit)."""
     entry = ENTRYPOINTS[name]
     return entry if isinstance(entry, Entrypoint) else Entrypoint(entry)
-
-
-async def enqueue(
-    conn: Conn,
-    entrypoint: str,
-    payload: bytes,
-    *,
-    dedupe_key: str | None = None,
-    execute_after: timedelta | None = None,
-) -> int:
-    """Enqueue on `conn` (inside the caller's transaction if one is open: a rollback leaves no
-    job); returns the job id. `execute_after` delays the first run."""
-    if entrypoint not in ENTRYPOINTS:
-        raise ValueError(f"unknown job entrypoint {entrypoint!r}")
-    ids = await Queries.from_psycopg_connection(conn).enqueue(
-        entrypoint, payload, dedupe_key=dedupe_key, execute_after=execute_after
-    )
-    return int(ids[0])

@@ -15,7 +15,7 @@ import asyncio
 import os
 import time
 
-from appliance import jobs, logs
+from appliance import jobs, logs, queue
 from appliance.config import load_config
 from appliance.programs.runner import supervise
 from appliance.programs.worker import run_worker
@@ -41,6 +41,7 @@ async def die(res: Resources, payload: bytes) -> None:
 def main() -> None:
     jobs.ENTRYPOINTS["test.hang"] = hang
     jobs.ENTRYPOINTS["test.die"] = jobs.Entrypoint(die, max_attempts=DIE_ATTEMPTS)
+    queue.NAMES = (*queue.NAMES, "test.hang", "test.die")  # a job cut off at drain is re-queued
     config = load_config()
     logs.configure("worker", config.appliance.log_level, config.appliance.log_format)
     asyncio.run(supervise("worker", config, run_worker))

@@ -9,7 +9,7 @@ from collections.abc import AsyncIterator
 import msgspec
 import pytest
 
-from appliance import jobs
+from appliance import queue
 from appliance.diagnostics.jobs import NOOP, NoopTiming, noop, noop_starts
 from appliance.programs.worker import run_worker
 from appliance.resources import Resources
@@ -31,7 +31,7 @@ async def test_noop_records_its_enqueue_and_start_times(resources: Resources, wo
     enqueued = time.time()
     async with resources.connection() as conn:
         for _ in range(3):
-            await jobs.enqueue(conn, NOOP, msgspec.json.encode(NoopTiming(run, enqueued)))
+            await queue.enqueue(conn, NOOP, msgspec.json.encode(NoopTiming(run, enqueued)))
 
     try:
         async with asyncio.timeout(15):

@@ -1,10 +1,12 @@
 """Jobs: attempts counted, jittered back-off, parking, re-queueing, transactional enqueue, log
-context, metrics; and, with real worker processes, jobs whose worker is killed mid-job."""
+context, metrics; a job taken for lost while its worker still runs it (in-process steps); and,
+with real worker processes, a job whose worker is killed and one that keeps killing its worker."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import functools
 import json
 import os
@@ -21,10 +23,15 @@ import psycopg
 import pytest
 import redis
 import structlog
+from click.testing import CliRunner, Result
+from pgqueuer import Job
+from pgqueuer.domain.errors import RetryRequested
 
-from appliance import job_attempts, jobs, metrics
+from appliance import heartbeat, job_attempts, jobs, metrics, queue
+from appliance.cli import main
 from appliance.config import Config
-from appliance.programs.worker import run_worker
+from appliance.job_attempts import Attempt
+from appliance.programs.worker import JobParked, _wrap, run_worker
 from appliance.resources import Resources, open_resources
 from tests import job_worker
 from tests.conftest import REDIS_URL
@@ -74,7 +81,13 @@ async def queue_row(res: Resources, job_id: int) -> tuple[str, datetime] | None:
 
 async def enqueue(res: Resources, entrypoint: str, payload: bytes) -> int:
     async with res.connection() as conn:
-        return await jobs.enqueue(conn, entrypoint, payload)
+        return await queue.enqueue(conn, entrypoint, payload)
+
+
+def serve(monkeypatch: pytest.MonkeyPatch, name: str, handler: Any) -> None:
+    """A test entrypoint: in the worker's registry, and a name `queue.enqueue` takes."""
+    monkeypatch.setitem(jobs.ENTRYPOINTS, name, handler)
+    monkeypatch.setattr(queue, "NAMES", (*queue.NAMES, name))
 
 
 @pytest.fixture
@@ -103,12 +116,19 @@ async def worker(res: Resources) -> AsyncIterator[None]:
         await asyncio.wait_for(task, 30)
 
 
-def test_backoff_doubles_is_capped_and_jittered(config: Config) -> None:
-    worker = config.worker  # retry_delay 10, retry_max_delay 3600
-    assert [job_attempts.backoff(n, config, lambda: 1.0) for n in (1, 2, 3)] == [10, 20, 40]
-    assert [job_attempts.backoff(n, config, lambda: 0.0) for n in (1, 2, 3)] == [5, 10, 20]
-    assert job_attempts.backoff(30, config, lambda: 1.0) == worker.retry_max_delay
-    assert job_attempts.backoff(1000, config, lambda: 0.0) == worker.retry_max_delay / 2
+def test_backoff_doubles_is_capped_and_jittered() -> None:
+    def backoff(n: int, rand: float) -> float:
+        return job_attempts.backoff(n, 10.0, 3600.0, lambda: rand)
+
+    assert [backoff(n, 1.0) for n in (1, 2, 3)] == [10, 20, 40]
+    assert [backoff(n, 0.0) for n in (1, 2, 3)] == [5, 10, 20]
+    assert backoff(30, 1.0) == 3600.0
+    assert backoff(1000, 0.0) == 1800.0
+
+
+def test_every_registered_entrypoint_can_be_enqueued_and_no_other() -> None:
+    """appliance/queue.py (a leaf, which features import) and the registry list the same names."""
+    assert sorted(queue.NAMES) == sorted(jobs.ENTRYPOINTS)
 
 
 def test_entrypoint_limits(config: Config) -> None:
@@ -131,8 +151,8 @@ async def test_failing_job_is_retried_with_backoff_then_parked(
         runs.append(time.monotonic())
         raise RuntimeError(f"receiver said no to {payload.decode()}")
 
-    monkeypatch.setitem(jobs.ENTRYPOINTS, "test.broken", broken)  # 3 attempts ([worker])
-    worker_settings["worker"].update(retry_delay=1.0, retry_max_delay=1.0)  # waits of 0.5-1 s
+    serve(monkeypatch, "test.broken", broken)  # 3 attempts ([worker])
+    worker_settings["worker"].update(retry_delay=0.4, retry_max_delay=0.4)  # waits of 0.2-0.4 s
     labels = {"entrypoint": "test.broken"}
     before = {
         action: sample("appliance_job_failures_total", {**labels, "action": action})
@@ -156,7 +176,7 @@ async def test_failing_job_is_retried_with_backoff_then_parked(
         attempts, running, last_error, parked_at, last_attempt, execute_after = waiting
         assert (attempts, running, parked_at) == (1, False, None)
         assert last_error == "RuntimeError: receiver said no to order-7"
-        assert execute_after - last_attempt >= timedelta(seconds=0.5)
+        assert execute_after - last_attempt >= timedelta(seconds=0.2)
 
         async def parked() -> dict[str, Any] | None:
             row = await attempts_row(res, job_id)
@@ -171,7 +191,7 @@ async def test_failing_job_is_retried_with_backoff_then_parked(
         async with res.connection() as conn:
             listed = await job_attempts.parked(conn, 1000)
     assert len(runs) == 3
-    assert runs[1] - runs[0] >= 0.5 and runs[2] - runs[1] >= 0.5  # each waited its back-off
+    assert runs[1] - runs[0] >= 0.2 and runs[2] - runs[1] >= 0.2  # each waited its back-off
     assert row["attempts"] == 3
     assert row["payload"] == b"order-7"
     assert row["last_error"] == "RuntimeError: receiver said no to order-7"
@@ -188,7 +208,7 @@ async def test_timed_out_attempts_count_and_park(
     async def slow(res: Resources, payload: bytes) -> None:
         await asyncio.sleep(30)
 
-    monkeypatch.setitem(jobs.ENTRYPOINTS, "test.slow2", jobs.Entrypoint(slow, max_attempts=2))
+    serve(monkeypatch, "test.slow2", jobs.Entrypoint(slow, max_attempts=2))
     worker_settings["worker"]["job_timeout"] = 0.3
     labels = {"entrypoint": "test.slow2", "status": "timeout"}
     before = sample("appliance_jobs_total", labels)
@@ -214,7 +234,7 @@ async def test_handler_log_lines_carry_job_id_entrypoint_and_attempt(
         structlog.get_logger().info("inside_handler", detail=payload.decode())
         done.set()
 
-    monkeypatch.setitem(jobs.ENTRYPOINTS, "test.chatty", chatty)
+    serve(monkeypatch, "test.chatty", chatty)
     before = sample("appliance_job_attempts_total", {"entrypoint": "test.chatty"})
     with structlog.testing.capture_logs(
         processors=[structlog.contextvars.merge_contextvars]
@@ -247,9 +267,9 @@ async def test_queue_depth_gauge_counts_queued_and_parked(
     async def never(res: Resources, payload: bytes) -> None:
         raise AssertionError("a job deferred by an hour ran")
 
-    monkeypatch.setitem(jobs.ENTRYPOINTS, "test.later", never)
+    serve(monkeypatch, "test.later", never)
     async with res.connection() as conn:
-        later = await jobs.enqueue(conn, "test.later", b"", execute_after=timedelta(hours=1))
+        later = await queue.enqueue(conn, "test.later", b"", execute_after=timedelta(hours=1))
         await conn.execute(
             "INSERT INTO job_attempts (job_id, entrypoint, attempts, running, worker, last_error,"
             " parked_at, payload) VALUES (-1, 'test.later', 5, false, 'w', 'boom', now(), '')"
@@ -277,24 +297,26 @@ async def test_queue_depth_gauge_counts_queued_and_parked(
             await conn.execute("DELETE FROM job_attempts WHERE job_id = -1")
 
 
-async def test_enqueue_is_transactional_on_a_pooled_connection(res: Resources) -> None:
+async def test_enqueue_is_transactional_on_a_pooled_connection(
+    monkeypatch: pytest.MonkeyPatch, res: Resources
+) -> None:
     async def count() -> int:
         async with res.connection() as conn:
             cur = await conn.execute("SELECT count(*) FROM pgqueuer WHERE entrypoint = 'test.tx'")
             row = await cur.fetchone()
             return int(row[0]) if row else -1
 
-    jobs.ENTRYPOINTS.setdefault("test.tx", jobs.entrypoint("diagnostics.noop").handler)
+    serve(monkeypatch, "test.tx", jobs.entrypoint("diagnostics.noop").handler)
     try:
         async with res.connection() as conn:
             with pytest.raises(RuntimeError):
                 async with conn.transaction():
-                    await jobs.enqueue(conn, "test.tx", b"", execute_after=timedelta(hours=1))
+                    await queue.enqueue(conn, "test.tx", b"", execute_after=timedelta(hours=1))
                     assert await count() == 0  # not visible outside before commit
                     raise RuntimeError("the business step failed")
         assert await count() == 0
         async with res.connection() as conn, conn.transaction():
-            job_id = await jobs.enqueue(conn, "test.tx", b"", execute_after=timedelta(hours=1))
+            job_id = await queue.enqueue(conn, "test.tx", b"", execute_after=timedelta(hours=1))
         assert await count() == 1
         status, execute_after = await queue_row(res, job_id) or ("", datetime.now(UTC))
         assert status == "queued"
@@ -302,7 +324,6 @@ async def test_enqueue_is_transactional_on_a_pooled_connection(res: Resources) -
     finally:
         async with res.connection() as conn:
             await conn.execute("DELETE FROM pgqueuer WHERE entrypoint = 'test.tx'")
-        del jobs.ENTRYPOINTS["test.tx"]
 
 
 async def test_job_cut_off_at_drain_keeps_its_count_under_its_new_id(
@@ -314,7 +335,7 @@ async def test_job_cut_off_at_drain_keeps_its_count_under_its_new_id(
         started.set()
         await asyncio.sleep(3600)
 
-    monkeypatch.setitem(jobs.ENTRYPOINTS, "test.long2", long_job)
+    serve(monkeypatch, "test.long2", long_job)
     stop = asyncio.Event()
     task = asyncio.create_task(run_worker(res, stop))
     job_id = await enqueue(res, "test.long2", b"x")
@@ -338,14 +359,129 @@ async def test_job_cut_off_at_drain_keeps_its_count_under_its_new_id(
     assert await attempts_row(res, job_id) is None
 
 
-def cli(config: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "appliance", *args],
-        env={"APPLIANCE_CONFIG": str(config), "PATH": os.environ["PATH"]},
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+def a_job_id() -> int:
+    """An id no pgqueuer job has (theirs count up from 1), for bookkeeping-only steps."""
+    return -(time.time_ns() // 1000)
+
+
+def picked(job_id: int, entrypoint: str, payload: bytes) -> Job:
+    """The job as pgqueuer hands it to a handler."""
+    now = datetime.now(UTC)
+    return Job(
+        id=job_id, priority=0, created=now, updated=now, heartbeat=now, execute_after=now,
+        status="picked", entrypoint=entrypoint, payload=payload, queue_manager_id=None,
+        headers=None,
+    )  # fmt: skip
+
+
+async def test_a_stale_attempt_changes_nothing_of_the_newer_one(res: Resources) -> None:
+    """Worker A's attempt 1 is taken for lost; B counts it and runs attempt 2. A's late success
+    or failure leaves B's row alone, and B's failure parks the job where `jobs failed` shows it.
+    And a late success of an attempt counted as lost, with no newer attempt yet, ends the job."""
+    job_id, a, b = a_job_id(), "host-a pid 1", "host-b pid 2"
+    async with res.connection() as conn:
+        first = await job_attempts.begin(conn, job_id, "test.x", a)
+        assert (first.action, first.attempt) == ("run", Attempt(job_id, 1, a))
+        lost = await job_attempts.begin(conn, job_id, "test.x", b)
+        assert (lost.action, lost.attempt) == ("lost", first.attempt)
+        assert lost.started is not None and lost.error and a in lost.error
+        assert (await attempts_row(res, job_id) or {})["running"] is True  # nothing written
+        assert await job_attempts.failed(conn, lost.attempt, lost.error, park=False, payload=b"")
+        second = await job_attempts.begin(conn, job_id, "test.x", b)
+        assert (second.action, second.attempt) == ("run", Attempt(job_id, 2, b))
+
+        assert not await job_attempts.succeeded(conn, first.attempt)  # A comes back
+        assert not await job_attempts.failed(conn, first.attempt, "late", park=True, payload=b"")
+        row = await attempts_row(res, job_id) or {}
+        assert (row["attempts"], row["running"], row["parked_at"]) == (2, True, None)
+
+        assert await job_attempts.failed(conn, second.attempt, "E: no", park=True, payload=b"p")
+        [shown] = [p for p in await job_attempts.parked(conn, 1000) if p.id == job_id]
+        assert (shown.attempts, shown.last_error, shown.payload_bytes) == (2, "E: no", 1)
+        await job_attempts.discard(conn, job_id)
+
+        other = a_job_id()
+        mine = (await job_attempts.begin(conn, other, "test.x", a)).attempt
+        taken = await job_attempts.begin(conn, other, "test.x", b)
+        assert await job_attempts.failed(conn, taken.attempt, "lost", park=False, payload=b"")
+        assert await job_attempts.succeeded(conn, mine)
+        assert await attempts_row(res, other) is None
+
+
+async def test_a_job_taken_for_lost_waits_while_its_worker_still_runs_it(
+    monkeypatch: pytest.MonkeyPatch, res: Resources
+) -> None:
+    """The review's sequence through the worker's handler (`_wrap`), without a real stall:
+    attempt 1 runs; pgqueuer hands the job out again (its heartbeat lapsed). While the worker
+    running attempt 1 demonstrably runs (this process's running set; another process's fresh
+    heartbeat), the job goes back, uncounted. Once the evidence is gone (a heartbeat from a
+    process started after the attempt: a reused pid), attempt 2 runs beside it; attempt 1's late
+    success then leaves attempt 2's row alone, and attempt 2's failure parks the job."""
+    name, job_id = "test.held", a_job_id()
+    calls: list[int] = []
+    release = [asyncio.Event(), asyncio.Event()]
+
+    async def held(res: Resources, payload: bytes) -> None:
+        calls.append(len(calls) + 1)
+        n = len(calls)
+        await release[n - 1].wait()
+        if n == 2:
+            raise RuntimeError("the second run failed")
+
+    serve(monkeypatch, name, jobs.Entrypoint(held, max_attempts=2))
+    job = picked(job_id, name, b"p")
+    running: set[int] = set()
+    instance = res.config.appliance.instance
+    elsewhere = dataclasses.replace(
+        res, config=res.config.model_copy(update={"appliance": res.config.appliance.model_copy(
+            update={"instance": "elsewhere"})})
+    )  # fmt: skip
+
+    async def beat(started: float) -> None:
+        await heartbeat.beat(res.redis, res.keys, "worker", instance, 1.0, started)
+
+    async def row() -> tuple[int, bool, Any]:
+        found = await attempts_row(res, job_id) or {}
+        return found["attempts"], found["running"], found["parked_at"]
+
+    with structlog.testing.capture_logs() as logs:
+        first = asyncio.create_task(_wrap(res, name, running)(job))
+        await until(lambda: asyncio.sleep(0, bool(calls)), 10, "attempt 1 to start")
+        # Picked again by another worker of this process: attempt 1 is in its running set.
+        with pytest.raises(RetryRequested):
+            await _wrap(res, name, running)(job)
+        # Picked by a worker elsewhere; this process's worker heartbeat is fresh.
+        await beat(time.time() - 60)
+        with pytest.raises(RetryRequested):
+            await _wrap(elsewhere, name)(job)
+        assert calls == [1] and await row() == (1, True, None)
+        # The heartbeat now comes from a process that started after attempt 1 began.
+        await beat(time.time() + 60)
+        second = asyncio.create_task(_wrap(elsewhere, name)(job))
+        await until(lambda: asyncio.sleep(0, len(calls) == 2), 10, "attempt 2 to start")
+        assert await row() == (2, True, None)
+        release[0].set()
+        await first  # a success that is no longer the job's running attempt
+        assert await row() == (2, True, None)
+        release[1].set()
+        with pytest.raises(JobParked):
+            await second
+    await res.redis.delete(res.keys.heartbeat("worker", instance))
+    attempts, running_now, parked_at = await row()
+    assert (attempts, running_now) == (2, False) and parked_at is not None
+    async with res.connection() as conn:
+        [shown] = [p for p in await job_attempts.parked(conn, 1000) if p.id == job_id]
+        await job_attempts.discard(conn, job_id)
+    assert shown.last_error == "RuntimeError: the second run failed"
+    events = [e["event"] for e in logs]
+    assert events.count("job_still_running") == 2
+    assert events.count("job_lost") == 1 and "job_attempt_superseded" in events
+    assert not running  # nothing left marked as running here
+
+
+def cli(config: Path, *args: str) -> Result:
+    """`appliance ARGS` in this process (call it in a thread: the CLI runs its own event loop)."""
+    return CliRunner().invoke(main, list(args), env={"APPLIANCE_CONFIG": str(config)})
 
 
 async def park(res: Resources, job_id: int, entrypoint: str, payload: bytes) -> None:
@@ -376,46 +512,46 @@ async def test_cli_lists_failed_jobs_retries_and_discards_them(
             await park(res, job_id, "diagnostics.ping", json.dumps({"token": token}).encode())
         await park(res, 9004, "gone.away", b"")  # an entrypoint this version no longer has
 
-        # Commands that change nothing run side by side (each is a Python start-up).
-        done, text, status, gone, usage, unknown = await asyncio.gather(
-            run("jobs", "failed", "--json"),
-            run("jobs", "failed"),
-            run("status"),
-            run("jobs", "retry", "9004"),
-            run("jobs", "retry"),
-            run("jobs", "discard", "424242"),
-        )
-        assert done.returncode == 0, done.stderr
+        done, text, status, gone, usage, unknown = [
+            await run(*args)
+            for args in (
+                ("jobs", "failed", "--json"),
+                ("jobs", "failed"),
+                ("status",),
+                ("jobs", "retry", "9004"),
+                ("jobs", "retry"),
+                ("jobs", "discard", "424242"),
+            )
+        ]
+        assert done.exit_code == 0, done.output
         failed = {j["id"]: j for j in json.loads(done.stdout)}
         assert sorted(failed) == [9001, 9002, 9003, 9004]
         assert failed[9001]["attempts"] == 5
         assert failed[9001]["last_error"] == "OperationalError: the outage"
         assert failed[9001]["entrypoint"] == "diagnostics.ping"
         assert "OperationalError: the outage" in text.stdout and "9004" in text.stdout
-        assert "failed jobs (parked): 4" in status.stdout, status.stderr
-        assert gone.returncode == 1 and "gone.away" in gone.stderr  # it stays parked
-        assert usage.returncode == 2 and "JOB_ID or --all" in usage.stderr
-        assert unknown.returncode == 1 and "no parked job 424242" in unknown.stderr
+        assert "failed jobs (parked): 4" in status.stdout, status.output
+        assert gone.exit_code == 1 and "gone.away" in gone.stderr  # it stays parked
+        assert usage.exit_code == 2 and "JOB_ID or --all" in usage.stderr
+        assert unknown.exit_code == 1 and "no parked job 424242" in unknown.stderr
 
         one = await run("jobs", "retry", "9001", "--json")
-        assert one.returncode == 0, one.stderr
+        assert one.exit_code == 0, one.output
         [requeued] = json.loads(one.stdout)
         assert requeued["id"] == 9001 and requeued["new_id"] > 0
-        listed, listed_text, missing = await asyncio.gather(
-            run("jobs", "list", "--json"),
-            run("jobs", "list"),
-            run("jobs", "retry", "9001"),  # queued again already: no longer parked
-        )
-        assert listed.returncode == 0, listed.stderr
+        listed = await run("jobs", "list", "--json")
+        listed_text = await run("jobs", "list")
+        missing = await run("jobs", "retry", "9001")  # queued again already: no longer parked
+        assert listed.exit_code == 0, listed.output
         [queued] = [j for j in json.loads(listed.stdout) if j["id"] == requeued["new_id"]]
         assert (queued["entrypoint"], queued["status"], queued["attempts"]) == (
             "diagnostics.ping", "queued", 0
         )  # fmt: skip
         assert f"{requeued['new_id']} " in listed_text.stdout
-        assert missing.returncode == 1 and "no parked job 9001" in missing.stderr
+        assert missing.exit_code == 1 and "no parked job 9001" in missing.stderr
 
         every = await run("jobs", "retry", "--all", "--json")
-        assert every.returncode == 1  # one job could not be queued again: said, not hidden
+        assert every.exit_code == 1  # one job could not be queued again: said, not hidden
         outcome = {r["id"]: r for r in json.loads(every.stdout)}
         assert sorted(outcome) == [9002, 9003, 9004]
         assert outcome[9004]["new_id"] is None
@@ -423,7 +559,7 @@ async def test_cli_lists_failed_jobs_retries_and_discards_them(
         async with res.connection() as conn:
             assert [p.id for p in await job_attempts.parked(conn, 10)] == [9004]
         discarded = await run("jobs", "discard", "9004", "--json")
-        assert json.loads(discarded.stdout) == [9004], discarded.stderr
+        assert json.loads(discarded.stdout) == [9004], discarded.output
         async with res.connection() as conn:
             assert await job_attempts.parked(conn, 10) == []
 
@@ -479,12 +615,12 @@ async def test_job_of_a_killed_worker_runs_again_within_seconds(
     settings: dict[str, Any], migrated: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A worker process running a job gets SIGKILL; another worker (in this process, started
-    meanwhile) runs the job again. Both have the default [worker] heartbeat_timeout (5 s) and
-    poll_interval (1 s). The seconds from the kill to the second start are printed
-    (docs/operations.md), not asserted."""
-    monkeypatch.setitem(jobs.ENTRYPOINTS, "test.hang", job_worker.hang)
-    for key in ("heartbeat_timeout", "poll_interval"):
-        settings["worker"].pop(key, None)
+    meanwhile) runs the job again, once the dead worker's heartbeat key has expired (until then
+    it may be only stalled). Short timings: [worker] heartbeat_timeout 1 s, poll_interval 0.5 s,
+    [appliance] heartbeat_interval 1 s (its key lives 3 s). The seconds from the kill to the
+    second start are printed, not asserted."""
+    serve(monkeypatch, "test.hang", job_worker.hang)
+    settings["worker"].update(heartbeat_timeout=1.0, poll_interval=0.5, retry_delay=0.5)
     config = process_settings(settings, tmp_path, "jobs-kill")
     key = f"{settings['redis']['key_prefix']}:test:hang:{time.time_ns()}"
     log = tmp_path / "w.log"
@@ -525,7 +661,7 @@ def test_a_job_that_kills_its_worker_is_parked_after_its_attempts(
     """`test.die` calls os._exit in its worker (2 attempts). Each time a worker dies, the test
     starts another, as supervisord would; the third finds the second attempt lost too and parks
     the job instead of running it again."""
-    monkeypatch.setitem(jobs.ENTRYPOINTS, "test.die", job_worker.die)
+    serve(monkeypatch, "test.die", job_worker.die)
     settings["worker"].update(heartbeat_timeout=1.0, poll_interval=0.5, retry_delay=0.1)
     config = process_settings(settings, tmp_path, "jobs-die")
     key = f"{settings['redis']['key_prefix']}:test:die:{time.time_ns()}"
@@ -566,7 +702,7 @@ def test_a_job_that_kills_its_worker_is_parked_after_its_attempts(
 async def enqueue_on(settings: dict[str, Any], entrypoint: str, payload: bytes) -> int:
     conn = await psycopg.AsyncConnection.connect(settings["postgres"]["dsn"], autocommit=True)
     try:
-        return await jobs.enqueue(conn, entrypoint, payload)
+        return await queue.enqueue(conn, entrypoint, payload)
     finally:
         await conn.close()
 
@@ -627,7 +763,7 @@ async def test_bookkeeping_failures_neither_lose_nor_run_a_job_uncounted(
             await rename(res, gone=True)
             away.set()
 
-    monkeypatch.setitem(jobs.ENTRYPOINTS, "test.step", step)
+    serve(monkeypatch, "test.step", step)
 
     async def events() -> list[str]:
         return [e["event"] for e in logs]
@@ -701,7 +837,7 @@ async def test_a_parked_job_picked_again_is_not_run(
     async def never(res: Resources, payload: bytes) -> None:
         raise AssertionError("a parked job ran")
 
-    monkeypatch.setitem(jobs.ENTRYPOINTS, "test.parked", never)
+    serve(monkeypatch, "test.parked", never)
     job_id = await enqueue(res, "test.parked", b"p")
     await park(res, job_id, "test.parked", b"p")
     with structlog.testing.capture_logs(

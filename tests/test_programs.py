@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 import redis
 
-from appliance import heartbeat, jobs, metrics
+from appliance import heartbeat, jobs, metrics, queue
 from appliance.config import Config
 from appliance.diagnostics.roundtrip import ping_worker
 from appliance.programs.scheduler import claim, next_tick, run_entry
@@ -90,6 +90,7 @@ async def test_job_timeout_is_enforced(
             done.set()
 
     monkeypatch.setitem(jobs.ENTRYPOINTS, "test.slow", slow)
+    monkeypatch.setattr(queue, "NAMES", (*queue.NAMES, "test.slow"))
     settings["worker"]["job_timeout"] = 0.3
     config = Config.model_validate(settings)
     labels = {"entrypoint": "test.slow", "status": "timeout"}
@@ -98,7 +99,7 @@ async def test_job_timeout_is_enforced(
         stop = asyncio.Event()
         task = asyncio.create_task(run_worker(res, stop))
         async with res.connection() as conn:
-            await jobs.enqueue(conn, "test.slow", b"{}")
+            await queue.enqueue(conn, "test.slow", b"{}")
         await asyncio.wait_for(done.wait(), 15)
         stop.set()
         await asyncio.wait_for(task, 30)
@@ -108,7 +109,7 @@ async def test_job_timeout_is_enforced(
 async def test_enqueue_rejects_unknown_entrypoint(resources: Resources) -> None:
     async with resources.connection() as conn:
         with pytest.raises(ValueError, match="unknown job entrypoint"):
-            await jobs.enqueue(conn, "no.such", b"")
+            await queue.enqueue(conn, "no.such", b"")
 
 
 async def test_enqueue_inside_rolled_back_transaction_leaves_no_job(resources: Resources) -> None:
@@ -117,7 +118,7 @@ async def test_enqueue_inside_rolled_back_transaction_leaves_no_job(resources: R
         (before,) = await cur.fetchone() or (0,)
         with pytest.raises(RuntimeError):
             async with conn.transaction():
-                await jobs.enqueue(conn, "diagnostics.ping", b'{"token": "x"}')
+                await queue.enqueue(conn, "diagnostics.ping", b'{"token": "x"}')
                 raise RuntimeError("business step failed")
         cur = await conn.execute("SELECT count(*) FROM pgqueuer")
         assert await cur.fetchone() == (before,)
@@ -386,10 +387,11 @@ async def test_job_cut_off_by_the_drain_deadline_is_queued_again(
         await asyncio.sleep(3600)
 
     monkeypatch.setitem(jobs.ENTRYPOINTS, "test.long", long_job)
+    monkeypatch.setattr(queue, "NAMES", (*queue.NAMES, "test.long"))
     stop = asyncio.Event()
     task = asyncio.create_task(run_worker(resources, stop))
     async with resources.connection() as conn:
-        await jobs.enqueue(conn, "test.long", b'{"n": 7}')
+        await queue.enqueue(conn, "test.long", b'{"n": 7}')
     await asyncio.wait_for(started.wait(), 15)
     stop.set()
     await asyncio.sleep(0.2)  # draining, the job still runs

@@ -12,7 +12,7 @@ from pgqueuer.domain.settings import db_settings
 from psycopg import sql
 
 from appliance.diagnostics.jobs import PING
-from appliance.jobs import enqueue
+from appliance.queue import enqueue
 from appliance.resources import Resources
 
 

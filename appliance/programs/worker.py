@@ -4,7 +4,10 @@ Each entrypoint runs under `[worker] job_timeout` (pgqueuer has no per-job timeo
 carry the job's id, entrypoint and attempt, and it is counted and timed by entrypoint and status.
 Attempts are counted before the handler runs (appliance/job_attempts.py), so a job that raises,
 times out or kills its worker is retried after a jittered back-off up to its entrypoint's limit,
-then parked as failed: never re-picked forever. A job still running when the drain deadline
+then parked as failed: never re-picked forever. A job whose heartbeat lapsed while the worker
+running it still runs (a stalled event loop, a lost connection) is not run beside it: the
+worker that picked it again sees that worker's heartbeat and puts the job back, uncounted, for
+a back-off. A job still running when the drain deadline
 cancels it is enqueued again before pgqueuer drops it, so shutdown never loses a job (at least
 once). Losing PostgreSQL (or the LISTEN connection) makes the worker reconnect with back-off
 instead of exiting, so a database failover does not take the container down. The LISTEN
@@ -18,7 +21,7 @@ import asyncio
 import os
 import time
 from collections.abc import Callable, Coroutine
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any, NoReturn
 
 import structlog
@@ -26,10 +29,13 @@ from pgqueuer import Job, QueueManager
 from pgqueuer.domain.errors import FailingListenerError, RetryRequested
 from pgqueuer.queries import Queries
 from psycopg import Error as PgError
+from redis.exceptions import RedisError
 
-from appliance import job_attempts, metrics
+from appliance import heartbeat, job_attempts, metrics
 from appliance.db.queue_driver import SplitDriver, connect_worker
-from appliance.jobs import ENTRYPOINTS, Handler, enqueue, entrypoint
+from appliance.job_attempts import Attempt
+from appliance.jobs import ENTRYPOINTS, Handler, entrypoint
+from appliance.queue import enqueue
 from appliance.resources import Resources
 from appliance.webhooks.dispatch import run_dispatcher
 
@@ -46,36 +52,56 @@ class JobParked(Exception):
     from its queue; `job_attempts` keeps it (`appliance jobs failed`)."""
 
 
-def _wrap(res: Resources, name: str) -> Callable[[Job], Coroutine[Any, Any, None]]:
+def _wrap(
+    res: Resources, name: str, running: set[int] | None = None
+) -> Callable[[Job], Coroutine[Any, Any, None]]:
+    """The pgqueuer handler for entrypoint `name`. `running`: the ids of the jobs this worker is
+    running now, shared by its entrypoints (it tells a lost attempt of this very process that
+    still runs from one that ended unrecorded)."""
     entry = entrypoint(name)
     limit = entry.attempts_allowed(res.config)
-    timeout = res.config.worker.job_timeout
+    section = res.config.worker
+    timeout = section.job_timeout
     worker = f"{res.config.appliance.instance} pid {os.getpid()}"
+    mine: set[int] = set() if running is None else running
 
     async def requeue(job_id: int, payload: bytes) -> None:
         async with res.connection() as conn, conn.transaction():
             new_id = await enqueue(conn, name, payload)
             await job_attempts.carry_over(conn, job_id, new_id)
 
-    async def settle(job_id: int, attempt: int, error: str, payload: bytes) -> NoReturn:
-        """After failed attempt `attempt`: park the job if it was the last, else retry it later."""
-        park = attempt >= limit
+    def retry(attempt: int, reason: str) -> RetryRequested:
+        delay = job_attempts.backoff(attempt, section.retry_delay, section.retry_max_delay)
+        metrics.JOB_FAILURES.labels(name, "retried").inc()
+        log.warning("job_retry", attempts=attempt, of=limit, retry_in_s=round(delay, 3))
+        return RetryRequested(delay=timedelta(seconds=delay), reason=reason)
+
+    async def record(attempt: Attempt, error: str, park: bool, payload: bytes) -> bool | None:
+        """`failed`: True recorded, False not this attempt's row any more, None not written."""
         try:
             async with res.connection() as conn:
-                await job_attempts.failed(conn, job_id, error, park=park, payload=payload)
+                return await job_attempts.failed(conn, attempt, error, park=park, payload=payload)
         except PgError as exc:
             # Not recorded: the attempt still reads as running, so the next pick counts it as
             # lost. Retry (parking needs the row), however many attempts it had.
             log.warning("job_attempt_not_recorded", error=str(exc) or type(exc).__name__)
-            park = False
-        if park:
+            return None
+
+    async def settle(attempt: Attempt, error: str, payload: bytes) -> NoReturn:
+        """After failed `attempt`: park the job if it was the last, else retry it later."""
+        recorded = await record(attempt, error, attempt.number >= limit, payload)
+        if recorded is False:
+            # Another worker counted this attempt as lost while it ran, and its record (and any
+            # newer attempt) stands. Back to the queue: if pgqueuer dropped the job here, a
+            # newer attempt that fails could not be retried.
+            log.warning("job_attempt_superseded", attempt=attempt.number)
+        elif recorded and attempt.number >= limit:
             metrics.JOB_FAILURES.labels(name, "parked").inc()
-            log.error("job_parked", attempts=attempt, error=error)
-            raise JobParked(f"{name} job {job_id} parked after {attempt} attempts: {error}")
-        delay = job_attempts.backoff(attempt, res.config)
-        metrics.JOB_FAILURES.labels(name, "retried").inc()
-        log.warning("job_retry", attempts=attempt, of=limit, retry_in_s=round(delay, 3))
-        raise RetryRequested(delay=timedelta(seconds=delay), reason=error)
+            log.error("job_parked", attempts=attempt.number, error=error)
+            raise JobParked(
+                f"{name} job {attempt.job_id} parked after {attempt.number} attempts: {error}"
+            )
+        raise retry(attempt.number, error)
 
     async def begin(job_id: int) -> job_attempts.Start:
         try:
@@ -85,7 +111,7 @@ def _wrap(res: Resources, name: str) -> Callable[[Job], Coroutine[Any, Any, None
             # Never run uncounted: back to the queue (pgqueuer's own connection may still work).
             log.warning("job_deferred", error=str(exc) or type(exc).__name__)
             raise RetryRequested(
-                delay=timedelta(seconds=res.config.worker.retry_delay),
+                delay=timedelta(seconds=section.retry_delay),
                 reason="its attempt could not be recorded",
             ) from exc
 
@@ -107,25 +133,69 @@ def _wrap(res: Resources, name: str) -> Callable[[Job], Coroutine[Any, Any, None
             log.info("job_already_parked")
             return
         if start.action == "lost":
+            lost, error = start.attempt, start.error or "lost"
+            if await still_running(lost, start.started):
+                # Its heartbeat lapsed, but its worker runs: running it here too would run it
+                # twice at once. Wait, uncounted; that worker's outcome settles the job.
+                delay = job_attempts.backoff(1, section.retry_delay, section.retry_max_delay)
+                metrics.JOBS.labels(name, "deferred").inc()
+                log.warning(
+                    "job_still_running",
+                    attempt=lost.number,
+                    worker=lost.worker,
+                    retry_in_s=round(delay, 3),
+                )
+                raise RetryRequested(delay=timedelta(seconds=delay), reason="still running")
             metrics.JOBS.labels(name, "lost").inc()
-            log.error("job_lost", attempt=start.attempt, error=start.error)
-            if start.attempt > 1 or start.attempt >= limit:
-                await settle(job_id, start.attempt, start.error or "lost", payload)
+            log.error("job_lost", attempt=lost.number, error=error)
+            if lost.number > 1 or lost.number >= limit:
+                await settle(lost, error, payload)
             # A first attempt lost with its worker (a deploy, an OOM kill, a lost node) is
             # seldom the job's fault: run it again at once, so that it resumes within
             # seconds. A job that keeps killing workers waits a back-off from then on.
+            if not await record(lost, error, False, payload):
+                raise retry(lost.number, error)  # unrecorded, or its worker just settled it
             metrics.JOB_FAILURES.labels(name, "retried").inc()
             start = await begin(job_id)
-        with structlog.contextvars.bound_contextvars(attempt=start.attempt):
-            error = await _attempt(res, name, entry.handler, payload, timeout)
-            if error is None:
+            if start.action != "run":  # another worker began it in between
+                raise retry(lost.number, error)
+        attempt = start.attempt
+        mine.add(job_id)
+        try:
+            with structlog.contextvars.bound_contextvars(attempt=attempt.number):
+                failure = await _attempt(res, name, entry.handler, payload, timeout)
+                if failure is not None:
+                    await settle(attempt, failure, payload)
                 try:
                     async with res.connection() as conn:
-                        await job_attempts.succeeded(conn, job_id)
+                        if not await job_attempts.succeeded(conn, attempt):
+                            # Counted as lost by another worker meanwhile, which runs a newer
+                            # attempt: that one keeps its own record.
+                            log.warning("job_attempt_superseded", attempt=attempt.number)
                 except PgError as exc:  # the sweep forgets the row once the job is gone
                     log.warning("job_count_not_cleared", error=str(exc) or type(exc).__name__)
-                return
-            await settle(job_id, start.attempt, error, payload)
+        finally:
+            mine.discard(job_id)
+
+    async def still_running(lost: Attempt, started: datetime | None) -> bool:
+        """Whether `lost` demonstrably still runs. In this process: its job is in `running`.
+        Elsewhere: its worker's heartbeat (appliance/heartbeat.py) names the same pid, from a
+        process that started before the attempt did (a restarted container may reuse a pid),
+        and the attempt is younger than its timeout (a live worker would have ended it).
+        Unknown (Redis unreachable, no heartbeat) reads as not running."""
+        if lost.worker == worker:
+            return lost.job_id in mine
+        instance, sep, pid = lost.worker.rpartition(" pid ")
+        if not sep or not pid.isdigit() or started is None:
+            return False
+        if (datetime.now(UTC) - started).total_seconds() > timeout + section.heartbeat_timeout:
+            return False
+        try:
+            beats = await heartbeat.read_instance(res.redis, res.keys, instance, ["worker"])
+        except (RedisError, OSError):
+            return False
+        beat = beats.get("worker")
+        return beat is not None and beat.pid == int(pid) and beat.started <= started.timestamp()
 
     return run
 
@@ -176,8 +246,9 @@ async def _serve(res: Resources, stop: asyncio.Event) -> None:
         try:
             driver = SplitDriver(conn, listen)
             qm = QueueManager(Queries(driver))
+            running: set[int] = set()  # jobs of this session (the runner waits for them)
             for name in ENTRYPOINTS:
-                qm.entrypoint(name)(_wrap(res, name))
+                qm.entrypoint(name)(_wrap(res, name, running))
             runner = asyncio.create_task(
                 qm.run(
                     dequeue_timeout=timedelta(seconds=section.poll_interval),
