@@ -10,7 +10,7 @@ the enqueue time (`time.time()` just before the enqueue) travelling in the paylo
 Phases, for each system in turn, `--rounds` times:
 
 - latency: `--latency-jobs` single enqueues paced at `--rate` per second (the appliance's each in
-  its own transaction through `appliance.jobs.enqueue`), p50/p99 of start - enqueue;
+  its own transaction through `appliance.queue.enqueue`), p50/p99 of start - enqueue;
 - throughput: the worker is paused (SIGSTOP), `--jobs` jobs are enqueued in batches of `--batch`,
   the worker resumed (SIGCONT): jobs/s from the resume to the last start, a full queue drained.
 
@@ -74,7 +74,7 @@ from pgqueuer.queries import Queries
 from psycopg import conninfo, sql
 from pydantic import SecretStr
 
-from appliance import jobs, logs
+from appliance import logs, queue
 from appliance.config import load_config
 from appliance.diagnostics.jobs import NOOP, NoopTiming, noop_starts
 from appliance.redis_keys import Keys
@@ -271,7 +271,7 @@ class Appliance(System):
 
     async def enqueue_one(self, run: str) -> None:
         async with self.res.connection() as conn:  # autocommit: its own transaction
-            await jobs.enqueue(conn, NOOP, self.payload(run))
+            await queue.enqueue(conn, NOOP, self.payload(run))
 
     async def enqueue_many(self, run: str, count: int) -> None:
         # One INSERT of `count` rows (pgqueuer's batch enqueue) in one transaction.
