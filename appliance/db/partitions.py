@@ -47,9 +47,6 @@ FLUSH_PARENT = "segment_blocks_flush"
 FLUSH_DAYS_AHEAD = 1  # today and tomorrow, as the flusher itself makes them
 # A DROP or CREATE waits this long for its locks at most; a busy table is done next run.
 LOCK_TIMEOUT = "2s"
-# What defers a CREATE or DROP to the next run: a lock not had in time, or a deadlock with a
-# session creating a partition of the same table (it locks the parent, then the default).
-_DEFERRED = (psycopg.errors.LockNotAvailable, psycopg.errors.DeadlockDetected)
 _MONTH_NAME = re.compile(r"_y(\d{4})m(\d{2})$")
 
 
@@ -188,8 +185,8 @@ async def maintain(
     monthly: tuple[tuple[str, Callable[[Config], int]], ...] = MONTHLY,
 ) -> Counts:
     """Maintain every partitioned table as of `today` (see the module docstring); counts:
-    created, dropped, rows_moved, default_rows_deleted, deferred (lock timeouts and deadlocks:
-    next run). A dry run counts what would be done and changes nothing."""
+    created, dropped, rows_moved, default_rows_deleted, deferred (lock timeouts: next run).
+    A dry run counts what would be done and changes nothing."""
     totals = counts()
     ahead = config.schedules.maintain_partitions.months_ahead
     for parent, keep_days in monthly:
@@ -235,8 +232,8 @@ async def _create(
         return
     try:
         moved = await table.create(conn, name, lo, hi, make)
-    except _DEFERRED as exc:
-        log.warning("partition_deferred", partition=name, reason=type(exc).__name__)
+    except psycopg.errors.LockNotAvailable:
+        log.warning("partition_deferred", partition=name, reason="lock timeout")
         totals["deferred"] += 1
         return
     if moved is None:
@@ -260,10 +257,10 @@ async def _drop_past(
                 await conn.execute(f"SET LOCAL lock_timeout = '{LOCK_TIMEOUT}'")
                 # IF EXISTS: a session that dropped it meanwhile did this run's work.
                 await conn.execute(sql.SQL("DROP TABLE IF EXISTS {}").format(sql.Identifier(name)))
-        except _DEFERRED as exc:
+        except psycopg.errors.LockNotAvailable:
             totals["dropped"] -= 1
             totals["deferred"] += 1
-            log.warning("partition_deferred", partition=name, reason=type(exc).__name__)
+            log.warning("partition_deferred", partition=name, reason="lock timeout")
             continue
         metrics.RETENTION_DELETED.labels("partitions").inc()
         log.info("partition_dropped", partition=name)
