@@ -9,6 +9,7 @@ nothing asserts timing.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import os
 import signal
 import subprocess
@@ -34,7 +35,17 @@ from appliance.programs.worker import run_worker
 from appliance.resources import Resources, open_resources
 from appliance.segments.flush import GroupFloor, flush_pending, trim_plan
 from appliance.webhooks import endpoints
-from appliance.webhooks.dispatch import CRASH_ENV, GROUP, Dispatcher
+from appliance.webhooks.dispatch import (
+    CRASH_ENV,
+    ENTRY_OVERHEAD,
+    GROUP,
+    READ_BYTES,
+    READ_TOTAL,
+    Dispatcher,
+    message_event,
+    read_budget,
+    shares,
+)
 from appliance.webhooks.events import Event
 from appliance.webhooks.service import DELIVER, Delivery
 from tests.support import migrated_db, write_toml
@@ -518,6 +529,44 @@ def test_trim_plan_keeps_groups_within_max_lag_and_passes_the_others() -> None:
 
 
 # -- failures ----------------------------------------------------------------------------------
+
+
+def test_the_read_budget_is_shared_by_need_and_bounded_in_bytes() -> None:
+    assert read_budget(65_536) == READ_BYTES // (65_536 + ENTRY_OVERHEAD) < READ_TOTAL
+    assert read_budget(1024) == READ_TOTAL and read_budget(64 * 1_048_576) == 1
+    equal = shares(range(16), 1000, set())
+    assert set(equal.values()) == {62} and sum(equal.values()) <= 1000
+    busy = shares(range(16), 1000, {3})
+    assert busy[3] == 1000 - 15 * 15 and {busy[s] for s in range(16) if s != 3} == {15}
+    assert sum(shares(range(16), 1000, {1, 2}).values()) <= 1000
+    assert set(shares(range(16), 5, {0}).values()) == {1}  # one each at least
+    raw = b'{"id":"01J","seq":1,"ts":"2026-12-06T00:00:00.000Z","body":{"t":"\\u00e9"}}'
+    e = message_event("c1", raw)
+    assert (e.id, e.created, e.conversation, bytes(e.data)) == ("01J", "2026-12-06T00:00:00.000Z",
+                                                                "c1", raw)  # fmt: skip
+    assert msgspec.json.encode(e).endswith(b'"data":' + raw + b"}")  # carried, not re-encoded
+
+
+async def test_a_read_stays_within_its_budget_and_a_busy_shard_gets_most(env: Resources) -> None:
+    """With 4 MiB bodies allowed, a read takes at most 7 entries (7 x 4 MiB fit in READ_BYTES);
+    one busy conversation then gets most of each read."""
+    messages = env.config.messages.model_copy(update={"max_body_bytes": 4 * 1_048_576})
+    big = dataclasses.replace(env, config=env.config.model_copy(update={"messages": messages}))
+    budget = read_budget(4 * 1_048_576)
+    assert budget == 7
+    await add_endpoint(env, "http://127.0.0.1:9/hook", ["message.created"])
+    dispatcher = Dispatcher(big)
+    assert await dispatcher.step() == 0
+    await publish(env, "hotel", 30)
+    await publish(env, "india", 2)
+    steps = []
+    while (n := await dispatcher.step()) > 0:
+        steps.append(n)
+    assert sum(steps) == 32 and max(steps) <= budget
+    assert max(steps) > budget // SHARDS  # more than an equal share went to the busy shard
+    events = [msgspec.json.decode(msgspec.json.encode(e)) for d in await queued(env)
+              for e in d.events]  # fmt: skip
+    assert len(events) == 32 and in_order_per_conversation(events)
 
 
 async def test_one_dispatcher_reads_at_a_time_and_a_released_lease_passes_at_once(
