@@ -1,16 +1,20 @@
 """Retention of history against real PostgreSQL, Redis and S3: real history built by the real
 flusher and compaction (tests/tiers.py), aged by moving its days into the past; exactly what is
 past retention goes (S3 objects and index rows counted before and after), a dry run changes
-nothing, and conversations deleted past the grace are purged whole while others stay."""
+nothing, and conversations deleted past the grace are purged whole while others stay, once
+nothing the flusher may still index is left of them (unflushed messages, entries a killed
+flusher read before the deletion)."""
 
 from __future__ import annotations
 
 import uuid
 from collections.abc import AsyncIterator, Callable
-from datetime import date, timedelta
+from datetime import date, datetime, timedelta
 from typing import Any
 
 import pytest
+import structlog
+from pydantic import ValidationError
 
 from appliance.auth.principal import Principal
 from appliance.config import Config
@@ -20,7 +24,7 @@ from appliance.messages.publish import Publisher
 from appliance.realtime.presence import Presence
 from appliance.resources import Resources, open_resources
 from appliance.schedules import SCHEDULES, Run, expire_segments
-from appliance.segments import compact, store
+from appliance.segments import compact, flush, store
 from appliance.segments.compact import compact_day
 from appliance.storage import StorageError
 from tests import tiers
@@ -303,3 +307,58 @@ async def test_a_purge_waits_for_messages_not_yet_flushed(res: Resources) -> Non
     assert (done["conversations"], done["deferred"]) == (1, 0)
     assert await existing(res, "late") == 0
     assert await scalar(res, "SELECT count(*) FROM segment_heads WHERE conversation = 'late'") == 0
+
+
+async def deleted_long_ago(res: Resources, name: str) -> datetime:
+    """A conversation with no message, deleted 3 days ago (past the grace); when."""
+    async with res.connection() as conn:
+        await service.create(conn, service.ConversationCreate(conversation=name), "key:admin")
+        await service.delete(conn, name)
+        cur = await conn.execute(
+            "UPDATE conversations SET deleted_at = now() - interval '3 days' WHERE id = %s"
+            " RETURNING deleted_at",
+            (name,),
+        )
+        row = await cur.fetchone()
+    assert row is not None
+    when: datetime = row[0]
+    return when
+
+
+async def test_a_purge_waits_for_flusher_entries_read_before_the_deletion(
+    res: Resources,
+) -> None:
+    """A flusher killed after indexing but before XACK leaves its entries pending; whoever owns
+    the shard next replays them. Purged before that, the replay would index them under an id
+    that may have been created again (over old messages). Newer pending entries (a busy shard)
+    hold nothing up."""
+    deleted_at = await deleted_long_ago(res, "replayed")
+    stream = res.keys.ingest_of("replayed")
+    await res.redis.xgroup_create(stream, flush.GROUP, id="0", mkstream=True)
+    old = f"{int((deleted_at - timedelta(minutes=5)).timestamp() * 1000)}-0"
+    await res.redis.xadd(stream, {"c": "replayed", "s": 1, "m": b"old"}, id=old)
+    # A flusher read it and was killed before acknowledging it.
+    assert await res.redis.xreadgroup(flush.GROUP, flush.CONSUMER, {stream: ">"})
+    with structlog.testing.capture_logs() as logs:
+        done = await conversation_retention.purge(res, Run())
+    assert (done["conversations"], done["deferred"]) == (0, 1)
+    deferred = [e for e in logs if e["event"] == "purge_deferred"]
+    assert [(e["conversation"], e["reason"]) for e in deferred] == [("replayed", "pending")]
+    assert await scalar(res, "SELECT count(*) FROM conversations WHERE id = 'replayed'") == 1
+
+    # Replayed and acknowledged; meanwhile the shard is busy with newer entries.
+    await res.redis.xack(stream, flush.GROUP, old)
+    await res.redis.xadd(stream, {"c": "replayed-not", "s": 1, "m": b"new"})
+    assert await res.redis.xreadgroup(flush.GROUP, flush.CONSUMER, {stream: ">"})
+    assert (await res.redis.xpending(stream, flush.GROUP))["pending"] == 1
+    done = await conversation_retention.purge(res, Run())
+    assert (done["conversations"], done["deferred"]) == (1, 0)
+    assert await scalar(res, "SELECT count(*) FROM conversations WHERE id = 'replayed'") == 0
+
+
+def test_the_grace_is_at_least_a_day(settings: dict[str, Any]) -> None:
+    settings["schedules"] = {"expire_segments": {"grace_days": 0}}
+    with pytest.raises(ValidationError, match="grace_days"):
+        Config.model_validate(settings)
+    settings["schedules"]["expire_segments"]["grace_days"] = 1
+    assert Config.model_validate(settings).schedules.expire_segments.grace_days == 1

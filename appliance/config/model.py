@@ -391,9 +391,10 @@ class CompactSegmentsSchedule(Schedule):
 class ExpireSegmentsSchedule(Schedule):
     cron: str = "45 * * * *"
     # Days of history kept: older segment objects and index rows are deleted, and conversations
-    # deleted longer ago than grace_days are purged.
+    # deleted longer ago than grace_days are purged. At least a day: a flusher that crashed before
+    # acknowledging gets that long to replay its entries before the id may be created again.
     days: int = Field(default=30, ge=1, le=3650)
-    grace_days: int = Field(default=1, ge=0, le=3650)
+    grace_days: int = Field(default=1, ge=1, le=3650)
 
 
 class MaintainPartitionsSchedule(Schedule):

@@ -23,17 +23,18 @@ compaction, which finds days by their partitions.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import date
+from datetime import UTC, date, datetime
 from typing import TYPE_CHECKING, Any
 
 import psycopg
 import structlog
 from psycopg import sql
+from redis.exceptions import ResponseError
 
 from appliance import metrics
 from appliance.db.pool import connect
 from appliance.resources import Resources
-from appliance.segments import compact
+from appliance.segments import compact, flush
 from appliance.storage import StorageError
 
 if TYPE_CHECKING:
@@ -226,6 +227,24 @@ async def _drop_partition(conn: Conn, day: date) -> None:
             )
     except psycopg.errors.LockNotAvailable:
         log.info("retention_partition_kept", day=day.isoformat())
+
+
+async def oldest_pending(res: Resources, conversation: str) -> datetime | None:
+    """When the oldest entry the flusher read from the conversation's shard stream but has not
+    acknowledged was added (Redis's clock, from its id); None when none is pending. A flusher
+    killed after indexing but before XACK replays these, below a high-water mark a purge may
+    have deleted meanwhile."""
+    try:
+        summary = await res.redis.xpending(res.keys.ingest_of(conversation), flush.GROUP)
+    except ResponseError as exc:
+        if "NOGROUP" in str(exc):
+            return None  # no flusher ever read the stream
+        raise
+    if not summary["pending"]:
+        return None
+    oldest = summary["min"]
+    ms = int((oldest.decode() if isinstance(oldest, bytes) else str(oldest)).split("-")[0])
+    return datetime.fromtimestamp(ms / 1000, UTC)
 
 
 async def forget_conversation(conn: Conn, conversation: str) -> int:
