@@ -6,6 +6,7 @@ a failing pg_dump; the schedule, the job and the CLI.
 from __future__ import annotations
 
 import asyncio
+import re
 import subprocess
 from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime, timedelta
@@ -20,7 +21,15 @@ from psycopg import sql
 from appliance.auth import keys
 from appliance.backups import jobs as backup_jobs
 from appliance.backups import schedule
-from appliance.backups.service import PREFIX, BackupFailed, backup_key, backups, dump_command, take
+from appliance.backups.service import (
+    PREFIX,
+    BackupFailed,
+    backup_key,
+    backups,
+    dump_command,
+    prune,
+    take,
+)
 from appliance.config import Config
 from appliance.conversations import service as conversations
 from appliance.exports import service as exports
@@ -128,8 +137,29 @@ async def test_keep_n_deletes_the_oldest_and_nothing_else(res: Resources) -> Non
         assert backup.deleted == ([taken[n - 2]] if n >= 2 else [])
     assert [k for k, _ in await backups(res.storage)] == taken[2:]
     assert await res.storage.get(other) == b"kept"
-    assert taken[0] == backup_key(start) == "backups/20260101T033000Z.dump"
+    assert re.fullmatch(r"backups/20260101T033000\.000Z-[0-9a-f]{4}\.dump", taken[0])
     await res.storage.delete(other)
+
+
+async def test_backups_of_one_moment_get_keys_of_their_own_and_keep_n_orders_by_time(
+    res: Resources,
+) -> None:
+    """Names to the millisecond with a random suffix: two backups of one millisecond are two
+    objects; keep-N orders by the time in the name, a name from before milliseconds (no
+    suffix) counting as .000 of its second."""
+    at = datetime(2026, 5, 1, 3, 30, 0, 250_000, tzinfo=UTC)
+    same = {backup_key(at) for _ in range(20)}
+    assert len(same) == 20 and all(k.startswith("backups/20260501T033000.250Z-") for k in same)
+    legacy = "backups/20260501T033000Z.dump"  # .000: older than every key of `same`
+    older = backup_key(at - timedelta(milliseconds=1))  # .249
+    newer = backup_key(at + timedelta(seconds=1))
+    for key in [*same, legacy, older, newer]:
+        await res.storage.put(key, b"dump")
+    found = [k for k, _ in await backups(res.storage)]
+    assert found[:2] == [legacy, older] and found[-1] == newer
+    assert set(found[2:-1]) == same
+    assert await prune(res.storage, 3) == found[:-3]
+    assert [k for k, _ in await backups(res.storage)] == found[-3:]
 
 
 async def test_a_failing_pg_dump_fails_clearly_and_leaves_no_object(
@@ -145,7 +175,7 @@ async def test_a_failing_pg_dump_fails_clearly_and_leaves_no_object(
     message = failed.value.message
     assert message.startswith("pg_dump exited with status 1: ")
     assert str(port) in message and "s3cret-pw" not in message
-    assert await res.storage.size(backup_key(datetime(2030, 1, 1, tzinfo=UTC))) is None
+    assert await res.storage.list_keys(f"{PREFIX}20300101") == []
     assert await uploads(res) == []
     assert await backups(res.storage) == before  # keep=1 deleted nothing: the dump failed
 
@@ -184,6 +214,30 @@ def test_the_password_goes_in_the_environment_not_argv(settings: dict[str, Any])
     }
 
 
+@pytest.mark.parametrize(
+    "dsn",
+    [
+        "postgresql://app@db.example/appl?sslpassword=k3y-pass&sslkey=/run/key.pem",
+        "postgresql://app:pw@db.example/appl?sslpassword=k3y%20pass&sslmode=require",
+    ],
+)
+async def test_a_dsn_with_sslpassword_is_refused_before_pg_dump_runs(
+    res: Resources, settings: dict[str, Any], dsn: str
+) -> None:
+    """libpq reads the client key's passphrase from no environment variable: on pg_dump's
+    command line `ps` would show it, so the backup refuses, naming the setting."""
+    settings["postgres"]["dsn"] = dsn
+    config = Config.model_validate(settings)
+    with pytest.raises(BackupFailed) as refused:
+        dump_command(config)
+    assert refused.value.field == "postgres.dsn"
+    assert "postgres.dsn" in refused.value.message and "sslpassword" in refused.value.message
+    assert "k3y" not in refused.value.message
+    with pytest.raises(BackupFailed):
+        await take(config, res.storage, keep=1)
+    assert await backups(res.storage) == [] and await uploads(res) == []
+
+
 async def test_the_backup_schedule_and_its_dry_run(res: Resources) -> None:
     entry = next(e for e in SCHEDULES if e.name == "backup")
     assert not entry.retention and entry.settings(res.config) is res.config.schedules.backup
@@ -196,7 +250,7 @@ async def test_the_backup_schedule_and_its_dry_run(res: Resources) -> None:
     counts = await entry.run(res, Run())
     assert counts["backups"] == 1 and counts["deleted"] == 1 and counts["bytes"] > 0
     found = [k for k, _ in await backups(res.storage)]
-    assert len(found) == keep and backup_key(start) not in found
+    assert len(found) == keep and not any(k.startswith("backups/20260201T000000") for k in found)
 
 
 async def test_the_backup_command(res: Resources, settings: dict[str, Any], tmp_path: Path) -> None:
@@ -225,7 +279,7 @@ async def test_the_job_takes_a_backup_with_the_keep_it_is_given(res: Resources) 
         await take(res.config, res.storage, keep=5, at=start + timedelta(hours=n))
     await backup_jobs.run(res, msgspec.json.encode(backup_jobs.Job(keep=2)))
     found = [k for k, _ in await backups(res.storage)]
-    assert len(found) == 2 and found[0] == backup_key(start + timedelta(hours=2))
+    assert len(found) == 2 and found[0].startswith("backups/20260301T020000.000Z-")
     await backup_jobs.run(res, b"")  # no payload: the schedule's keep (7) deletes none
     assert set(found) <= {k for k, _ in await backups(res.storage)}
 

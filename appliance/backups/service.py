@@ -1,12 +1,17 @@
 """Backups: `pg_dump --format=custom` of the appliance's database, streamed to S3 as it runs,
 then all but the newest `keep` backups deleted.
 
-The dump goes up as a multipart upload of `backups/<UTC timestamp>.dump` while pg_dump writes
-it (memory holds about one part). A dump that fails (pg_dump exits non-zero, S3 refuses a part)
-aborts the upload, so no partial object is ever left, and older backups are deleted only after a
-new one is complete. The password never reaches pg_dump's command line (which `ps` shows): it
-goes in PGPASSWORD, and the rest of the DSN as a conninfo string. pg_dump must be at least as
-new as the server (it refuses a newer one).
+The dump goes up as a multipart upload of `backups/<UTC time to the millisecond>-<4 random hex
+digits>.dump` while pg_dump writes it (memory holds about one part): two backups started in the
+same millisecond still get two objects, and the names sort by time. A dump that fails (pg_dump
+exits non-zero, S3 refuses a part) aborts the upload, so no partial object is ever left, and
+older backups are deleted only after a new one is complete.
+
+No secret reaches pg_dump's command line (which `ps` shows): the password goes in PGPASSWORD,
+and the rest of the DSN as a conninfo string. A DSN with `sslpassword` (the client key's
+passphrase, which libpq reads from no environment variable) is refused: name a libpq service in
+the DSN instead (`service=...`, its service file holding the passphrase). pg_dump must be at
+least as new as the server (it refuses a newer one).
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import os
 import re
+import secrets
 import shutil
 from collections import deque
 from dataclasses import dataclass
@@ -31,8 +37,9 @@ from appliance.storage import Storage
 log = structlog.get_logger()
 
 PREFIX = "backups/"
-# Backups this code made: backups/20261206T033000Z.dump. Anything else under the prefix is left.
-_NAME = re.compile(r"backups/\d{8}T\d{6}Z\.dump\Z")
+# Backups this code made: backups/20261206T033000.123Z-9f3a.dump (and, before milliseconds,
+# backups/20261206T033000Z.dump). Anything else under the prefix is left.
+_NAME = re.compile(r"backups/(\d{8}T\d{6})(?:\.(\d{3}))?Z(?:-[0-9a-f]{4})?\.dump\Z")
 CHUNK = 1_048_576  # bytes read from pg_dump at once
 STDERR_LINES = 20  # pg_dump's last lines kept for the error
 
@@ -49,13 +56,20 @@ class Backup:
 
 
 def backup_key(at: datetime) -> str:
-    return f"{PREFIX}{at.astimezone(UTC):%Y%m%dT%H%M%SZ}.dump"
+    at = at.astimezone(UTC)
+    return f"{PREFIX}{at:%Y%m%dT%H%M%S}.{at.microsecond // 1000:03d}Z-{secrets.token_hex(2)}.dump"
 
 
 def dump_command(config: Config) -> tuple[list[str], dict[str, str]]:
     """pg_dump's argv and environment for the configured database: the password (if the DSN
-    has one) in PGPASSWORD, never in argv."""
+    has one) in PGPASSWORD, never in argv; a DSN with sslpassword is refused."""
     params = conninfo_to_dict(config.postgres.dsn.get_secret_value())
+    if "sslpassword" in params:
+        raise BackupFailed(
+            "postgres.dsn holds sslpassword, which pg_dump would show on its command line:"
+            " name a libpq service (service=...) whose service file holds it",
+            field="postgres.dsn",
+        )
     password = params.pop("password", None)
     env = dict(os.environ)
     if password is not None:
@@ -110,8 +124,13 @@ async def take(config: Config, storage: Storage, keep: int, at: datetime | None 
 
 
 async def backups(storage: Storage) -> list[tuple[str, int]]:
-    """(key, size) of every backup, oldest first (the names sort by time)."""
-    return sorted((k, s) for k, s in await storage.list_keys(PREFIX) if _NAME.match(k))
+    """(key, size) of every backup, oldest first: by the time in its name (a name without
+    milliseconds counts as .000), then by name."""
+    found = []
+    for key, size in await storage.list_keys(PREFIX):
+        if named := _NAME.match(key):
+            found.append(((named[1], named[2] or "000", key), key, size))
+    return [(key, size) for _, key, size in sorted(found)]
 
 
 def surplus(found: list[tuple[str, int]], keep: int) -> list[str]:
