@@ -29,7 +29,7 @@ from appliance.programs.scheduler import (
     run_tick,
 )
 from appliance.resources import Resources
-from appliance.schedules import Entry, Run
+from appliance.schedules import SCHEDULES, Entry, Run
 
 WITHIN = 30.0  # seconds a polled condition gets before the test fails saying what it waited for
 
@@ -226,3 +226,43 @@ async def test_a_tick_while_the_schedule_still_runs_is_skipped(
     assert await rows(resources, name) == [("ok", {"ran": 1}, None)]
     after = await execute(resources, entry, tick + timedelta(minutes=2), Run())
     assert after is not None and after.status == "ok" and len(calls) == 2
+
+
+async def test_prune_job_log_prunes_old_schedule_runs_but_each_schedules_last(
+    resources: Resources,
+) -> None:
+    """Past 30 days a run's row goes, except each schedule's newest row and newest success
+    (what `appliance status` and the last-success gauge read) and a row still running."""
+    busy, idle = f"test_prune_{uuid.uuid4().hex[:6]}", f"test_idle_{uuid.uuid4().hex[:6]}"
+    base = datetime(2025, 1, 1, tzinfo=UTC)
+    # (schedule, tick in days after base, status, days ago started)
+    made = [
+        (busy, 0, "running", 55),  # reconciliation's business, never pruned
+        (busy, 1, "ok", 50),  # goes
+        (busy, 2, "ok", 45),  # the newest success: kept
+        (busy, 3, "failed", 40),  # goes
+        (busy, 4, "failed", 1),  # recent
+        (idle, 0, "ok", 60),  # a schedule disabled long ago: its last row stays
+    ]
+    async with resources.connection() as conn:
+        await conn.execute(
+            "INSERT INTO schedule_runs (name, tick, instance, started_at, finished_at, status)"
+            " SELECT n, %s + make_interval(days => t), 'test', now() - make_interval(days => a),"
+            " CASE WHEN s = 'running' THEN NULL ELSE now() - make_interval(days => a) END, s"
+            " FROM unnest(%s::text[], %s::int[], %s::text[], %s::int[]) AS r(n, t, s, a)",
+            (base, *map(list, zip(*made, strict=True))),
+        )
+    entry = next(e for e in SCHEDULES if e.name == "prune_job_log")
+    would = await entry.run(resources, Run(dry_run=True))
+    assert would["schedule_runs_deleted"] >= 2
+    assert len(await rows(resources, busy)) == 5, "a dry run deletes nothing"
+    done = await entry.run(resources, Run())
+    assert done["schedule_runs_deleted"] == would["schedule_runs_deleted"]
+    assert "deleted" in done  # the job log's count, apart
+    async with resources.connection() as conn:
+        cur = await conn.execute(
+            "SELECT name, tick FROM schedule_runs WHERE name = ANY(%s) ORDER BY name, tick",
+            ([busy, idle],),
+        )
+        kept = [(n, (t - base).days) for n, t in await cur.fetchall()]
+    assert kept == sorted([(busy, 0), (busy, 2), (busy, 4), (idle, 0)])
