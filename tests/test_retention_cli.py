@@ -1,9 +1,11 @@
-"""`appliance retention run` as a subprocess over real services: a dry run reports and records
-nothing, a real run deletes and is recorded (source `cli`), a disabled schedule is skipped, an
-unknown name is refused, and a terminal gets a progress bar."""
+"""`appliance retention run` over real services: a dry run reports and records nothing, a real
+run (as a subprocess) deletes and is recorded (source `cli`), a disabled schedule is skipped, a
+schedule whose run is still going is skipped and fails the command, an unknown name is refused,
+and a terminal gets a progress bar (a subprocess under `script`). The rest runs in-process."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import shlex
 import subprocess
@@ -15,15 +17,29 @@ from typing import Any
 
 import psycopg
 import pytest
-from click.testing import CliRunner
+import structlog
+from click.testing import CliRunner, Result
 
 from appliance.cli import main, retention_cmd
 from appliance.cli.status import _schedule_line, _status
 from appliance.config import Config
+from appliance.programs.scheduler import SCHEDULE_LOCK_NAMESPACE
 from appliance.resources import Resources, open_resources
 from appliance.schedules import SCHEDULES, Entry, Run
 from tests.support import migrated_db, write_toml
 from tests.test_cli import cli
+
+
+async def invoke(config: Path, *args: str) -> Result:
+    """`appliance ARGS` in this process, in a thread (the CLI runs its own event loop); the
+    logging the command sets up (to its captured stderr) is undone after it."""
+    saved = structlog.get_config()
+    try:
+        return await asyncio.to_thread(
+            CliRunner().invoke, main, list(args), env={"APPLIANCE_CONFIG": str(config)}
+        )
+    finally:
+        structlog.configure(**saved)
 
 
 async def prepared(settings: dict[str, Any], fresh_database: Callable[[], str]) -> str:
@@ -65,8 +81,8 @@ async def test_retention_run_dry_then_real(
     settings["schedules"] = {"prune_job_log": {"enabled": False}}
     config = write_toml(tmp_path / "c.toml", settings)
 
-    dry = cli(config, "retention", "run", "--dry-run")
-    assert dry.returncode == 0, dry.stdout + dry.stderr
+    dry = await invoke(config, "retention", "run", "--dry-run")
+    assert dry.exit_code == 0, dry.output
     lines = dry.stdout.splitlines()
     assert "prune_job_log: skipped (disabled; name it with --only to run it)" in lines
     for entry in SCHEDULES:
@@ -75,7 +91,8 @@ async def test_retention_run_dry_then_real(
     assert any("conversations=1" in line for line in lines if line.startswith("expire_segments"))
     assert runs(dsn) == [] and conversations(dsn) == 1, "a dry run records and deletes nothing"
 
-    # Named, a disabled schedule runs too.
+    # Named, a disabled schedule runs too. The one real process of this file: the command as
+    # an operator runs it.
     only = ("--only", "expire_segments", "--only", "prune_job_log")
     done = cli(config, "retention", "run", *only)
     assert done.returncode == 0, done.stdout + done.stderr
@@ -144,3 +161,25 @@ async def test_a_failing_schedule_is_reported_and_fails_the_command(
             "SELECT status, source FROM schedule_runs WHERE name = %s", (entry.name,)
         ).fetchall()
     assert recorded == [("failed", "cli")]  # the real run only
+
+
+async def test_a_schedule_already_running_is_skipped_and_fails_the_command(
+    settings: dict[str, Any], fresh_database: Callable[[], str], tmp_path: Path
+) -> None:
+    """The scheduler is running prune_job_log (it holds the schedule's lock): the command skips
+    it, says so, runs the others, and exits 1."""
+    dsn = await prepared(settings, fresh_database)
+    config = write_toml(tmp_path / "c.toml", settings)
+    with psycopg.connect(dsn, autocommit=True) as scheduler:
+        scheduler.execute(
+            "SELECT pg_advisory_lock(%s, hashtext('prune_job_log'))", (SCHEDULE_LOCK_NAMESPACE,)
+        )
+        done = await invoke(
+            config, "retention", "run", "--only", "prune_job_log", "--only", "expire_segments"
+        )
+    assert done.exit_code == 1, done.output
+    lines = done.stdout.splitlines()
+    assert "prune_job_log: already running (skipped)" in lines
+    assert any(line.startswith("expire_segments: deleted ") for line in lines), lines
+    # Only the run that happened is recorded; the conversation went.
+    assert runs(dsn) == [("expire_segments", "ok", "cli")] and conversations(dsn) == 0
