@@ -449,11 +449,11 @@ async def test_a_job_taken_for_lost_waits_while_its_worker_still_runs_it(
         await until(lambda: asyncio.sleep(0, bool(calls)), 10, "attempt 1 to start")
         # Picked again by another worker of this process: attempt 1 is in its running set.
         with pytest.raises(RetryRequested):
-            await _wrap(res, name, running)(job)
+            await asyncio.wait_for(_wrap(res, name, running)(job), 10)
         # Picked by a worker elsewhere; this process's worker heartbeat is fresh.
         await beat(time.time() - 60)
         with pytest.raises(RetryRequested):
-            await _wrap(elsewhere, name)(job)
+            await asyncio.wait_for(_wrap(elsewhere, name)(job), 10)
         assert calls == [1] and await row() == (1, True, None)
         # The heartbeat now comes from a process that started after attempt 1 began.
         await beat(time.time() + 60)
@@ -461,11 +461,11 @@ async def test_a_job_taken_for_lost_waits_while_its_worker_still_runs_it(
         await until(lambda: asyncio.sleep(0, len(calls) == 2), 10, "attempt 2 to start")
         assert await row() == (2, True, None)
         release[0].set()
-        await first  # a success that is no longer the job's running attempt
+        await asyncio.wait_for(first, 10)  # a success no longer the job's running attempt
         assert await row() == (2, True, None)
         release[1].set()
         with pytest.raises(JobParked):
-            await second
+            await asyncio.wait_for(second, 10)
     await res.redis.delete(res.keys.heartbeat("worker", instance))
     attempts, running_now, parked_at = await row()
     assert (attempts, running_now) == (2, False) and parked_at is not None
