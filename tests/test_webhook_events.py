@@ -548,25 +548,25 @@ def test_the_read_budget_is_shared_by_need_and_bounded_in_bytes() -> None:
 
 
 async def test_a_read_stays_within_its_budget_and_a_busy_shard_gets_most(env: Resources) -> None:
-    """With 4 MiB bodies allowed, a read takes at most 7 entries (7 x 4 MiB fit in READ_BYTES);
-    one busy conversation then gets most of each read."""
+    """With 4 MiB bodies allowed, a read takes at most 15 entries (15 x 4 MiB fit in
+    READ_BYTES); one busy conversation then gets most of each read."""
     messages = env.config.messages.model_copy(update={"max_body_bytes": 4 * 1_048_576})
     big = dataclasses.replace(env, config=env.config.model_copy(update={"messages": messages}))
     budget = read_budget(4 * 1_048_576)
-    assert budget == 7
+    assert budget == 15
     await add_endpoint(env, "http://127.0.0.1:9/hook", ["message.created"])
     dispatcher = Dispatcher(big)
     assert await dispatcher.step() == 0
-    await publish(env, "hotel", 30)
+    await publish(env, "hotel", 60)
     await publish(env, "india", 2)
     steps = []
     while (n := await dispatcher.step()) > 0:
         steps.append(n)
-    assert sum(steps) == 32 and max(steps) <= budget
+    assert sum(steps) == 62 and max(steps) <= budget
     assert max(steps) > budget // SHARDS  # more than an equal share went to the busy shard
     events = [msgspec.json.decode(msgspec.json.encode(e)) for d in await queued(env)
               for e in d.events]  # fmt: skip
-    assert len(events) == 32 and in_order_per_conversation(events)
+    assert len(events) == 62 and in_order_per_conversation(events)
 
 
 async def test_one_dispatcher_reads_at_a_time_and_a_released_lease_passes_at_once(

@@ -61,7 +61,7 @@ log = structlog.get_logger()
 CRASH_ENV = "WEBHOOKS_CRASH_AT"
 GROUP = "webhooks"
 READ_TOTAL = 1000  # entries per read, across all shards
-READ_BYTES = 32 * 1_048_576  # bytes per read at most, every entry counted at its largest
+READ_BYTES = 64 * 1_048_576  # bytes per read at most, every entry counted at its largest
 ENTRY_OVERHEAD = 8192  # an entry's bytes besides the body at most (metadata, attachment refs)
 READ_BLOCK = 1.0  # seconds a read waits for new entries at most
 # While the streams keep up, a read at most about this often, so that a burst gathers into
