@@ -131,6 +131,19 @@ def test_every_registered_entrypoint_can_be_enqueued_and_no_other() -> None:
     assert sorted(queue.NAMES) == sorted(jobs.ENTRYPOINTS)
 
 
+def test_enqueueing_and_attempt_bookkeeping_import_no_feature() -> None:
+    """Features import appliance.queue (and webhooks job_attempts) at module level: neither may
+    import a feature package back, or the function-local imports would have to return."""
+    code = "import sys, appliance.queue, appliance.job_attempts; print(*sorted(sys.modules))"
+    loaded = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True
+    ).stdout.split()
+    features = {p.name for p in (ROOT / "appliance").iterdir() if (p / "__init__.py").exists()}
+    features -= {"config", "db"}  # plumbing packages
+    assert "appliance.queue" in loaded
+    assert [m for m in loaded if m.startswith("appliance.") and m.split(".")[1] in features] == []
+
+
 def test_entrypoint_limits(config: Config) -> None:
     async def handler(res: Resources, payload: bytes) -> None:
         return None
