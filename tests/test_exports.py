@@ -387,13 +387,17 @@ async def test_an_upload_that_cannot_be_aborted_is_aborted_by_the_retry(
     state, _, upload_id, _ = await setup.row(export_id)
     assert state == "failed" and upload_id is not None
     assert await uploads_in_progress(res, prefix(export_id)) == [upload_id]
+    # A retry while S3 still refuses fails aborting it: the row keeps it.
+    with pytest.raises(StorageError):
+        await setup.run(export_id)
+    assert (await setup.row(export_id))[:3] == ("failed", 2, upload_id)
 
     monkeypatch.undo()
-    await setup.run(export_id)  # the worker's retry
-    assert (await setup.row(export_id))[:3] == ("ready", 2, None)
+    await setup.run(export_id)  # the worker's next retry
+    assert (await setup.row(export_id))[:3] == ("ready", 3, None)
     assert await uploads_in_progress(res, prefix(export_id)) == []
-    assert await setup.objects(export_id) == [object_key(export_id, 2)]
-    assert lines(await res.storage.get(object_key(export_id, 2))) == [p for _, p in messages]
+    assert await setup.objects(export_id) == [object_key(export_id, 3)]
+    assert lines(await res.storage.get(object_key(export_id, 3))) == [p for _, p in messages]
 
 
 async def test_a_deleted_conversation_fails_its_export(setup: Setup) -> None:

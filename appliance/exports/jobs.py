@@ -95,14 +95,14 @@ async def run(res: Resources, payload: bytes) -> None:
         await upload.complete()
     except Exception as exc:
         # An upload that may not be aborted yet (the run before's, or this run's if S3 refused):
-        # the row keeps it, with the key it still names, for the retry to abort.
-        left = stale_upload
+        # the row keeps it with its key, for the retry to abort.
+        left = None if stale_upload is None else (stale_key, stale_upload)
         if upload is not None:
             left = None
             try:
                 await upload.abort()
             except StorageError as failed:
-                left = upload.upload_id
+                left = (key, upload.upload_id)
                 log.warning("export_abort_failed", export=export_id, error=failed.message)
         reason = exc.message if isinstance(exc, ApplianceError) else "internal error"
         await _fail(res, export_id, attempt, reason, left)
@@ -206,12 +206,18 @@ async def _ready(
 
 
 async def _fail(
-    res: Resources, export_id: str, attempt: int, reason: str, upload_id: str | None = None
+    res: Resources,
+    export_id: str,
+    attempt: int,
+    reason: str,
+    left: tuple[str, str] | None = None,
 ) -> None:
+    """The row failed; `left`: (key, upload id) of an upload not aborted, for the retry."""
     log.error("export_failed", export=export_id, attempt=attempt, reason=reason)
+    key, upload_id = left or (None, None)
     async with res.connection() as conn:
         await conn.execute(
-            "UPDATE exports SET state = 'failed', upload_id = %s, error = %s,"
-            " finished_at = now()" + _GUARD,
-            (upload_id, reason, export_id, attempt),
+            "UPDATE exports SET state = 'failed', object_key = coalesce(%s, object_key),"
+            " upload_id = %s, error = %s, finished_at = now()" + _GUARD,
+            (key, upload_id, reason, export_id, attempt),
         )
