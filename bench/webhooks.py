@@ -18,6 +18,14 @@ load generator (bench/publish.py's raw HTTP/1.1 client, closed loop, `--connecti
 3. the dispatcher alone: with the worker stopped, `--seconds` of batch publishes pile up, then a
    Dispatcher in this process reads and queues them: events/s and CPU per event.
 
+With `--deliveries N`, only the cost of one delivery: N deliveries of one event each, one at a
+time, by the `webhooks.deliver` job handler in this process to the receiver (by its address,
+then by the name localhost), and N POSTs by the delivery client alone: CPU and wall time per
+delivery. Run it with another tree first on PYTHONPATH to compare two versions:
+
+    APPLIANCE_CONFIG=config.example.toml .venv/bin/python bench/webhooks.py --deliveries 2000
+    PYTHONPATH=/path/to/other/tree APPLIANCE_CONFIG=... .venv/bin/python bench/webhooks.py ...
+
 Prints the ratio of publish rates with and without the endpoint. On a busy machine the rates
 follow what CPU each process gets; the CPU per message (api) and per event (worker: reading,
 queueing and delivering) do not, and say whether the worker keeps up when it gets a share of
@@ -41,15 +49,20 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 import httpx
+import msgspec
 import redis
 from common import BIN, ROOT, BenchApi, cpu_seconds, free_port, listening, load_average, machine
 from history import bench_api
 from publish import Phase, Result, run_python
 
+import appliance
 from appliance.config import load_config
 from appliance.resources import open_resources
-from appliance.webhooks import endpoints
+from appliance.webhooks import client, endpoints
 from appliance.webhooks.dispatch import Dispatcher
+from appliance.webhooks.events import event
+from appliance.webhooks.jobs import deliver
+from appliance.webhooks.service import Delivery, new_delivery_id
 
 BODY = {"type": "text", "body": {"text": "hello from bench/webhooks.py", "n": 12345}}
 DRAIN_LIMIT = 300.0  # seconds to wait for the last events after a phase
@@ -203,6 +216,54 @@ async def dispatch_alone(backlog: int) -> None:
     )
 
 
+async def deliveries_alone(port: int, n: int) -> None:
+    """`n` one-event deliveries by the job handler, one at a time, by address and by name; then
+    `n` POSTs by the client alone: CPU and wall time per delivery."""
+    print(f"appliance from {os.path.dirname(appliance.__file__)}", flush=True)
+    async with open_resources(load_config(), "bench") as res:
+        cfg = res.config.webhooks
+        for label, host in (("by address", "127.0.0.1"), ("by name", "localhost")):
+            url = f"http://{host}:{port}/hook"
+            async with res.connection() as conn:
+                created = await endpoints.create(
+                    conn,
+                    endpoints.WebhookCreate(url=url, events=["member.added"]),
+                    allow_private=True,
+                )
+            payloads = [
+                msgspec.json.encode(
+                    Delivery(
+                        created.id,
+                        new_delivery_id(),
+                        1,
+                        [event("member.added", {"principal": "user:bench", "n": i})],
+                    )
+                )
+                for i in range(n + 20)
+            ]
+            for payload in payloads[:20]:  # warm: imports, pools, the first connection
+                await deliver(res, payload)
+            started, cpu = time.perf_counter(), time.process_time()
+            for payload in payloads[20:]:
+                await deliver(res, payload)
+            wall, cpu = time.perf_counter() - started, time.process_time() - cpu
+            print(
+                f"job handler, {label:<10}: {n} deliveries, {cpu / n * 1e3:.2f} ms CPU and"
+                f" {wall / n * 1e3:.2f} ms wall per delivery",
+                flush=True,
+            )
+            started, cpu = time.perf_counter(), time.process_time()
+            for i in range(n):
+                result = await client.post(url, f"d{i}", "whsec_bench", b'{"events":[]}', cfg)
+                assert result.ok, result.error
+            wall, cpu = time.perf_counter() - started, time.process_time() - cpu
+            print(
+                f"client alone, {label:<10}: {n} POSTs, {cpu / n * 1e3:.2f} ms CPU and"
+                f" {wall / n * 1e3:.2f} ms wall per POST",
+                flush=True,
+            )
+
+
 async def register(url: str) -> None:
     async with open_resources(load_config(), "bench") as res, res.connection() as conn:
         await endpoints.create(
@@ -271,6 +332,7 @@ def main() -> int:
     parser.add_argument("--connections", type=int, default=32)
     parser.add_argument("--batch", type=int, default=50, help="messages per batch publish")
     parser.add_argument("--batch-max", type=int, default=None, help="[webhooks] batch_max")
+    parser.add_argument("--deliveries", type=int, default=0, help="only the cost of a delivery")
     parser.add_argument("--receive", type=int, default=0, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.receive:
@@ -283,6 +345,14 @@ def main() -> int:
     extra = {"APPLIANCE_WEBHOOKS__ALLOW_PRIVATE": "true"}
     if args.batch_max:
         extra["APPLIANCE_WEBHOOKS__BATCH_MAX"] = str(args.batch_max)
+    if args.deliveries:
+        with bench_api(tag, extra):
+            receiver = Receiver()
+            receiver.start()
+            with stopping(receiver):
+                asyncio.run(deliveries_alone(receiver.port, args.deliveries))
+        print(f"load average at the end: {load_average()}")
+        return 0
     with bench_api(tag, extra) as api:
         config = load_config()
         print(
