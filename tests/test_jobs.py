@@ -630,10 +630,11 @@ async def test_job_of_a_killed_worker_runs_again_within_seconds(
     """A worker process running a job gets SIGKILL; another worker (in this process, started
     meanwhile) runs the job again, once the dead worker's heartbeat key has expired (until then
     it may be only stalled). Short timings: [worker] heartbeat_timeout 1 s, poll_interval 0.5 s,
-    [appliance] heartbeat_interval 1 s (its key lives 3 s). The seconds from the kill to the
+    [appliance] heartbeat_interval 0.5 s (its key lives 2 s). The seconds from the kill to the
     second start are printed, not asserted."""
     serve(monkeypatch, "test.hang", job_worker.hang)
     settings["worker"].update(heartbeat_timeout=1.0, poll_interval=0.5, retry_delay=0.5)
+    settings["appliance"]["heartbeat_interval"] = 0.5
     config = process_settings(settings, tmp_path, "jobs-kill")
     key = f"{settings['redis']['key_prefix']}:test:hang:{time.time_ns()}"
     log = tmp_path / "w.log"
