@@ -5,14 +5,13 @@ carry the job's id, entrypoint and attempt, and it is counted and timed by entry
 Attempts are counted before the handler runs (appliance/job_attempts.py), so a job that raises,
 times out or kills its worker is retried after a jittered back-off up to its entrypoint's limit,
 then parked as failed: never re-picked forever. A job whose heartbeat lapsed while the worker
-running it still runs (a stalled event loop, a lost connection) is not run beside it: the
-worker that picked it again sees that worker's heartbeat and puts the job back, uncounted, for
-a back-off. A job still running when the drain deadline
-cancels it is enqueued again before pgqueuer drops it, so shutdown never loses a job (at least
-once). Losing PostgreSQL (or the LISTEN connection) makes the worker reconnect with back-off
-instead of exiting, so a database failover does not take the container down. The LISTEN
-connection is checked every `LIVENESS_INTERVAL` seconds: a dead one is noticed within a few
-seconds, not at the next poll.
+running it still runs (a stalled event loop, a lost connection) is not run beside it: the worker
+that picked it again sees that worker's heartbeat and puts the job back, uncounted, for a back-off.
+A job still running when the drain deadline cancels it is enqueued again before pgqueuer drops it,
+so shutdown never loses a job (at least once). Losing PostgreSQL (or the LISTEN connection) makes
+the worker reconnect with back-off instead of exiting, so a database failover does not take the
+container down. The LISTEN connection is checked every `LIVENESS_INTERVAL` seconds: a dead one is
+noticed within a few seconds, not at the next poll.
 """
 
 from __future__ import annotations
