@@ -800,6 +800,8 @@ async def test_dns_answers_are_kept_and_checked_on_every_use() -> None:
     for name in ("c1", "c2", "c3", "c1"):
         await bounded.addresses(name, 80)
     assert lookups.calls.count("c1") == 2  # the oldest answer went when a third came
+    for resolver in (dns, expiring, bounded):
+        resolver.close()
 
 
 async def test_hung_dns_holds_only_the_resolvers_own_threads() -> None:
@@ -807,6 +809,7 @@ async def test_hung_dns_holds_only_the_resolvers_own_threads() -> None:
     busy, and leave the loop's default executor (asyncio.to_thread) and kept answers alone."""
     lookups = Lookups()
     dns = addresses.Resolver(lookups, threads=2)
+    before = set(threading.enumerate())
     await dns.addresses("kept.example", 80)
 
     async def slow(n: int) -> None:
@@ -818,14 +821,15 @@ async def test_hung_dns_holds_only_the_resolvers_own_threads() -> None:
         await asyncio.gather(*(slow(n) for n in range(40)))
         assert dns.busy == 2  # two threads stuck; the other 38 waited for one and gave up
         assert sum(1 for h in lookups.calls if h.startswith("slow")) == 2
+        started = [t.name for t in set(threading.enumerate()) - before]
+        assert len(started) == 2 and all(n.startswith("webhook-dns") for n in started)
         assert await asyncio.to_thread(lambda: "free") == "free"
         assert await dns.addresses("kept.example", 80) == (ipaddress.ip_address("127.0.0.1"),)
-        names = [t.name for t in threading.enumerate() if t.name.startswith("webhook-dns")]
-        assert len(names) == 2
     finally:
         lookups.release.set()
     await until(lambda: dns.busy == 0, "the hung lookups to return")
     assert await dns.addresses("after.example", 80)  # the threads serve again
+    dns.close()
 
 
 async def test_deliveries_reuse_a_connection_per_host_and_address(config: Config) -> None:

@@ -165,6 +165,11 @@ class Resolver:
         self._busy = 0
         self._answers: dict[tuple[str, int], tuple[float, tuple[IP, ...]]] = {}
 
+    def close(self) -> None:
+        """Let the threads end once their lookups return (tests; the process's resolver lives
+        as long as the process)."""
+        self._executor.shutdown(wait=False, cancel_futures=True)
+
     @property
     def busy(self) -> int:
         """Lookup threads running getaddrinfo now (callers that gave up included)."""
