@@ -149,6 +149,8 @@ class Receiver:
                 b"HTTP/1.1 302 Found\r\nLocation: http://127.0.0.1:9/elsewhere\r\n"
                 b"Content-Length: 0\r\n\r\n"
             )
+        elif behaviour == "drop":  # read the request, close without an answer
+            return False
         elif behaviour == "hang":
             await asyncio.wait_for(reader.read(), 30)  # until the client gives up
             return False
@@ -851,6 +853,25 @@ async def test_deliveries_reuse_a_connection_per_host_and_address(config: Config
         await client.close_clients()
         await until(lambda: receiver.closed == receiver.connections, "the clients to close")
         assert len(client.clients()) == 0  # a fresh set for the loop
+
+
+async def test_a_kept_connection_closed_under_a_delivery_is_tried_once_more(
+    config: Config,
+) -> None:
+    """A receiver whose keep-alive ran out closes the kept connection as it is reused: the
+    delivery goes again on a new one. On a new connection, the same is a failed attempt."""
+    async with Receiver() as receiver:
+        receiver.script = ["ok", "drop", "ok", "drop", "drop"]
+        first = await client.post(receiver.url, "d1", "whsec_x", b"{}", config.webhooks)
+        again = await client.post(receiver.url, "d2", "whsec_x", b"{}", config.webhooks)
+        assert first.ok and again.ok, again.error
+        assert (len(receiver.requests), receiver.connections) == (3, 2)
+        failed = await client.post(receiver.url, "d3", "whsec_x", b"{}", config.webhooks)
+        assert failed.outcome == "connection" and "disconnected" in (failed.error or "").lower()
+        assert (len(receiver.requests), receiver.connections) == (5, 3)  # once more, not twice
+        await client.close_clients()
+        fresh = await client.post(receiver.url, "d4", "whsec_x", b"{}", config.webhooks)
+        assert fresh.ok and receiver.connections == 4
 
 
 async def test_kept_clients_idle_out_and_are_bounded() -> None:

@@ -13,7 +13,8 @@ delivery cost most of its CPU): each event loop keeps up to `MAX_CLIENTS` httpx 
 of the key because httpx pools connections by the address it connects to: two hosts on one
 address must not share a TLS connection verified for the other's name. A client whose address
 the host no longer resolves to is simply not used again and idles out. The worker closes them
-when it stops (`close_clients`).
+when it stops (`close_clients`). A POST on a kept connection that the receiver closed just then
+(its keep-alive ran out) is sent once more on a new connection.
 """
 
 from __future__ import annotations
@@ -140,14 +141,23 @@ async def exchange(
     extensions = {"sni_hostname": target.host} if target.scheme == "https" else {}
     pool = clients()
     for n, ip in enumerate(target.ips, 1):
-        try:
-            async with pool.lease(target, ip, tls or _tls()) as http:
-                return await _send(
-                    http, target.url(ip), body, headers, extensions, max_bytes, timeout
-                )
-        except httpx.ConnectError:
-            if n == len(target.ips):
-                raise
+        for again in (False, True):
+            kept = pool.kept(target, ip, tls or _tls())
+            try:
+                async with pool.lease(target, ip, tls or _tls()) as http:
+                    return await _send(
+                        http, target.url(ip), body, headers, extensions, max_bytes, timeout
+                    )
+            except httpx.ConnectError:
+                if n == len(target.ips):
+                    raise
+                break
+            except (httpx.RemoteProtocolError, httpx.WriteError):
+                # A kept connection the receiver closed just as it was reused (its keep-alive
+                # ran out): once more, on a new connection. Receivers drop a repeat by
+                # Webhook-Id in case the first one got through.
+                if again or not kept:
+                    raise
     raise ValueError(f"no address to connect to for {target.host!r}")  # resolve() gives one
 
 
@@ -203,6 +213,12 @@ class Clients:
 
     def __len__(self) -> int:
         return len(self._open)
+
+    def kept(self, target: Target, ip: IP, tls: ssl.SSLContext) -> bool:
+        """Whether a client for `target` at `ip` has served a delivery already (its connection
+        may be reused)."""
+        entry = self._open.get((target.scheme, target.host, str(ip), target.port, tls))
+        return entry is not None and entry.used > 0
 
     @asynccontextmanager
     async def lease(
