@@ -339,6 +339,31 @@ async def test_enqueue_is_transactional_on_a_pooled_connection(
             await conn.execute("DELETE FROM pgqueuer WHERE entrypoint = 'test.tx'")
 
 
+async def test_enqueue_many_is_one_statement_in_order_and_names_are_checked(
+    monkeypatch: pytest.MonkeyPatch, res: Resources
+) -> None:
+    serve(monkeypatch, "test.many", jobs.entrypoint("diagnostics.noop").handler)
+    try:
+        async with res.connection() as conn:
+            with pytest.raises(RuntimeError):
+                async with conn.transaction():
+                    await queue.enqueue_many(conn, "test.many", [b"x", b"y"])
+                    raise RuntimeError("the business step failed")
+            assert await queue.enqueue_many(conn, "test.many", []) == []
+            with pytest.raises(ValueError, match="unknown job entrypoint"):
+                await queue.enqueue_many(conn, "test.nobody", [b"x"])
+            async with conn.transaction():
+                ids = await queue.enqueue_many(conn, "test.many", [b"a", b"b", b"c"])
+            cur = await conn.execute(
+                "SELECT id, payload FROM pgqueuer WHERE entrypoint = 'test.many' ORDER BY id"
+            )
+            rows = await cur.fetchall()
+        assert [(i, bytes(p)) for i, p in rows] == list(zip(ids, [b"a", b"b", b"c"], strict=True))
+    finally:
+        async with res.connection() as conn:
+            await conn.execute("DELETE FROM pgqueuer WHERE entrypoint = 'test.many'")
+
+
 async def test_job_cut_off_at_drain_keeps_its_count_under_its_new_id(
     monkeypatch: pytest.MonkeyPatch, res: Resources
 ) -> None:

@@ -47,14 +47,13 @@ async def emit(conn: Conn, events: Sequence[Event], *, batch_max: int = BATCH_MA
     types = sorted({e.type for e in events})
     cur = await conn.execute(_SUBSCRIBERS, (types,))
     endpoints = await cur.fetchall()
-    queued = 0
+    payloads = []
     for endpoint, subscribed in endpoints:
         wanted = set(subscribed)
-        mine = [e for e in events if e.type in wanted]
-        for batch in batches(mine, batch_max):
-            await enqueue(conn, Delivery(endpoint, new_delivery_id(), 1, batch))
-            queued += 1
-    return queued
+        for batch in batches([e for e in events if e.type in wanted], batch_max):
+            payloads.append(msgspec.json.encode(Delivery(endpoint, new_delivery_id(), 1, batch)))
+    # One statement for every job: a dispatcher read of 1,000 events is 10 jobs per endpoint.
+    return len(await queue.enqueue_many(conn, DELIVER, payloads))
 
 
 def batches(
