@@ -70,7 +70,6 @@ from common import (
     py_spy,
     redis_pid,
 )
-from pgqueuer.queries import Queries
 from psycopg import conninfo, sql
 from pydantic import SecretStr
 
@@ -194,7 +193,7 @@ def start_cpu_profile(pid: int, seconds: float, out: Path) -> subprocess.Popen[b
     """py-spy on one process: 100 samples/s of the thread holding the GIL (`--gil`), so that the
     shares are of the worker's CPU time in Python, not of its waits."""
     argv = [py_spy() or "py-spy", "record", "--pid", str(pid), "--duration", str(int(seconds))]
-    argv += ["--gil", "--format", "raw", "--nolineno", "--rate", "100", "--output", str(out)]
+    argv += ["--gil", "--format", "raw", "--nolineno", "--rate", "250", "--output", str(out)]
     return subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
@@ -276,10 +275,7 @@ class Appliance(System):
     async def enqueue_many(self, run: str, count: int) -> None:
         # One INSERT of `count` rows (pgqueuer's batch enqueue) in one transaction.
         async with self.res.connection() as conn, conn.transaction():
-            payloads: list[bytes | None] = [self.payload(run) for _ in range(count)]
-            await Queries.from_psycopg_connection(conn).enqueue(
-                [NOOP] * count, payloads, [0] * count
-            )
+            await queue.enqueue_many(conn, NOOP, [self.payload(run) for _ in range(count)])
 
 
 class CeleryQueue(System):
