@@ -54,16 +54,21 @@ def drop_database(name: str) -> None:
 PROCESS_TEST_TIMEOUT = 300  # seconds; pytest-timeout's backstop for the `process` tests
 
 
+@pytest.hookimpl(tryfirst=True)  # before pytest-xdist reads the groups
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """Process tests start and stop whole stacks: give them a longer backstop than the
     ini's `timeout`, unless a test names its own. Under pytest-xdist (`make test` runs
     `--dist loadgroup`) they all run one after another on one worker, so that two stacks never
-    compete for the CPU while the other workers run the in-process tests."""
+    compete for the CPU while the other workers run the in-process tests; the other tests of a
+    module stay together on one worker (its module fixtures are made once, and a test may read
+    what the module's earlier tests left, as test_openapi's last test does)."""
     for item in items:
         if item.get_closest_marker("process"):
             item.add_marker(pytest.mark.xdist_group("process"))
             if not item.get_closest_marker("timeout"):
                 item.add_marker(pytest.mark.timeout(PROCESS_TEST_TIMEOUT))
+        else:
+            item.add_marker(pytest.mark.xdist_group(item.nodeid.split("::")[0]))
 
 
 @pytest.fixture(scope="session")
