@@ -15,6 +15,7 @@ import pytest
 import structlog
 
 from appliance.config import Config
+from appliance.db.queue_driver import SplitDriver, connect_worker
 from appliance.diagnostics.roundtrip import ping_worker
 from appliance.programs.worker import LIVENESS_INTERVAL, LIVENESS_TIMEOUT, run_worker
 from appliance.resources import open_resources
@@ -125,3 +126,26 @@ async def test_a_silent_listen_connection_is_replaced_within_seconds(
     assert "did not answer" in lost["error"], lost
     assert answer["instance"] == "listen-silent"
     assert sum(e["event"] == "worker_ready" for e in logs) >= 2
+
+
+async def test_a_notify_sent_before_the_listen_waits_for_it(config: Config, migrated: str) -> None:
+    """pgqueuer's first health probe may go out before its LISTEN is in place; the driver holds
+    it until the LISTEN is, so the probe is heard (it was lost, and the session ended)."""
+    queries = await connect_worker(config.postgres, "test-queries")
+    listen = await connect_worker(config.postgres, "test-listen")
+    driver = SplitDriver(queries, listen)
+    heard: list[str] = []
+    try:
+        probe = asyncio.create_task(driver.notify("appliance_test_probe", "probe-1"))
+        await asyncio.sleep(0.2)
+        assert not probe.done()  # waiting for a LISTEN
+        await driver.add_listener("appliance_test_probe", heard.append)
+        await asyncio.wait_for(probe, 5)
+        deadline = asyncio.get_running_loop().time() + 10
+        while not heard and asyncio.get_running_loop().time() < deadline:
+            await asyncio.sleep(0.05)
+        assert heard == ["probe-1"]
+    finally:
+        driver.shutdown.set()
+        await queries.close()
+        await listen.close()

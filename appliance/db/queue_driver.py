@@ -15,6 +15,7 @@ without closing the connection.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from typing import Any, Self
 
 import psycopg
@@ -41,6 +42,9 @@ async def connect_worker(section: PostgresSection, name: str) -> psycopg.AsyncCo
     )
 
 
+LISTEN_WAIT = 5.0  # seconds a NOTIFY waits for the LISTEN connection to be listening
+
+
 class SplitDriver:
     """pgqueuer's Driver protocol: fetch/execute/notify on `queries`, listeners on `listen`."""
 
@@ -50,6 +54,7 @@ class SplitDriver:
         self._queries = PsycopgDriver(queries)
         self._listen = PsycopgDriver(listen)
         self._listen_conn = listen
+        self._listening = asyncio.Event()  # set once a LISTEN is in place
 
     async def watch_listen(self, interval: float, timeout: float) -> None:
         """Every `interval` seconds, `SELECT 1` on the LISTEN connection (psycopg keeps a
@@ -83,10 +88,18 @@ class SplitDriver:
         return status
 
     async def notify(self, channel: str, payload: str) -> None:
+        # pgqueuer's first health probe is a NOTIFY that its listener must hear: sent before
+        # the LISTEN is in place it is lost, and the probe's timeout ends the session (seen:
+        # 2 of 3 sessions of an idle worker in 45 s, each a reconnect). Wait for the LISTEN,
+        # briefly: without one, a NOTIFY goes out as before.
+        if not self._listening.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._listening.wait(), LISTEN_WAIT)
         await self._queries.notify(channel, payload)
 
     async def add_listener(self, channel: str, callback: Any) -> None:
         await self._listen.add_listener(channel, callback)
+        self._listening.set()
 
     async def remove_listener(self, channel: str, callback: Any) -> None:
         await self._listen.remove_listener(channel, callback)

@@ -43,7 +43,54 @@ log = structlog.get_logger()
 MAX_BACKOFF = 30.0
 LIVENESS_INTERVAL = 2.0  # seconds between checks of the LISTEN connection
 LIVENESS_TIMEOUT = 5.0  # seconds it may take to answer one
+SESSION_SERVED = 60.0  # seconds after which a lost session's reconnect back-off starts over
 SWEEP_AFTER = 3600.0  # seconds before the count of a job pgqueuer no longer holds is forgotten
+
+
+FORGET_INTERVAL = 0.05  # seconds successes gather before their counts are forgotten together
+
+
+class Successes:
+    """Attempts that succeeded, whose counts are forgotten together every `FORGET_INTERVAL`: one
+    statement for all the jobs that ended meanwhile, off each job's path. A worker that dies
+    first leaves their rows to the sweep (`_watch_queue`), once pgqueuer no longer holds their
+    jobs: a success is never undone."""
+
+    def __init__(self, res: Resources) -> None:
+        self.res = res
+        self.pending: list[Attempt] = []
+        self._added = asyncio.Event()
+
+    def add(self, attempt: Attempt) -> None:
+        self.pending.append(attempt)
+        self._added.set()
+
+    async def run(self) -> None:
+        """Until cancelled; the owner calls `forget` once more after it."""
+        while True:
+            await self._added.wait()
+            await asyncio.sleep(FORGET_INTERVAL)
+            self._added.clear()
+            await self.forget()
+
+    async def forget(self) -> None:
+        done, self.pending = self.pending, []
+        if not done:
+            return
+        try:
+            async with self.res.connection() as conn:
+                stale = await job_attempts.succeeded(conn, done)
+        except PgError as exc:  # the sweep forgets the rows once the jobs are gone
+            log.warning(
+                "job_count_not_cleared",
+                job_ids=[a.job_id for a in done],
+                error=str(exc) or type(exc).__name__,
+            )
+            return
+        for attempt in stale:
+            # Counted as lost by another worker meanwhile, which runs a newer attempt: that one
+            # keeps its own record.
+            log.warning("job_attempt_superseded", job_id=attempt.job_id, attempt=attempt.number)
 
 
 class JobParked(Exception):
@@ -52,11 +99,15 @@ class JobParked(Exception):
 
 
 def _wrap(
-    res: Resources, name: str, running: set[int] | None = None
+    res: Resources,
+    name: str,
+    running: set[int] | None = None,
+    successes: Successes | None = None,
 ) -> Callable[[Job], Coroutine[Any, Any, None]]:
     """The pgqueuer handler for entrypoint `name`. `running`: the ids of the jobs this worker is
     running now, shared by its entrypoints (it tells a lost attempt of this very process that
-    still runs from one that ended unrecorded)."""
+    still runs from one that ended unrecorded). `successes`: where succeeded attempts go to be
+    forgotten together (None: each at once)."""
     entry = entrypoint(name)
     limit = entry.attempts_allowed(res.config)
     section = res.config.worker
@@ -165,14 +216,12 @@ def _wrap(
                 failure = await _attempt(res, name, entry.handler, payload, timeout)
                 if failure is not None:
                     await settle(attempt, failure, payload)
-                try:
-                    async with res.connection() as conn:
-                        if not await job_attempts.succeeded(conn, attempt):
-                            # Counted as lost by another worker meanwhile, which runs a newer
-                            # attempt: that one keeps its own record.
-                            log.warning("job_attempt_superseded", attempt=attempt.number)
-                except PgError as exc:  # the sweep forgets the row once the job is gone
-                    log.warning("job_count_not_cleared", error=str(exc) or type(exc).__name__)
+                if successes is not None:
+                    successes.add(attempt)
+                else:
+                    once = Successes(res)
+                    once.add(attempt)
+                    await once.forget()
         finally:
             mine.discard(job_id)
 
@@ -236,7 +285,7 @@ async def _attempt(
     return error
 
 
-async def _serve(res: Resources, stop: asyncio.Event) -> None:
+async def _serve(res: Resources, stop: asyncio.Event, successes: Successes) -> None:
     """One session: two connections, the queue manager, until stop or a lost connection."""
     section = res.config.worker
     conn = await connect_worker(res.config.postgres, "worker")
@@ -247,7 +296,7 @@ async def _serve(res: Resources, stop: asyncio.Event) -> None:
             qm = QueueManager(Queries(driver))
             running: set[int] = set()  # jobs of this session (the runner waits for them)
             for name in ENTRYPOINTS:
-                qm.entrypoint(name)(_wrap(res, name, running))
+                qm.entrypoint(name)(_wrap(res, name, running, successes))
             runner = asyncio.create_task(
                 qm.run(
                     dequeue_timeout=timedelta(seconds=section.poll_interval),
@@ -289,8 +338,10 @@ async def run_worker(res: Resources, stop: asyncio.Event) -> None:
     """pgqueuer, and the loops that run beside it for the worker's whole life: each is
     `async def (res, stop)`, rides out outages itself and returns once `stop` is set. One that
     raises ends the worker (supervisord restarts it)."""
+    successes = Successes(res)
+    forgetting = asyncio.create_task(successes.run())
     loops = [
-        _consume(res, stop),
+        _consume(res, stop, successes),
         _watch_queue(res, stop),
         run_dispatcher(res, stop),  # message.created events (appliance/webhooks/dispatch.py)
     ]
@@ -298,21 +349,23 @@ async def run_worker(res: Resources, stop: asyncio.Event) -> None:
     try:
         await asyncio.gather(*tasks)
     finally:
-        for task in tasks:
+        for task in (*tasks, forgetting):
             task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        await asyncio.gather(*tasks, forgetting, return_exceptions=True)
+        await successes.forget()  # the jobs that ended last
 
 
-async def _consume(res: Resources, stop: asyncio.Event) -> None:
+async def _consume(res: Resources, stop: asyncio.Event, successes: Successes) -> None:
     failures = 0
     while not stop.is_set():
+        began = time.monotonic()
         try:
-            await _serve(res, stop)
+            await _serve(res, stop, successes)
             failures = 0
         except (PgError, OSError, FailingListenerError) as exc:
             # FailingListenerError: pgqueuer's NOTIFY round-trip probe timed out (a dead LISTEN
-            # connection, or a probe sent before LISTEN was in place at start): reconnect.
-            failures += 1
+            # connection): reconnect. A session that served a while starts the back-off over.
+            failures = 1 if time.monotonic() - began > SESSION_SERVED else failures + 1
             delay = min(MAX_BACKOFF, 0.5 * 2**failures)
             log.error("worker_disconnected", error=str(exc) or type(exc).__name__, retry_in_s=delay)
             try:
