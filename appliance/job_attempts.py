@@ -33,6 +33,9 @@ from appliance import queue
 from appliance.config import scrub as scrub_secrets
 from appliance.resources import Conn
 
+# A FROM item that makes the statement's own (autocommit) transaction commit asynchronously:
+# set_config(..., true) is SET LOCAL, and synchronous_commit is read at commit.
+_ASYNC_COMMIT = "(SELECT set_config('synchronous_commit', 'off', true))"
 ERROR_MAX = 2000  # characters of an error kept; a traceback's last line is what an operator needs
 
 
@@ -82,10 +85,13 @@ async def begin(conn: Conn, job_id: int, entrypoint: str, worker: str) -> Start:
     """Start the next attempt of `job_id` for `worker`, unless the last one is still marked
     running (lost: nothing is written) or the job is parked. `conn` is autocommit."""
     # Nearly every attempt is a job's first: one statement, which finds a row only for a job
-    # that was tried before, and then the transaction below reads it.
+    # that was tried before, and then the transaction below reads it. Committed without waiting
+    # for the WAL flush (_ASYNC_COMMIT): PostgreSQL crashing within its next 200 ms may forget
+    # the count, and the job then gets one attempt more, which at-least-once allows.
     cur = await conn.execute(
         "INSERT INTO job_attempts (job_id, entrypoint, attempts, running, worker)"
-        " VALUES (%s, %s, 1, true, %s) ON CONFLICT (job_id) DO NOTHING RETURNING 1",
+        " SELECT %s, %s, 1, true, %s FROM " + _ASYNC_COMMIT + " AS a"
+        " ON CONFLICT (job_id) DO NOTHING RETURNING 1",
         (job_id, entrypoint, worker),
     )
     if await cur.fetchone() is not None:
@@ -130,9 +136,11 @@ async def succeeded(conn: Conn, attempts: Sequence[Attempt]) -> list[Attempt]:
     row."""
     if not attempts:
         return []
+    # Committed without waiting for the WAL flush (_ASYNC_COMMIT): a delete that PostgreSQL
+    # forgets in a crash leaves rows that the sweep forgets.
     cur = await conn.execute(
         "DELETE FROM job_attempts a USING unnest(%s::bigint[], %s::int[], %s::text[])"
-        " AS d(job_id, attempts, worker) WHERE a.job_id = d.job_id"
+        " AS d(job_id, attempts, worker), " + _ASYNC_COMMIT + " AS s WHERE a.job_id = d.job_id"
         " AND a.attempts = d.attempts AND a.worker = d.worker RETURNING a.job_id, a.attempts",
         (
             [a.job_id for a in attempts],
