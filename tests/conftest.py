@@ -54,21 +54,39 @@ def drop_database(name: str) -> None:
 PROCESS_TEST_TIMEOUT = 300  # seconds; pytest-timeout's backstop for the `process` tests
 
 
-@pytest.hookimpl(tryfirst=True)  # before pytest-xdist reads the groups
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """Process tests start and stop whole stacks: give them a longer backstop than the
-    ini's `timeout`, unless a test names its own. Under pytest-xdist (`make test` runs
-    `--dist loadgroup`) they all run one after another on one worker, so that two stacks never
-    compete for the CPU while the other workers run the in-process tests; the other tests of a
-    module stay together on one worker (its module fixtures are made once, and a test may read
-    what the module's earlier tests left, as test_openapi's last test does)."""
+    ini's `timeout`, unless a test names its own."""
     for item in items:
-        if item.get_closest_marker("process"):
-            item.add_marker(pytest.mark.xdist_group("process"))
-            if not item.get_closest_marker("timeout"):
-                item.add_marker(pytest.mark.timeout(PROCESS_TEST_TIMEOUT))
-        else:
-            item.add_marker(pytest.mark.xdist_group(item.nodeid.split("::")[0]))
+        if item.get_closest_marker("process") and not item.get_closest_marker("timeout"):
+            item.add_marker(pytest.mark.timeout(PROCESS_TEST_TIMEOUT))
+
+
+# Files whose tests start whole stacks (start.sh, supervisord, every program) and time how they
+# stop: under pytest-xdist they share one scope, so they run one after another on one worker.
+STACK_FILES = frozenset(
+    {
+        "tests/test_processes.py",
+        "tests/test_flusher_process.py",
+        "tests/test_history_drill.py",
+        "tests/test_outages.py",
+        "tests/test_slow_clients.py",
+    }
+)
+
+
+def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
+    """`make test` runs the suite in several pytest-xdist workers, a file at a time (a
+    module's fixtures are made once, and a test may read what the module's earlier tests left,
+    as test_openapi's last one does), the stack files as one."""
+    from xdist.scheduler import LoadFileScheduling
+
+    class Scheduling(LoadFileScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            path = super()._split_scope(nodeid)
+            return "stacks" if path in STACK_FILES else path
+
+    return Scheduling(config, log)
 
 
 @pytest.fixture(scope="session")
