@@ -387,7 +387,9 @@ def test_metrics_cover_all_four_programs(stack: Stack) -> None:
 
 def test_doctor_round_trips_a_job_through_the_worker(stack: Stack) -> None:
     stack.ready()
-    worker_pid = stack.programs()["worker"][1]
+    # Ready can come before supervisord counts the worker as started (startsecs), and only then
+    # does its status show the pid.
+    worker_pid = stack.until(lambda: stack.programs().get("worker", ("", None))[1], "worker pid")
     result = stack.appliance("doctor")
     output = result.stdout + result.stderr
     assert result.returncode == 0, f"doctor exited {result.returncode}:\n{output}{stack.tail()}"
@@ -751,7 +753,9 @@ def test_sigterm_to_granian_drains_every_worker_without_a_kill(
                     elapsed = time.monotonic() - stopped
             log = api.log(400)
             assert code == 0, f"granian exited {code}\n{log}"
-            assert elapsed < STOP_TIMEOUT, f"stop took {elapsed:.1f}s\n{log}"
+            # No worker was killed (granian says so when it kills one); the bound on time only
+            # catches a hang, with room for a busy machine.
+            assert elapsed < STOP_TIMEOUT + 5, f"stop took {elapsed:.1f}s\n{log}"
             assert "refused to gracefully stop" not in log, log
             assert "Stopped worker-1" in log and "Stopped worker-2" in log, log
             assert activity_count(api.settings, request_id) == 1, log
