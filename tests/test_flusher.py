@@ -11,7 +11,7 @@ import asyncio
 import subprocess
 import sys
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -33,7 +33,7 @@ from appliance.segments import index, store
 from appliance.segments.flush import Flusher, flush_pending
 from tests.messaging import unique
 from tests.segment_check import block_rows, durable_and_tail, indexed_records, tail_seqs
-from tests.support import free_port, migrated_db, port_open, wait_for
+from tests.support import eventually, free_port, migrated_db, port_open, wait_for
 
 SENDER = Principal("key:flusher-test", frozenset({"admin"}))
 WAIT = 30.0
@@ -41,17 +41,6 @@ WAIT = 30.0
 
 def sample(name: str, labels: dict[str, str] | None = None) -> float:
     return REGISTRY.get_sample_value(name, labels or {}) or 0.0
-
-
-async def eventually(check: Callable[[], Awaitable[Any]], what: str, timeout: float = WAIT) -> Any:
-    deadline = asyncio.get_running_loop().time() + timeout
-    while True:
-        result = await check()
-        if result:
-            return result
-        if asyncio.get_running_loop().time() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        await asyncio.sleep(0.05)
 
 
 def flush_settings(settings: dict[str, Any], dsn: str, **segments: Any) -> dict[str, Any]:

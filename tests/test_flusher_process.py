@@ -23,10 +23,9 @@ from appliance.segments.flush import CRASH_ENV, CRASH_STEPS
 from tests.api_process import APPLIANCE, process_env
 from tests.messaging import unique
 from tests.segment_check import indexed_records
-from tests.support import write_toml
+from tests.support import eventually, write_toml
 from tests.test_flusher import (
     backlog,
-    eventually,
     flush_settings,
     head,
     migrated_db,

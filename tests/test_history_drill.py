@@ -26,9 +26,9 @@ from appliance.segments import compact, store
 from appliance.segments.flush import CRASH_STEPS, flush_pending
 from tests.api_process import ApiProcess, admin_key, api_settings
 from tests.messaging import unique
-from tests.support import write_toml
+from tests.support import eventually, write_toml
 from tests.test_compaction import CRASH_SCRIPT
-from tests.test_flusher import backlog, eventually, flush_settings, head, migrated_db, opened
+from tests.test_flusher import backlog, flush_settings, head, migrated_db, opened
 from tests.test_flusher_process import FlusherProcess
 from tests.test_stream import auth, messages_until, subscribe
 

@@ -35,7 +35,7 @@ from appliance.programs.worker import JobParked, _wrap, run_worker
 from appliance.resources import Resources, open_resources
 from tests import job_worker
 from tests.conftest import REDIS_URL
-from tests.support import wait_for, write_toml
+from tests.support import eventually, wait_for, write_toml
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -44,17 +44,6 @@ def sample(name: str, labels: dict[str, str]) -> float:
     from prometheus_client import REGISTRY
 
     return REGISTRY.get_sample_value(name, labels) or 0.0
-
-
-async def until(condition: Any, timeout: float, what: str) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        result = await condition()
-        if result:
-            return result
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        await asyncio.sleep(0.05)
 
 
 async def attempts_row(res: Resources, job_id: int) -> dict[str, Any] | None:
@@ -185,7 +174,7 @@ async def test_failing_job_is_retried_with_backoff_then_parked(
                 )
                 return await cur.fetchone()
 
-        waiting = await until(first_waits, 15, "the first attempt's back-off")
+        waiting = await eventually(first_waits, "the first attempt's back-off", 15)
         attempts, running, last_error, parked_at, last_attempt, execute_after = waiting
         assert (attempts, running, parked_at) == (1, False, None)
         assert last_error == "RuntimeError: receiver said no to order-7"
@@ -195,12 +184,12 @@ async def test_failing_job_is_retried_with_backoff_then_parked(
             row = await attempts_row(res, job_id)
             return row if row and row["parked_at"] else None
 
-        row = await until(parked, 20, "the job to be parked")
+        row = await eventually(parked, "the job to be parked", 20)
 
         async def forgotten() -> bool:
             return await queue_row(res, job_id) is None
 
-        await until(forgotten, 10, "pgqueuer to drop the parked job")  # we keep it
+        await eventually(forgotten, "pgqueuer to drop the parked job", 10)  # we keep it
         async with res.connection() as conn:
             listed = await job_attempts.parked(conn, 1000)
     assert len(runs) == 3
@@ -232,7 +221,7 @@ async def test_timed_out_attempts_count_and_park(
             row = await attempts_row(res, job_id)
             return row if row and row["parked_at"] else None
 
-        row = await until(parked, 20, "the job to be parked")
+        row = await eventually(parked, "the job to be parked", 20)
     assert row["attempts"] == 2
     assert row["last_error"] == "timed out after 0.3 s"
     assert sample("appliance_jobs_total", labels) == before + 2
@@ -259,7 +248,7 @@ async def test_handler_log_lines_carry_job_id_entrypoint_and_attempt(
             async def cleared() -> bool:
                 return await attempts_row(res, job_id) is None
 
-            await until(cleared, 10, "the count of a finished job to be cleared")
+            await eventually(cleared, "the count of a finished job to be cleared", 10)
     context = {"job_id": job_id, "entrypoint": "test.chatty", "attempt": 1}
     inside = [e for e in logs if e["event"] == "inside_handler"]
     assert len(inside) == 1 and inside[0]["detail"] == "hello"
@@ -299,7 +288,7 @@ async def test_queue_depth_gauge_counts_queued_and_parked(
                 )
                 return queued == 1 and parked == 1
 
-            await until(counted, 10, "the queue depth gauge")
+            await eventually(counted, "the queue depth gauge", 10)
         text = metrics.render().decode()
         for name in ("appliance_job_queue_depth", "appliance_job_attempts_total",
                      "appliance_jobs_total", "appliance_job_duration_seconds"):  # fmt: skip
@@ -484,7 +473,7 @@ async def test_a_job_taken_for_lost_waits_while_its_worker_still_runs_it(
 
     with structlog.testing.capture_logs() as logs:
         first = asyncio.create_task(_wrap(res, name, running)(job))
-        await until(lambda: asyncio.sleep(0, bool(calls)), 10, "attempt 1 to start")
+        await eventually(lambda: asyncio.sleep(0, bool(calls)), "attempt 1 to start", 10)
         # Picked again by another worker of this process: attempt 1 is in its running set.
         with pytest.raises(RetryRequested):
             await asyncio.wait_for(_wrap(res, name, running)(job), 10)
@@ -496,7 +485,7 @@ async def test_a_job_taken_for_lost_waits_while_its_worker_still_runs_it(
         # The heartbeat now comes from a process that started after attempt 1 began.
         await beat(time.time() + 60)
         second = asyncio.create_task(_wrap(elsewhere, name)(job))
-        await until(lambda: asyncio.sleep(0, len(calls) == 2), 10, "attempt 2 to start")
+        await eventually(lambda: asyncio.sleep(0, len(calls) == 2), "attempt 2 to start", 10)
         assert await row() == (2, True, None)
         release[0].set()
         await asyncio.wait_for(first, 10)  # a success no longer the job's running attempt
@@ -607,7 +596,7 @@ async def test_cli_lists_failed_jobs_retries_and_discards_them(
                 keys = [res.keys.ping_result(t) for t in tokens.values()]
                 return all(await asyncio.gather(*(res.redis.exists(k) for k in keys)))
 
-            await until(answered, 20, "the three re-queued pings to run")
+            await eventually(answered, "the three re-queued pings to run", 20)
 
 
 def start_worker(config: Path, out: Path) -> subprocess.Popen[bytes]:
@@ -673,13 +662,13 @@ async def test_job_of_a_killed_worker_runs_again_within_seconds(
             procs.append(start_worker(config, log))
             await asyncio.to_thread(wait_for, lambda: ready(log, 1), 30, "the worker")
             job_id = await enqueue(res, "test.hang", key.encode())
-            [(pid, _)] = await until(lambda: started(0), 15, "the first attempt")
+            [(pid, _)] = await eventually(lambda: started(0), "the first attempt", 15)
             assert pid == procs[0].pid
             stop = asyncio.Event()
             survivor = asyncio.create_task(run_worker(res, stop))
             killed = time.time()
             os.kill(pid, signal.SIGKILL)
-            [(other, again)] = await until(lambda: started(1), 60, "the job to run again")
+            [(other, again)] = await eventually(lambda: started(1), "the job to run again", 60)
             row = await attempts_row(res, job_id)
             stop.set()
             await asyncio.sleep(0.2)
@@ -819,7 +808,7 @@ async def test_bookkeeping_failures_neither_lose_nor_run_a_job_uncounted(
                 async def was_deferred() -> bool:
                     return "job_deferred" in await events()
 
-                await until(was_deferred, 15, "the job to be deferred")
+                await eventually(was_deferred, "the job to be deferred", 15)
                 assert runs == []
                 assert (await queue_row(res, deferred) or ("",))[0] in ("queued", "picked")
                 await rename(res, gone=False)
@@ -827,7 +816,7 @@ async def test_bookkeeping_failures_neither_lose_nor_run_a_job_uncounted(
                 async def ran(count: int) -> bool:
                     return len(runs) >= count
 
-                await until(lambda: ran(1), 15, "the deferred job to run")
+                await eventually(lambda: ran(1), "the deferred job to run", 15)
                 assert runs == [("deferred", 1)]
 
                 # 2. A failure that cannot be recorded: retried, then counted as lost.
@@ -839,9 +828,9 @@ async def test_bookkeeping_failures_neither_lose_nor_run_a_job_uncounted(
                 async def not_recorded() -> bool:
                     return "job_attempt_not_recorded" in await events()
 
-                await until(not_recorded, 15, "the failed bookkeeping")
+                await eventually(not_recorded, "the failed bookkeeping", 15)
                 await rename(res, gone=False)
-                await until(lambda: ran(2), 20, "the job to run again")
+                await eventually(lambda: ran(2), "the job to run again", 20)
                 assert runs == [("fail-unrecorded", 1), ("fail-unrecorded", 2)]
                 lost = [e for e in logs if e["event"] == "job_lost" and e["job_id"] == job_id]
                 assert [e["attempt"] for e in lost] == [1]
@@ -857,13 +846,13 @@ async def test_bookkeeping_failures_neither_lose_nor_run_a_job_uncounted(
                         for e in logs
                     )
 
-                await until(not_cleared, 15, "the uncleared count")
+                await eventually(not_cleared, "the uncleared count", 15)
                 await rename(res, gone=False)
 
                 async def dropped() -> bool:
                     return await queue_row(res, done_id) is None
 
-                await until(dropped, 10, "pgqueuer to drop the finished job")
+                await eventually(dropped, "pgqueuer to drop the finished job", 10)
         assert await attempts_row(res, done_id) is not None
         # Every success whose count could not be cleared (a batch may hold earlier jobs too).
         uncleared = {i for e in logs if e["event"] == "job_count_not_cleared" for i in e["job_ids"]}
@@ -892,7 +881,7 @@ async def test_a_parked_job_picked_again_is_not_run(
             async def dropped() -> bool:
                 return await queue_row(res, job_id) is None
 
-            await until(dropped, 15, "the parked job to be dropped")
+            await eventually(dropped, "the parked job to be dropped", 15)
     assert [e["job_id"] for e in logs if e["event"] == "job_already_parked"] == [job_id]
     row = await attempts_row(res, job_id)
     assert row is not None and row["parked_at"] is not None and row["attempts"] == 5

@@ -6,9 +6,7 @@ without closing the row) is closed as failed while a run whose owner lives is le
 from __future__ import annotations
 
 import asyncio
-import time
 import uuid
-from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 
 import pytest
@@ -30,16 +28,9 @@ from appliance.programs.scheduler import (
 )
 from appliance.resources import Resources
 from appliance.schedules import SCHEDULES, Entry, Run
+from tests.support import eventually
 
-WITHIN = 30.0  # seconds a polled condition gets before the test fails saying what it waited for
-
-
-async def until(check: Callable[[], Awaitable[bool]], what: str) -> None:
-    deadline = time.monotonic() + WITHIN
-    while not await check():
-        if time.monotonic() > deadline:
-            pytest.fail(f"{what}: not within {WITHIN:.0f} s")
-        await asyncio.sleep(0.1)
+WITHIN = 30.0  # seconds a run gets to start before the test fails saying so
 
 
 def counting_entry(name: str, calls: list[str], cron: str = "* * * * *") -> Entry:
@@ -73,7 +64,7 @@ async def test_two_schedulers_on_the_same_ticks_run_each_once(resources: Resourc
         async def three() -> bool:
             return len(await rows(resources, name)) >= 3
 
-        await until(three, "three ticks recorded by two schedulers ticking every second")
+        await eventually(three, "three ticks recorded by two schedulers ticking every second")
     finally:
         stop.set()
         await asyncio.gather(*schedulers)
@@ -166,7 +157,7 @@ async def test_a_running_scheduler_closes_runs_cut_off_meanwhile(
         async def ticked() -> bool:
             return bool(await rows(resources, name))  # past its first reconciliation
 
-        await until(ticked, "a first tick of a scheduler ticking every second")
+        await eventually(ticked, "a first tick of a scheduler ticking every second")
         dead = await claim(resources, cut_off, datetime(2026, 6, 1, tzinfo=UTC))
         assert dead is not None
         await dead.close()
@@ -174,7 +165,7 @@ async def test_a_running_scheduler_closes_runs_cut_off_meanwhile(
         async def closed() -> bool:
             return (await rows(resources, cut_off))[0][0] != "running"
 
-        await until(closed, "the running scheduler closing a run whose owner is gone")
+        await eventually(closed, "the running scheduler closing a run whose owner is gone")
     finally:
         stop.set()
         await task

@@ -14,7 +14,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
@@ -48,7 +47,7 @@ from appliance.webhooks.dispatch import (
 )
 from appliance.webhooks.events import Event
 from appliance.webhooks.service import DELIVER, Delivery
-from tests.support import migrated_db, write_toml
+from tests.support import eventually, migrated_db, write_toml
 
 SENDER = Principal("key:webhook-events", frozenset({"admin"}))
 WAIT = 30.0
@@ -60,17 +59,6 @@ CONVERSATION_TYPES = [
     "member.added",
     "member.removed",
 ]
-
-
-async def eventually(check: Callable[[], Awaitable[Any]], what: str, timeout: float = WAIT) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        result = await check()
-        if result:
-            return result
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        await asyncio.sleep(0.05)
 
 
 @pytest.fixture
