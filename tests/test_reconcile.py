@@ -12,12 +12,12 @@ from typing import Any
 import pytest
 from structlog.testing import capture_logs
 
-from appliance.config import Config
 from appliance.messages import reconcile
-from appliance.resources import Resources, open_resources
+from appliance.resources import Resources
 from appliance.schedules import SCHEDULES, Run
 from tests import tiers
 from tests.support import migrated_db
+from tests.test_history_tiers import isolate, opened
 from tests.test_retention import publish
 
 
@@ -27,12 +27,10 @@ async def res(
 ) -> AsyncIterator[Resources]:
     dsn = fresh_database()
     await migrated_db(dsn)
-    settings["postgres"]["dsn"] = dsn
-    settings["redis"]["key_prefix"] += f"-c{uuid.uuid4().hex[:8]}"
+    isolate(settings, dsn)
     settings["s3"]["bucket"] = f"reconcile-{uuid.uuid4().hex[:12]}"
     settings["messages"] = {"tail_max": 4}
-    async with open_resources(Config.model_validate(settings), "test") as resources:
-        await resources.storage.init()
+    async with opened(settings) as resources:
         yield resources
 
 

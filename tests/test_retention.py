@@ -22,13 +22,14 @@ from appliance.conversations import retention as conversation_retention
 from appliance.conversations import service
 from appliance.messages.publish import Publisher
 from appliance.realtime.presence import Presence
-from appliance.resources import Resources, open_resources
+from appliance.resources import Resources
 from appliance.schedules import SCHEDULES, Run, expire_segments
 from appliance.segments import compact, flush, store
 from appliance.segments.compact import compact_day
 from appliance.storage import StorageError
 from tests import tiers
 from tests.support import migrated_db
+from tests.test_history_tiers import isolate, opened
 
 PUBLISHER = Principal("key:retention", frozenset({"publish"}))
 
@@ -40,11 +41,9 @@ async def res(
     """A database, Redis key prefix and bucket of this test's own."""
     dsn = fresh_database()
     await migrated_db(dsn)
-    settings["postgres"]["dsn"] = dsn
-    settings["redis"]["key_prefix"] += f"-r{uuid.uuid4().hex[:8]}"
+    isolate(settings, dsn)
     settings["s3"]["bucket"] = f"retention-{uuid.uuid4().hex[:12]}"
-    async with open_resources(Config.model_validate(settings), "test") as resources:
-        await resources.storage.init()
+    async with opened(settings) as resources:
         yield resources
 
 
