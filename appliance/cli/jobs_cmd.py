@@ -8,7 +8,9 @@ enqueues its payload again as a new job with a fresh count, and prints the new j
 from __future__ import annotations
 
 import sys
+from collections.abc import Awaitable, Callable, Sequence
 from datetime import UTC, datetime
+from typing import TypeVar
 
 import click
 import msgspec
@@ -16,9 +18,10 @@ import msgspec
 from appliance import job_attempts
 from appliance.cli.common import cli_config, run_async
 from appliance.errors import Invalid, NotFound
-from appliance.resources import direct_connection
+from appliance.resources import Conn, direct_connection
 
 LIMIT = 1000
+T = TypeVar("T")
 
 
 def _age(since: datetime, now: datetime) -> str:
@@ -34,18 +37,23 @@ def jobs_group() -> None:
     """Jobs: what is queued or running, what failed for good (parked), and re-queueing it."""
 
 
+def _fetch(query: Callable[[Conn, int], Awaitable[Sequence[T]]], limit: int) -> Sequence[T]:
+    """`query`'s rows, on a connection of the command's own."""
+    config = cli_config()
+
+    async def run() -> Sequence[T]:
+        async with direct_connection(config, "cli")() as conn:
+            return await query(conn, limit)
+
+    return run_async(run())
+
+
 @jobs_group.command("list")
 @click.option("--limit", default=LIMIT, show_default=True, help="Show at most this many jobs.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON array.")
 def list_cmd(limit: int, as_json: bool) -> None:
     """Queued and running jobs, oldest first: entrypoint, attempts so far, age, last error."""
-    config = cli_config()
-
-    async def run() -> list[job_attempts.Active]:
-        async with direct_connection(config, "cli")() as conn:
-            return await job_attempts.active(conn, limit)
-
-    found = run_async(run())
+    found = _fetch(job_attempts.active, limit)
     if as_json:
         click.echo(msgspec.json.encode(found))
         return
@@ -69,13 +77,7 @@ def list_cmd(limit: int, as_json: bool) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON array.")
 def failed(limit: int, as_json: bool) -> None:
     """Parked jobs (out of attempts), oldest first, with their last error."""
-    config = cli_config()
-
-    async def run() -> list[job_attempts.Parked]:
-        async with direct_connection(config, "cli")() as conn:
-            return await job_attempts.parked(conn, limit)
-
-    found = run_async(run())
+    found = _fetch(job_attempts.parked, limit)
     if as_json:
         click.echo(msgspec.json.encode(found))
         return
